@@ -1,0 +1,46 @@
+"""report.html / results.json writing."""
+
+from __future__ import annotations
+
+import json
+
+from PIL import Image
+
+from cirfusion.io import atomic_directory, atomic_write_json
+from cirfusion.report import ResultItem, SampleQuery, write_report, write_results_json
+
+
+def test_report_renders_table_samples_and_escapes(tmp_path):
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "ref.png")
+    Image.new("RGB", (40, 30), (0, 0, 255)).save(tmp_path / "tgt.png")
+    results = {"synthetic": {"image-only": {"R@1": 1.5, "num_queries_evaluated": 10}, "clip4cir": {"R@1": 42.25}}}
+    samples = [
+        SampleQuery("synthetic", "clip4cir", "q7", "make it <blue>", "ref", tmp_path / "ref.png",
+                    [ResultItem("tgt", tmp_path / "tgt.png", 0.91, True), ResultItem("ref", tmp_path / "ref.png", 0.5, False)])
+    ]
+    path = write_report(tmp_path / "out", results, samples, wall_time=12.3)
+    html = path.read_text()
+    assert "42.25" in html and "1.50" in html and "num_queries_evaluated" not in html
+    assert "&lt;blue&gt;" in html and "<blue>" not in html
+    assert "✓ target" in html and 'class="best"' in html
+    thumbs = list((tmp_path / "out" / "thumbs").glob("*.jpg"))
+    assert len(thumbs) == 2  # reference reused, not duplicated
+
+
+def test_results_json_roundtrip_and_atomic_dir(tmp_path):
+    res = {"catalog": {"clip4cir": {"mAP@10": 12.0}}}
+    write_results_json(tmp_path / "results.json", res)
+    assert json.loads((tmp_path / "results.json").read_text()) == res
+
+    target = tmp_path / "ckpt"
+    with atomic_directory(target) as d:
+        atomic_write_json(d / "config.json", {"a": 1})
+    assert json.loads((target / "config.json").read_text()) == {"a": 1}
+    try:
+        with atomic_directory(target) as d:
+            (d / "partial").write_text("x")
+            raise RuntimeError("crash")
+    except RuntimeError:
+        pass
+    assert sorted(p.name for p in target.iterdir()) == ["config.json"]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]
