@@ -1,0 +1,43 @@
+"""Shared pytest fixtures. Keep this generic: several test modules use it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterable
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    """The read-only real annotation files (``../shared/data`` next to the repository); skips when absent."""
+    p = REPO_ROOT.parent / "shared" / "data"
+    if not p.is_dir():
+        pytest.skip(f"real data folder {p} is not available")
+    return p
+
+
+def write_placeholder_image(path: Path, size: tuple[int, int] = (8, 8), color: tuple[int, int, int] = (120, 60, 30)) -> Path:
+    """A tiny valid image at ``path`` (format from the suffix: .png, .jpg/.jpeg, anything else PNG)."""
+    from PIL import Image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else "PNG"
+    Image.new("RGB", size, color).save(path, fmt)
+    return path
+
+
+@pytest.fixture
+def placeholder_images() -> Callable[[Iterable[Path]], list[Path]]:
+    """``placeholder_images(paths)`` writes a tiny distinct image at each path (benchmark images are not
+    available offline; tests generate stand-ins for the ids the annotation files name)."""
+
+    def make(paths: Iterable[Path]) -> list[Path]:
+        out = []
+        for i, p in enumerate(paths):
+            out.append(write_placeholder_image(Path(p), color=(i * 37 % 256, i * 91 % 256, i * 13 % 256)))
+        return out
+
+    return make
