@@ -14,6 +14,9 @@ from .data.schema import DataError
 COMMAND_MODULES = [
     "cirfusion.commands.data",
     "cirfusion.commands.eval_scores",
+    "cirfusion.commands.train",
+    "cirfusion.commands.eval",
+    "cirfusion.commands.fuse",
 ]
 
 

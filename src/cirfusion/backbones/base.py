@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from PIL import Image
@@ -33,7 +34,12 @@ class TextFeatures:
 
 
 class Backbone(nn.Module, ABC):
-    """Base class. Subclasses set the dimension attributes in ``__init__`` and implement the four methods."""
+    """Base class. Subclasses set the dimension attributes in ``__init__`` and implement the four methods.
+
+    Conventions shared by every implementation: global vectors are L2-normalised; token features are raw
+    (un-normalised) hidden states; a backbone is frozen feature extraction (methods own every trainable part).
+    ``backbone_id`` is canonical: ``create_backbone(b.backbone_id)`` rebuilds the same backbone.
+    """
 
     backbone_id: str  # e.g. "embedded", "tiny", "hf-clip:/path/to/dir"
     image_dim: int
@@ -64,3 +70,34 @@ class Backbone(nn.Module, ABC):
     @abstractmethod
     def encode_text(self, texts: list[str]) -> TextFeatures:
         """Raw strings -> text features, tokens padded to at most ``max_text_tokens``."""
+
+    # --- additive helpers (concrete; subclasses may override) ---
+
+    def text_preprocess_id(self) -> str:
+        """A string that changes whenever text preprocessing changes (tokenizer, truncation); keys the text cache."""
+        return f"max_text_tokens={self.max_text_tokens}"
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the backbone's parameters (CPU for a parameter-free backbone)."""
+        for p in self.parameters():
+            return p.device
+        for b in self.buffers():
+            return b.device
+        return torch.device("cpu")
+
+    def to_dict(self) -> dict[str, Any]:
+        """What a manifest or checkpoint config records about the backbone."""
+        return {
+            "backbone_id": self.backbone_id,
+            "weights_hash": self.weights_hash(),
+            "preprocess_id": self.preprocess_id(),
+            "text_preprocess_id": self.text_preprocess_id(),
+            "image_dim": self.image_dim,
+            "image_token_dim": self.image_token_dim,
+            "num_image_tokens": self.num_image_tokens,
+            "text_dim": self.text_dim,
+            "text_token_dim": self.text_token_dim,
+            "max_text_tokens": self.max_text_tokens,
+            "aligned": self.aligned,
+        }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -20,22 +21,24 @@ class ImageLoadError(OSError):
         super().__init__(f"{path}: {problem}")
 
 
-def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS, data: bytes | None = None) -> Image.Image:
     """Open an image fully decoded, EXIF-rotated, in RGB.
 
+    ``data``: the file's bytes when the caller already read them (the feature cache hashes and decodes the same
+    bytes); ``path`` then only names the image in errors.
     Raises :class:`ImageLoadError` for a missing, zero-byte, truncated, corrupt or oversized file.
     """
     p = Path(path)
-    if not p.is_file():
+    if data is None and not p.is_file():
         raise ImageLoadError(p, "file does not exist")
-    if p.stat().st_size == 0:
+    if (len(data) if data is not None else p.stat().st_size) == 0:
         raise ImageLoadError(p, "file is empty (0 bytes)")
     # Truncated files must fail loudly, never decode to a half-grey picture.
     ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(p) as im:
+            with Image.open(p if data is None else io.BytesIO(data)) as im:
                 w, h = im.size
                 if w * h > max_pixels:
                     raise ImageLoadError(p, f"image is {w}x{h} = {w * h} pixels, above the limit of {max_pixels}")

@@ -1,0 +1,138 @@
+"""Python entry point: ``model = cirfusion.load("runs/clip4cir/best")``.
+
+A :class:`CIRModel` is a trained method plus the backbone its checkpoint names (created on first use, and checked
+against the checkpoint's weights hash), so it works on raw images and texts::
+
+    model = cirfusion.load("runs/clip4cir/best")
+    q = model.encode_query(["shirt.jpg"], ["same but in red"])
+    g = model.encode_gallery(["a.jpg", "b.jpg", "c.jpg"])
+    model.similarity(q, g)                           # [1, 3]
+    model.rank("shirt.jpg", "same but in red", ["a.jpg", "b.jpg", "c.jpg"], k=2)
+
+Backbone outputs are rounded to float16 exactly as the feature cache stores them, so scores computed here equal
+the scores of ``cirfusion eval`` on the same images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from .backbones.base import Backbone, ImageFeatures, TextFeatures
+from .checkpoint import CheckpointError, load_checkpoint, read_config
+from .methods.base import CIRMethod, Embedding, cat_embeddings
+
+ImageLike = Image.Image | str | Path
+
+
+class CIRModel:
+    """A loaded checkpoint (``.method``, ``.config``) with lazy access to its backbone."""
+
+    def __init__(self, method: CIRMethod, config: dict[str, Any], path: Path | None = None, backbone: Backbone | None = None) -> None:
+        self.method = method.eval()
+        self.config = config
+        self.path = path
+        self._backbone = backbone
+        if backbone is not None:
+            self._check_backbone(backbone)
+
+    def __repr__(self) -> str:
+        return f"CIRModel(method={self.config['method']!r}, backbone={self.backbone_id!r}, path={str(self.path)!r})"
+
+    @property
+    def backbone_id(self) -> str:
+        return str(self.config.get("backbone", {}).get("id") or self.method.dims.backbone_id)
+
+    def _check_backbone(self, bb: Backbone) -> None:
+        want = self.config.get("backbone", {}).get("weights_hash") or self.method.dims.weights_hash
+        got = bb.weights_hash()
+        if want and got != want:
+            raise CheckpointError(
+                f"{self.path}: trained on features of backbone {self.backbone_id!r} with weights {want[:12]}..., "
+                f"but the backbone given has weights {got[:12]}...; its features would not match the model"
+            )
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            if not self.backbone_id:
+                raise CheckpointError(f"{self.path}: the checkpoint names no backbone; pass backbone= to cirfusion.load")
+            from .backbones import create_backbone
+
+            bb = create_backbone(self.backbone_id)
+            self._check_backbone(bb)
+            self._backbone = bb.eval()
+        return self._backbone
+
+    # ---- features ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def image_features(self, images: Sequence[ImageLike], batch_size: int = 32) -> ImageFeatures:
+        from .data.images import load_image
+
+        bb = self.backbone
+        parts = []
+        for s in range(0, len(images), batch_size):
+            pix = [bb.preprocess(im if isinstance(im, Image.Image) else load_image(im)) for im in images[s : s + batch_size]]
+            f = bb.encode_image(torch.stack(pix))
+            parts.append(ImageFeatures(global_=_fp16(f.global_), tokens=_fp16(f.tokens)))
+        return ImageFeatures(global_=torch.cat([p.global_ for p in parts]), tokens=torch.cat([p.tokens for p in parts]))
+
+    @torch.no_grad()
+    def text_features(self, texts: Sequence[str]) -> TextFeatures:
+        if isinstance(texts, str):
+            raise TypeError("text_features takes a list of strings")
+        bb = self.backbone
+        f = bb.encode_text(list(texts))
+        n, length = f.mask.shape
+        tokens = torch.zeros(n, bb.max_text_tokens, f.tokens.shape[-1])
+        mask = torch.zeros(n, bb.max_text_tokens, dtype=torch.bool)
+        tokens[:, :length], mask[:, :length] = _fp16(f.tokens), f.mask.bool()  # padded like the cache
+        tokens[~mask] = 0
+        return TextFeatures(global_=_fp16(f.global_), tokens=tokens, mask=mask)
+
+    # ---- embeddings and scores ---------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_query(self, images: Sequence[ImageLike], texts: Sequence[str]) -> Embedding:
+        if len(images) != len(texts):
+            raise ValueError(f"encode_query: {len(images)} reference images but {len(texts)} texts")
+        return self.method.encode_query(self.image_features(images), self.text_features(texts))
+
+    @torch.no_grad()
+    def encode_gallery(self, images: Sequence[ImageLike], batch_size: int = 64) -> Embedding:
+        return cat_embeddings([self.method.encode_gallery(self.image_features(images[s : s + batch_size]))
+                               for s in range(0, len(images), batch_size)])
+
+    @torch.no_grad()
+    def similarity(self, q: Embedding, g: Embedding) -> torch.Tensor:
+        return self.method.similarity(q, g)
+
+    def rank(self, image: ImageLike, text: str, gallery: Sequence[ImageLike] | Embedding, k: int = 10) -> list[tuple[int, float]]:
+        """The ``k`` best gallery positions for one query, best first, as ``(index, score)``. ``gallery`` is a list
+        of images or an embedding from :meth:`encode_gallery` (encode once, rank many)."""
+        is_images = isinstance(gallery, (list, tuple)) and len(gallery) > 0 and isinstance(gallery[0], (Image.Image, str, Path))
+        g = self.encode_gallery(gallery) if is_images else gallery
+        s = self.similarity(self.encode_query([image], [text]), g)[0]
+        top = torch.topk(s, min(k, s.shape[0]))
+        return [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+
+
+def _fp16(x: torch.Tensor) -> torch.Tensor:
+    return x.detach().float().cpu().half().float()
+
+
+def load(path: str | Path, backbone: Backbone | None = None) -> CIRModel:
+    """Load a checkpoint directory (``config.json`` + ``model.safetensors``) as a ready :class:`CIRModel`.
+
+    ``backbone``: an already built backbone to use (must match the checkpoint's weights hash); by default the
+    backbone named in the checkpoint is created when first needed."""
+    path = Path(path)
+    config = read_config(path)
+    return CIRModel(load_checkpoint(path), config, path, backbone)
+
+
+def load_method(path: str | Path) -> CIRMethod:
+    """Just the method (works on cached features; no backbone)."""
+    return load_checkpoint(path)

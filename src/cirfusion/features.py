@@ -1,0 +1,594 @@
+"""On-disk cache of frozen-backbone features: computed once, fp16, memory-mappable, reused by every method.
+
+Layout under ``cache_dir``::
+
+    image-<family>-<key>/            key = sha256(kind, backbone_id, weights_hash, preprocess_id)
+        meta.json                    what the key was made of + the per-row array shapes
+        shards/<shard>.global.npy    [n, D] float16
+        shards/<shard>.tokens.npy    [n, T, Dt] float16
+        shards/<shard>.keys.json     the n row keys (image content sha256), written LAST: it commits the shard
+    text-<family>-<key>/             key = sha256(kind, backbone_id, weights_hash, text_preprocess_id)
+        shards/<shard>.{global,tokens,mask}.npy + <shard>.keys.json   (row key = sha256 of the text)
+
+An image row is keyed by the sha256 of the file's bytes (the same bytes are then decoded), so a renamed or copied
+file is a cache hit and an edited file a miss. Changing the backbone, its weights or its preprocessing changes the
+directory. Shards are only ever added (each under a unique name, every file written to a temp name then renamed),
+so an interrupted run keeps every committed shard and two processes filling one cache cannot corrupt it (at worst
+they compute a row twice).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import secrets
+import threading
+import time
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .backbones.base import Backbone, ImageFeatures, TextFeatures
+from .data.images import ImageLoadError, load_image
+from .data.schema import CIRDataset
+
+FORMAT_VERSION = 1
+# A shard is committed when its buffered arrays reach this size (or at the end of a call): bounds memory and the work
+# an interruption can lose.
+SHARD_BYTES = 256 << 20
+SHARD_MAX_ROWS = 16384
+
+RowsLike = Sequence[int] | np.ndarray | torch.Tensor | slice | None
+
+
+class FeatureCacheError(RuntimeError):
+    """A cache directory that cannot be used (unreadable or inconsistent shard). The message names the file."""
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def text_key(text: str) -> str:
+    """Row key of a text: sha256 of its UTF-8 bytes."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _to_torch(arr: np.ndarray, rows: np.ndarray | slice, dtype: torch.dtype) -> torch.Tensor:
+    """Gather rows (one copy, still fp16/bool), then convert with torch (vectorised, multi-threaded)."""
+    # Always a private, writable copy: a tensor must never alias a read-only memmap.
+    part = np.array(arr[rows]) if isinstance(rows, slice) else np.take(arr, rows, axis=0)
+    return torch.from_numpy(part).to(dtype)
+
+
+def _as_rows(rows: RowsLike, n: int) -> np.ndarray | slice:
+    if rows is None:
+        return slice(0, n)
+    if isinstance(rows, slice):
+        return rows
+    if isinstance(rows, torch.Tensor):
+        rows = rows.detach().cpu().numpy()
+    arr = np.asarray(rows, dtype=np.int64)
+    if arr.ndim != 1:
+        raise ValueError(f"rows must be one-dimensional, got shape {arr.shape}")
+    return arr
+
+
+@dataclass
+class ImageFeatureTable:
+    """Image features in request order. ``global_`` [N, D] and ``tokens`` [N, T, Dt] are float16 (may be memmaps)."""
+
+    ids: list[str]
+    global_: np.ndarray
+    tokens: np.ndarray
+    hashes: list[str]
+    _pos: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._pos = {}
+        for i, image_id in enumerate(self.ids):
+            if image_id in self._pos:
+                raise ValueError(f"duplicate image id {image_id!r} in a feature table")
+            self._pos[image_id] = i
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __contains__(self, image_id: object) -> bool:
+        return image_id in self._pos
+
+    def index(self, image_id: str) -> int:
+        try:
+            return self._pos[image_id]
+        except KeyError:
+            raise KeyError(f"image id {image_id!r} is not in this feature table ({len(self.ids)} images)") from None
+
+    def rows(self, image_ids: Iterable[str]) -> np.ndarray:
+        return np.fromiter((self.index(i) for i in image_ids), dtype=np.int64)
+
+    def torch(self, rows: RowsLike = None) -> ImageFeatures:
+        """float32 tensors for ``rows`` (indices, a slice, or None for all)."""
+        r = _as_rows(rows, len(self))
+        return ImageFeatures(global_=_to_torch(self.global_, r, torch.float32), tokens=_to_torch(self.tokens, r, torch.float32))
+
+
+@dataclass
+class TextFeatureTable:
+    """Text features, one row per distinct text in first-seen order. ``global_`` [M, D], ``tokens`` [M, L, Dt]
+    float16; ``mask`` [M, L] bool, True on real tokens (L = the backbone's ``max_text_tokens``)."""
+
+    texts: list[str]
+    global_: np.ndarray
+    tokens: np.ndarray
+    mask: np.ndarray
+    hashes: list[str]
+    _pos: dict[str, int] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._pos = {}
+        for i, t in enumerate(self.texts):
+            self._pos.setdefault(t, i)
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __contains__(self, text: object) -> bool:
+        return text in self._pos
+
+    def index(self, text: str) -> int:
+        try:
+            return self._pos[text]
+        except KeyError:
+            raise KeyError(f"text {text!r} is not in this feature table ({len(self.texts)} texts)") from None
+
+    def rows(self, texts: Iterable[str]) -> np.ndarray:
+        return np.fromiter((self.index(t) for t in texts), dtype=np.int64)
+
+    def torch(self, rows: RowsLike = None) -> TextFeatures:
+        """float32 tensors (bool mask) for ``rows`` (indices, a slice, or None for all)."""
+        r = _as_rows(rows, len(self))
+        return TextFeatures(
+            global_=_to_torch(self.global_, r, torch.float32),
+            tokens=_to_torch(self.tokens, r, torch.float32),
+            mask=_to_torch(self.mask, r, torch.bool),
+        )
+
+
+def _atomic_write_bytes(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def _atomic_write_json(path: Path, obj: Any) -> None:
+    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
+
+
+class _ShardStore:
+    """One cache namespace: append-only shards of fixed-shape rows, looked up by row key."""
+
+    def __init__(self, root: Path, meta: dict[str, Any], shapes: dict[str, tuple[tuple[int, ...], str]]) -> None:
+        self.root = root
+        self.shapes = shapes  # array name -> (per-row shape, dtype)
+        self.shard_dir = root / "shards"
+        self.shard_dir.mkdir(parents=True, exist_ok=True)
+        meta = {**meta, "format": FORMAT_VERSION, "arrays": {k: [list(s), d] for k, (s, d) in shapes.items()}}
+        meta_path = root / "meta.json"
+        if meta_path.is_file():
+            try:
+                old = json.loads(meta_path.read_text())
+            except (OSError, ValueError) as exc:
+                raise FeatureCacheError(f"{meta_path}: unreadable cache metadata ({exc}); delete {root} to rebuild") from exc
+            for k in ("format", "arrays"):
+                if old.get(k) != meta[k]:
+                    raise FeatureCacheError(
+                        f"{meta_path}: cache was written with {k}={old.get(k)!r} but this backbone gives {meta[k]!r} "
+                        f"under the same key; delete {root} to rebuild"
+                    )
+        else:
+            _atomic_write_json(meta_path, meta)
+        self.lookup: dict[str, tuple[str, int]] = {}
+        self.shard_len: dict[str, int] = {}
+        self._arrays: dict[tuple[str, str], np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    def refresh(self) -> None:
+        """Pick up shards committed since the last look (by this or another process)."""
+        for keys_file in sorted(self.shard_dir.glob("*.keys.json")):
+            shard = keys_file.name[: -len(".keys.json")]
+            if shard in self.shard_len:
+                continue
+            try:
+                keys = json.loads(keys_file.read_text())
+            except (OSError, ValueError) as exc:
+                raise FeatureCacheError(f"{keys_file}: unreadable shard index ({exc}); delete it and its .npy files") from exc
+            for row, k in enumerate(keys):
+                self.lookup.setdefault(k, (shard, row))
+            self.shard_len[shard] = len(keys)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.lookup
+
+    def _array(self, shard: str, name: str) -> np.ndarray:
+        with self._lock:
+            arr = self._arrays.get((shard, name))
+            if arr is None:
+                path = self.shard_dir / f"{shard}.{name}.npy"
+                try:
+                    arr = np.load(path, mmap_mode="r")
+                except (OSError, ValueError) as exc:
+                    raise FeatureCacheError(f"{path}: unreadable cache shard ({exc}); delete {self.root} to rebuild") from exc
+                shape, dtype = self.shapes[name]
+                if arr.shape != (self.shard_len[shard], *shape) or arr.dtype != np.dtype(dtype):
+                    raise FeatureCacheError(
+                        f"{path}: shard holds {arr.shape} {arr.dtype}, expected {(self.shard_len[shard], *shape)} {dtype}; "
+                        f"delete {self.root} to rebuild"
+                    )
+                self._arrays[(shard, name)] = arr
+            return arr
+
+    def write(self, keys: list[str], arrays: dict[str, np.ndarray]) -> None:
+        """Commit one shard: the arrays first, the key list last (readers only see committed shards)."""
+        if not keys:
+            return
+        shard = f"{time.time_ns():016x}-{os.getpid()}-{secrets.token_hex(3)}"
+        for name, (shape, dtype) in self.shapes.items():
+            arr = np.ascontiguousarray(arrays[name], dtype=dtype)
+            assert arr.shape == (len(keys), *shape), (name, arr.shape, shape)
+            _atomic_write_bytes(self.shard_dir / f"{shard}.{name}.npy", lambda f, a=arr: np.save(f, a, allow_pickle=False))
+        _atomic_write_json(self.shard_dir / f"{shard}.keys.json", keys)
+        for row, k in enumerate(keys):
+            self.lookup.setdefault(k, (shard, row))
+        self.shard_len[shard] = len(keys)
+
+    def gather(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        """Rows for ``keys`` in order. Zero-copy memmaps when the request is exactly one whole shard."""
+        locs = [self.lookup[k] for k in keys]
+        shards = {s for s, _ in locs}
+        if len(shards) == 1:
+            (shard,) = shards
+            if len(locs) == self.shard_len[shard] and all(r == i for i, (_, r) in enumerate(locs)):
+                return {name: self._array(shard, name) for name in self.shapes}
+        out = {name: np.empty((len(keys), *shape), dtype=dtype) for name, (shape, dtype) in self.shapes.items()}
+        by_shard: dict[str, tuple[list[int], list[int]]] = {}
+        for pos, (shard, row) in enumerate(locs):
+            dst, src = by_shard.setdefault(shard, ([], []))
+            dst.append(pos)
+            src.append(row)
+        for shard, (dst, src) in by_shard.items():
+            d, s = np.asarray(dst), np.asarray(src)
+            order = np.argsort(s, kind="stable")  # read the memmap front to back
+            d, s = d[order], s[order]
+            for name in self.shapes:
+                out[name][d] = self._array(shard, name)[s]
+        return out
+
+
+class FeatureCache:
+    """Frozen-backbone features for images and texts, computed once and read back memory-mapped.
+
+    ``num_workers`` threads read, hash, decode and preprocess images while the backbone encodes the previous batch
+    (0, the default: all in the calling thread — on 2 cores decoding is <15% of the time and extra threads only
+    compete with torch's; worth it with more cores or slow storage). ``device``: where the backbone runs (it is
+    moved there). Rows are computed in batches of ``batch_size`` and committed in shards of up to ~256 MB.
+    """
+
+    def __init__(
+        self,
+        backbone: Backbone,
+        cache_dir: str | Path,
+        batch_size: int = 64,
+        num_workers: int = 0,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.backbone = backbone
+        self.cache_dir = Path(cache_dir)
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.device = torch.device(device)
+        self.backbone.to(self.device).eval()
+        self._image_store: _ShardStore | None = None
+        self._text_store: _ShardStore | None = None
+
+    # --- namespaces ---
+
+    def _namespace(self, kind: str, fields: dict[str, str]) -> Path:
+        digest = hashlib.sha256(json.dumps({"kind": kind, **fields}, sort_keys=True).encode()).hexdigest()[:20]
+        family = "".join(c if c.isalnum() or c == "-" else "_" for c in self.backbone.backbone_id.split(":", 1)[0])
+        return self.cache_dir / f"{kind}-{family}-{digest}"
+
+    def image_key(self) -> dict[str, str]:
+        b = self.backbone
+        return {"backbone_id": b.backbone_id, "weights_hash": b.weights_hash(), "preprocess_id": b.preprocess_id()}
+
+    def text_key(self) -> dict[str, str]:
+        b = self.backbone
+        return {"backbone_id": b.backbone_id, "weights_hash": b.weights_hash(), "text_preprocess_id": b.text_preprocess_id()}
+
+    @property
+    def image_dir(self) -> Path:
+        return self._namespace("image", self.image_key())
+
+    @property
+    def text_dir(self) -> Path:
+        return self._namespace("text", self.text_key())
+
+    def _images(self) -> _ShardStore:
+        if self._image_store is None:
+            b = self.backbone
+            shapes = {
+                "global": ((b.image_dim,), "float16"),
+                "tokens": ((b.num_image_tokens, b.image_token_dim), "float16"),
+            }
+            self._image_store = _ShardStore(self.image_dir, {"kind": "image", **self.image_key()}, shapes)
+        self._image_store.refresh()
+        return self._image_store
+
+    def _texts(self) -> _ShardStore:
+        if self._text_store is None:
+            b = self.backbone
+            shapes = {
+                "global": ((b.text_dim,), "float16"),
+                "tokens": ((b.max_text_tokens, b.text_token_dim), "float16"),
+                "mask": ((b.max_text_tokens,), "bool"),
+            }
+            self._text_store = _ShardStore(self.text_dir, {"kind": "text", **self.text_key()}, shapes)
+        self._text_store.refresh()
+        return self._text_store
+
+    # --- images ---
+
+    def _read_one(self, store: _ShardStore, path: Path) -> tuple[str, torch.Tensor | None] | ImageLoadError:
+        """Read the bytes once: hash them, and decode those same bytes only on a cache miss."""
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return ImageLoadError(path, "file does not exist")
+        except OSError as exc:
+            return ImageLoadError(path, f"cannot read file ({exc})")
+        key = sha256_bytes(data)
+        if key in store:
+            return key, None
+        try:
+            image = load_image(path, data=data)
+            return key, self.backbone.preprocess(image)
+        except ImageLoadError as exc:
+            return exc
+
+    def image_features(self, ids: Sequence[str], paths: Sequence[str | Path], progress: bool = True) -> ImageFeatureTable:
+        """Features for ``paths`` (rows in the order of ``ids``), computing only the images not cached yet.
+
+        A file that cannot be used raises :class:`ImageLoadError` naming it — after every other image has been
+        computed and committed, so no work is lost; the message counts any further bad files.
+        """
+        ids = [str(i) for i in ids]
+        paths = [Path(p) for p in paths]
+        if len(ids) != len(paths):
+            raise ValueError(f"image_features: {len(ids)} ids but {len(paths)} paths")
+        if len(set(ids)) != len(ids):
+            dup = next(i for i in ids if ids.count(i) > 1)
+            raise ValueError(f"image_features: duplicate image id {dup!r}")
+        store = self._images()
+        b = self.backbone
+        keys: list[str | None] = [None] * len(paths)
+        errors: list[ImageLoadError] = []
+        batch_x: list[torch.Tensor] = []
+        batch_k: list[str] = []
+        pending: dict[str, int] = {}  # keys computed in this call but not yet committed -> buffer row
+        buf_k: list[str] = []
+        buf: dict[str, list[np.ndarray]] = {"global": [], "tokens": []}
+        buf_bytes = 0
+        computed = 0
+
+        def encode() -> None:
+            nonlocal buf_bytes, computed
+            if not batch_x:
+                return
+            with torch.inference_mode():
+                feats = b.encode_image(torch.stack(batch_x).to(self.device))
+            g = feats.global_.float().cpu().numpy().astype(np.float16)
+            t = feats.tokens.float().cpu().numpy().astype(np.float16)
+            if g.shape != (len(batch_x), b.image_dim) or t.shape != (len(batch_x), b.num_image_tokens, b.image_token_dim):
+                raise FeatureCacheError(
+                    f"backbone {b.backbone_id!r} returned image features {g.shape}/{t.shape}; it declares "
+                    f"[{b.image_dim}] / [{b.num_image_tokens}, {b.image_token_dim}]"
+                )
+            bad = ~(np.isfinite(g).all(1) & np.isfinite(t).all((1, 2)))
+            if bad.any():
+                k = batch_k[int(np.argmax(bad))]
+                where = paths[keys.index(k)]
+                raise FeatureCacheError(f"{where}: backbone {b.backbone_id!r} gives non-finite features (in fp16)")
+            buf_k.extend(batch_k)
+            buf["global"].append(g)
+            buf["tokens"].append(t)
+            buf_bytes += g.nbytes + t.nbytes
+            computed += len(batch_k)
+            batch_x.clear()
+            batch_k.clear()
+
+        def commit() -> None:
+            nonlocal buf_bytes
+            if buf_k:
+                store.write(list(buf_k), {n: np.concatenate(v) for n, v in buf.items()})
+            buf_k.clear()
+            buf_bytes = 0
+            for v in buf.values():
+                v.clear()
+
+        bar = tqdm(total=len(paths), desc=f"image features [{b.backbone_id}]", unit="img", disable=not progress)
+        try:
+            for i, res in enumerate(self._iter_read(store, paths)):
+                bar.update(1)
+                if isinstance(res, ImageLoadError):
+                    errors.append(res)
+                    continue
+                key, x = res
+                keys[i] = key
+                if x is None or key in pending or key in store:
+                    continue
+                pending[key] = i
+                batch_x.append(x)
+                batch_k.append(key)
+                if len(batch_x) >= self.batch_size:
+                    encode()
+                    bar.set_postfix(computed=computed, refresh=False)
+                    if buf_bytes >= SHARD_BYTES or len(buf_k) >= SHARD_MAX_ROWS:
+                        commit()
+            encode()
+            bar.set_postfix(computed=computed, refresh=False)
+        finally:
+            # Whatever happened (a bad file, Ctrl-C, a backbone error), keep the features already computed.
+            try:
+                commit()
+            finally:
+                bar.close()
+        if errors:
+            first = errors[0]
+            if len(errors) > 1:
+                others = ", ".join(e.path for e in errors[1:4]) + (" ..." if len(errors) > 4 else "")
+                raise ImageLoadError(first.path, f"{first.problem} (and {len(errors) - 1} more unusable image(s): {others})")
+            raise first
+        arrays = store.gather([k for k in keys if k is not None])
+        return ImageFeatureTable(ids=ids, global_=arrays["global"], tokens=arrays["tokens"], hashes=[str(k) for k in keys])
+
+    def _iter_read(self, store: _ShardStore, paths: list[Path]) -> Iterable[Any]:
+        """``_read_one`` over ``paths`` in order; with workers, a bounded window of reads runs ahead."""
+        if self.num_workers == 0:
+            for p in paths:
+                yield self._read_one(store, p)
+            return
+        window = max(2 * self.batch_size, 4 * self.num_workers)
+        with ThreadPoolExecutor(self.num_workers, thread_name_prefix="cirfusion-decode") as pool:
+            futures: deque = deque()
+            it = iter(paths)
+            for p in it:
+                futures.append(pool.submit(self._read_one, store, p))
+                if len(futures) >= window:
+                    break
+            try:
+                while futures:
+                    res = futures.popleft().result()
+                    nxt = next(it, None)
+                    if nxt is not None:
+                        futures.append(pool.submit(self._read_one, store, nxt))
+                    yield res
+            finally:
+                for f in futures:
+                    f.cancel()
+
+    # --- texts ---
+
+    def text_features(self, texts: Sequence[str], progress: bool = True) -> TextFeatureTable:
+        """Features for each distinct text (rows in first-seen order), computing only the texts not cached yet."""
+        for t in texts:
+            if not isinstance(t, str):
+                raise TypeError(f"text_features takes strings, got {type(t).__name__}: {t!r}")
+        unique = list(dict.fromkeys(texts))
+        keys = [text_key(t) for t in unique]
+        store = self._texts()
+        b = self.backbone
+        L = b.max_text_tokens
+        todo = [i for i, k in enumerate(keys) if k not in store]
+        # Similar lengths per batch: little padding, the same results (the mask hides padding).
+        todo.sort(key=lambda i: len(unique[i]))
+        buf_k: list[str] = []
+        buf: dict[str, list[np.ndarray]] = {"global": [], "tokens": [], "mask": []}
+        buf_bytes = 0
+
+        def commit() -> None:
+            nonlocal buf_bytes
+            if buf_k:
+                store.write(list(buf_k), {n: np.concatenate(v) for n, v in buf.items()})
+            buf_k.clear()
+            buf_bytes = 0
+            for v in buf.values():
+                v.clear()
+
+        bar = tqdm(total=len(todo), desc=f"text features [{b.backbone_id}]", unit="text", disable=not progress or not todo)
+        try:
+            for start in range(0, len(todo), self.batch_size):
+                idx = todo[start : start + self.batch_size]
+                with torch.inference_mode():
+                    f = b.encode_text([unique[i] for i in idx])
+                g = f.global_.float().cpu().numpy().astype(np.float16)
+                tok = f.tokens.float().cpu().numpy().astype(np.float16)
+                m = f.mask.cpu().numpy().astype(np.bool_)
+                n, l = m.shape
+                if g.shape != (len(idx), b.text_dim) or tok.shape != (len(idx), l, b.text_token_dim) or l > L:
+                    raise FeatureCacheError(
+                        f"backbone {b.backbone_id!r} returned text features {g.shape}/{tok.shape}; it declares "
+                        f"[{b.text_dim}] / [<= {L}, {b.text_token_dim}]"
+                    )
+                if not (np.isfinite(g).all() and np.isfinite(tok).all()):
+                    raise FeatureCacheError(f"backbone {b.backbone_id!r} gives non-finite text features (in fp16)")
+                tokens = np.zeros((n, L, b.text_token_dim), np.float16)
+                mask = np.zeros((n, L), np.bool_)
+                tokens[:, :l], mask[:, :l] = tok, m
+                tokens[~mask] = 0  # padding rows carry no information; zero them so the bytes are deterministic
+                buf_k.extend(keys[i] for i in idx)
+                buf["global"].append(g)
+                buf["tokens"].append(tokens)
+                buf["mask"].append(mask)
+                buf_bytes += g.nbytes + tokens.nbytes + mask.nbytes
+                bar.update(len(idx))
+                if buf_bytes >= SHARD_BYTES or len(buf_k) >= SHARD_MAX_ROWS:
+                    commit()
+        finally:
+            try:
+                commit()
+            finally:
+                bar.close()
+        arrays = store.gather(keys)
+        return TextFeatureTable(texts=unique, global_=arrays["global"], tokens=arrays["tokens"], mask=arrays["mask"], hashes=keys)
+
+
+def dataset_texts(dataset: CIRDataset) -> list[str]:
+    """Every text a dataset can feed a method: each query's text, caption variants and fine texts (deduplicated)."""
+    out: dict[str, None] = {}
+    for q in dataset.queries:
+        out[q.text] = None
+        for c in q.captions:
+            out[c] = None
+        for c in q.finemt or ():
+            out[c] = None
+    return list(out)
+
+
+def dataset_features(
+    cache: FeatureCache, dataset: CIRDataset, progress: bool = True
+) -> tuple[ImageFeatureTable, TextFeatureTable]:
+    """Features of a dataset's whole gallery (rows in gallery order) and of all its texts (see :func:`dataset_texts`)."""
+    images = cache.image_features(dataset.gallery.ids, dataset.gallery.paths, progress=progress)
+    texts = cache.text_features(dataset_texts(dataset), progress=progress)
+    return images, texts
+
+
+__all__ = [
+    "FeatureCache",
+    "FeatureCacheError",
+    "ImageFeatureTable",
+    "TextFeatureTable",
+    "dataset_features",
+    "dataset_texts",
+    "sha256_bytes",
+    "text_key",
+]

@@ -1,0 +1,355 @@
+"""The method contract every CIR model implements, plus the pieces the training loop shares.
+
+A method is an ``nn.Module`` that works on *cached backbone features* (:class:`ImageFeatures`,
+:class:`TextFeatures`), never on pixels:
+
+- ``encode_query(ref, text)`` -> query embedding, ``[B, D]`` (one vector) or ``[B, M, D]`` (multi-vector);
+- ``encode_gallery(img)``     -> gallery embedding, ``[N, D]`` or ``[N, M, D]``;
+- ``similarity(q, g)``        -> ``[B, N]`` scores (cosine; max over vectors for multi-vector embeddings);
+- ``loss(batch)``             -> ``(loss, logs)``; the default is InfoNCE over in-batch targets plus any hard
+  negatives the method supplies (``hard_negatives``), with a learned logit scale;
+- ``stages()``                -> the training stages the shared loop runs in order (one by default).
+
+Evaluation, indexing and fusion only call ``encode_query`` / ``encode_gallery`` / ``similarity`` and treat the
+embeddings as opaque (a tensor, or a tuple/list/dict of tensors, see :func:`cat_embeddings`), so a method whose
+"embedding" is a bundle of several models' embeddings (score fusion) fits the same contract.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..backbones.base import ImageFeatures, TextFeatures
+
+Embedding = Any  # a Tensor, or a tuple/list/dict of Tensors whose first dimension is the batch
+
+
+@dataclass(frozen=True)
+class MethodDims:
+    """What a method needs to know about the backbone whose cached features it consumes."""
+
+    image_dim: int
+    image_token_dim: int
+    num_image_tokens: int
+    text_dim: int
+    text_token_dim: int
+    max_text_tokens: int
+    aligned: bool = False
+    backbone_id: str = ""
+    weights_hash: str = ""
+    preprocess_id: str = ""
+
+    @classmethod
+    def from_backbone(cls, bb: Any) -> "MethodDims":
+        """From a ``Backbone`` (or any object with the same attributes)."""
+
+        def call_or_get(name: str) -> str:
+            v = getattr(bb, name, "")
+            return str(v() if callable(v) else v)
+
+        return cls(
+            image_dim=int(bb.image_dim),
+            image_token_dim=int(bb.image_token_dim),
+            num_image_tokens=int(bb.num_image_tokens),
+            text_dim=int(bb.text_dim),
+            text_token_dim=int(bb.text_token_dim),
+            max_text_tokens=int(bb.max_text_tokens),
+            aligned=bool(getattr(bb, "aligned", False)),
+            backbone_id=str(getattr(bb, "backbone_id", "")),
+            weights_hash=call_or_get("weights_hash"),
+            preprocess_id=call_or_get("preprocess_id"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodDims":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MethodDims fields: {sorted(unknown)}")
+        return cls(**d)
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One training stage. The loop runs ``method.stages()`` in order, each with a fresh optimizer and schedule.
+
+    ``train``: parameter-name prefixes that train in this stage (``()`` = every parameter); the rest are frozen.
+    ``epochs``: fixed epoch count, or ``None`` for the run's ``--epochs``.
+    ``loss``: name of the method attribute computing ``(loss, logs)`` from a :class:`Batch`.
+    ``split``: the dataset split this stage trains on; ``None`` = the run's training split (a stage that
+    pre-trains on edit pairs names that split).
+    ``validate``: compute the validation metric after each epoch (off for stages whose model cannot retrieve yet).
+    The best checkpoint is chosen on the *last* stage's validation metric: that stage produces the final model.
+
+    DetailFusion, for example, is three stages::
+
+        Stage("di-pretrain", train=("di",), loss="loss_di", split="edit_pairs", validate=False)  # ref = hard negative
+        Stage("joint", train=("di", "gm"), loss="loss_joint")                                     # L_DI + γ·L_GM
+        Stage("compositor", train=("compositor",), loss="loss_compositor")                        # DI, GM frozen
+    """
+
+    name: str = "main"
+    train: tuple[str, ...] = ()
+    epochs: int | None = None
+    loss: str = "loss"
+    split: str | None = None
+    lr_scale: float = 1.0
+    validate: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["train"] = list(self.train)
+        return d
+
+
+@dataclass
+class Batch:
+    """A training batch gathered from the feature tables.
+
+    Image identity is the row in the split's image table: ``ref_rows``/``target_rows`` ``[B]`` and
+    ``positives[i]`` (sorted rows of *every* positive of query i, the sampled target included). Masks built from
+    rows keep duplicates of a positive from counting as negatives. ``texts`` are the texts used this epoch (a
+    dataset's text policy may vary them), ``queries`` the underlying records.
+    """
+
+    ref: ImageFeatures
+    text: TextFeatures
+    target: ImageFeatures
+    ref_rows: torch.Tensor
+    target_rows: torch.Tensor
+    positives: list[np.ndarray]
+    texts: list[str]
+    queries: list[Any] = field(default_factory=list)  # the Query records (fine texts, scene graphs, meta...)
+    negatives: ImageFeatures | None = None  # mined hard negatives shared by the batch (TrainConfig.hard_negatives)
+    negative_rows: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return int(self.ref_rows.shape[0])
+
+    def positive_mask(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[B, len(rows)]`` bool: True where image ``rows[j]`` is a positive of query i."""
+        r = rows.cpu().numpy()
+        m = np.stack([np.isin(r, p, assume_unique=False) for p in self.positives])
+        return torch.from_numpy(m).to(rows.device)
+
+
+def join_negatives(*parts: tuple[ImageFeatures, torch.Tensor] | None) -> tuple[ImageFeatures, torch.Tensor] | None:
+    """Concatenate several ``(features, rows)`` hard-negative sets (``None`` entries are skipped)."""
+    got = [p for p in parts if p is not None]
+    if not got:
+        return None
+    feats = ImageFeatures(global_=torch.cat([f.global_ for f, _ in got]), tokens=torch.cat([f.tokens for f, _ in got]))
+    return feats, torch.cat([r for _, r in got])
+
+
+def l2norm(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=-1)
+
+
+def trim_text_padding(text: TextFeatures) -> TextFeatures:
+    """Drop the token columns that are padding in every row (cached tokens are padded to ``max_text_tokens``;
+    real texts are often much shorter). Masked keys get zero attention, so a token-attending method's outputs are
+    unchanged up to float rounding, at a fraction of the cost."""
+    if text.mask.numel() == 0:
+        return text
+    used = text.mask.any(dim=0).nonzero()
+    length = int(used.max()) + 1 if used.numel() else 1
+    if length == text.mask.shape[1]:
+        return text
+    return TextFeatures(global_=text.global_, tokens=text.tokens[:, :length], mask=text.mask[:, :length])
+
+
+def cat_embeddings(chunks: Sequence[Embedding]) -> Embedding:
+    """Concatenate embedding chunks along the batch dimension; recurses into tuples, lists and dicts."""
+    first = chunks[0]
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(chunks), dim=0)
+    if isinstance(first, (tuple, list)):
+        return type(first)(cat_embeddings([c[i] for c in chunks]) for i in range(len(first)))
+    if isinstance(first, dict):
+        return {k: cat_embeddings([c[k] for c in chunks]) for k in first}
+    raise TypeError(f"cannot concatenate embeddings of type {type(first).__name__}")
+
+
+def slice_embeddings(emb: Embedding, start: int, stop: int) -> Embedding:
+    """Rows ``start:stop`` of an embedding (tensor or tuple/list/dict of tensors)."""
+    if isinstance(emb, torch.Tensor):
+        return emb[start:stop]
+    if isinstance(emb, (tuple, list)):
+        return type(emb)(slice_embeddings(e, start, stop) for e in emb)
+    if isinstance(emb, dict):
+        return {k: slice_embeddings(v, start, stop) for k, v in emb.items()}
+    raise TypeError(f"cannot slice embeddings of type {type(emb).__name__}")
+
+
+def embedding_len(emb: Embedding) -> int:
+    if isinstance(emb, torch.Tensor):
+        return int(emb.shape[0])
+    if isinstance(emb, (tuple, list)):
+        return embedding_len(emb[0])
+    if isinstance(emb, dict):
+        return embedding_len(next(iter(emb.values())))
+    raise TypeError(f"not an embedding: {type(emb).__name__}")
+
+
+def cosine_or_maxsim(q: torch.Tensor, g: torch.Tensor, max_elems: int = 1 << 24) -> torch.Tensor:
+    """Scores ``[B, N]`` between L2-normalised embeddings.
+
+    ``[B,D]x[N,D]``: dot product. If either side is multi-vector (``[.., M, D]``), the score is the max over all
+    vector pairs (SPRC-style max-sim). Multi-vector products are tiled over the gallery so the intermediate stays
+    under ``max_elems`` elements.
+    """
+    if q.dim() == 2 and g.dim() == 2:
+        return q @ g.T
+    q3 = q if q.dim() == 3 else q[:, None, :]
+    g3 = g if g.dim() == 3 else g[:, None, :]
+    b, m, _ = q3.shape
+    n, k, _ = g3.shape
+    tile = max(1, max_elems // max(1, b * m * k))
+    out = []
+    for s in range(0, n, tile):
+        sims = torch.einsum("bmd,nkd->bnmk", q3, g3[s : s + tile])
+        out.append(sims.flatten(2).amax(dim=2))
+    return torch.cat(out, dim=1) if out else q3.new_zeros(b, 0)
+
+
+class CIRMethod(nn.Module):
+    """Base class of every registered method. See the module docstring for the contract.
+
+    Subclasses declare ``default_hparams`` (every accepted hyper-parameter with its default, JSON-serialisable),
+    read them from ``self.hparams`` and set the feature needs (``uses_image_tokens`` / ``uses_text_tokens``) in
+    ``__init__`` when they depend on the hyper-parameters.
+    """
+
+    method_name: ClassVar[str] = ""  # set by @register_method
+    trainable: ClassVar[bool] = True  # False: no parameters; training only writes the checkpoint
+    default_hparams: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, dims: MethodDims, **hparams: Any) -> None:
+        super().__init__()
+        unknown = set(hparams) - set(self.default_hparams)
+        if unknown:
+            raise ValueError(
+                f"method {self.method_name!r}: unknown hyper-parameter(s) {sorted(unknown)}; "
+                f"accepted: {sorted(self.default_hparams)}"
+            )
+        self.dims = dims
+        self.hparams: dict[str, Any] = {**self.default_hparams, **hparams}
+        # Which cached features the method reads. The loop skips gathering what is not needed.
+        self.uses_image_tokens: bool = False
+        self.uses_text_tokens: bool = False
+
+    # ---- the contract -------------------------------------------------------------------------------------------
+    def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> Embedding:
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_query")
+
+    def encode_gallery(self, img: ImageFeatures) -> Embedding:
+        raise NotImplementedError(f"{type(self).__name__} must implement encode_gallery")
+
+    def similarity(self, q: Embedding, g: Embedding) -> torch.Tensor:
+        """``[B, N]`` scores. Default: cosine (embeddings are L2-normalised), max-sim for multi-vector."""
+        return cosine_or_maxsim(q, g)
+
+    def stages(self) -> list[Stage]:
+        return [Stage()]
+
+    # ---- training -----------------------------------------------------------------------------------------------
+    def init_logit_scale(self, init: float, max_scale: float = 100.0) -> None:
+        """A learned logit scale (stored as log), CLIP-style, clamped to ``max_scale``."""
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(init), dtype=torch.float32))
+        self._max_log_scale = math.log(max_scale)
+
+    def scale(self) -> torch.Tensor:
+        if isinstance(getattr(self, "logit_scale", None), torch.Tensor):
+            return self.logit_scale.clamp(max=self._max_log_scale).exp()
+        return torch.tensor(1.0 / 0.07)
+
+    def hard_negatives(self, batch: Batch) -> tuple[ImageFeatures, torch.Tensor] | None:
+        """Extra negatives for the default loss: ``(image features, their image rows)`` or ``None``.
+
+        Default: the negatives the loop mined for the batch, if any. A method adds its own by overriding, e.g. the
+        reference image as a hard negative: ``return join_negatives(super().hard_negatives(batch), (batch.ref,
+        batch.ref_rows))``."""
+        if batch.negatives is None or batch.negative_rows is None or len(batch.negative_rows) == 0:
+            return None
+        return batch.negatives, batch.negative_rows
+
+    def info_nce(
+        self,
+        q: Embedding,
+        g: Embedding,
+        batch: Batch,
+        hard: Embedding | None = None,
+        hard_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """InfoNCE of queries against in-batch targets (+ hard negatives). Column j is masked for row i when its
+        image is another positive of query i (duplicates of the same target are not negatives)."""
+        scale = self.scale()
+        logits = self.similarity(q, g) * scale
+        pos = batch.positive_mask(batch.target_rows)
+        pos.fill_diagonal_(False)
+        logits = logits.masked_fill(pos, float("-inf"))
+        if hard is not None:
+            assert hard_rows is not None, "hard negatives need their image rows for masking"
+            hl = (self.similarity(q, hard) * scale).masked_fill(batch.positive_mask(hard_rows), float("-inf"))
+            logits = torch.cat([logits, hl], dim=1)
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        q = self.encode_query(batch.ref, batch.text)
+        g = self.encode_gallery(batch.target)
+        hn = self.hard_negatives(batch)
+        if hn is None:
+            loss = self.info_nce(q, g, batch)
+        else:
+            loss = self.info_nce(q, g, batch, self.encode_gallery(hn[0]), hn[1])
+        return loss, {"loss": float(loss.detach()), "scale": float(self.scale().detach())}
+
+    # ---- persistence --------------------------------------------------------------------------------------------
+    def config(self) -> dict[str, Any]:
+        return {"method": self.method_name, "hparams": dict(self.hparams), "dims": self.dims.to_dict()}
+
+    def save(self, directory: str | Path, dataset: str | None = None, extra: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors`` + ``config.json`` to ``directory`` atomically."""
+        from ..checkpoint import save_checkpoint
+
+        return save_checkpoint(self, directory, dataset=dataset, extra=extra)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CIRMethod":
+        from ..checkpoint import load_checkpoint
+
+        m = load_checkpoint(directory)
+        if cls is not CIRMethod and not isinstance(m, cls):
+            raise TypeError(f"{directory}: holds method {m.method_name!r}, not {cls.method_name!r}")
+        return m
+
+    def num_parameters(self, trainable_only: bool = True) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
+
+
+def stage_parameters(method: nn.Module, stage: Stage) -> list[tuple[str, nn.Parameter]]:
+    """The named parameters that train in ``stage``; an unknown prefix is an error (a typo would freeze all)."""
+    named = list(method.named_parameters())
+    if not stage.train:
+        return named
+    out = []
+    for prefix in stage.train:
+        p = prefix.rstrip(".")
+        hits = [(n, t) for n, t in named if n == p or n.startswith(p + ".")]
+        if not hits:
+            raise ValueError(f"stage {stage.name!r}: no parameter matches prefix {prefix!r}")
+        out.extend(h for h in hits if h[0] not in {n for n, _ in out})
+    return out

@@ -1,0 +1,258 @@
+"""DAFM: Dynamic Adaptive Fusion of K >= 2 frozen CIR models (arXiv 2511.05020) as a method like any other.
+
+The fused model keeps its base models and a tiny :class:`~cirfusion.fusion.FusionNet` (about 1-2 k parameters):
+
+- ``encode_query(ref, text)`` -> ``{"q": (q_1, ..., q_K), "fp": [B]}``: every base model's query embedding, plus the
+  reference image's fingerprint (for the reference exclusion, see :mod:`cirfusion.fusion`);
+- ``encode_gallery(img)``     -> ``{"g": (g_1, ..., g_K), "fp": [N]}``;
+- ``similarity(q, g)``        -> ``[B, N]`` fused scores: each base model's own similarity for a tile of queries,
+  normalised per query, fused by the network. Tiles keep every block under ``BLOCK_ELEMS`` elements.
+
+So ``cirfusion eval``, ``cirfusion.load`` and everything built on the method contract work on a fused checkpoint.
+It is trained by ``cirfusion fuse`` (:func:`cirfusion.fusion.fit`, full-gallery InfoNCE with the dynamic temperature);
+the generic in-batch loss (``loss``, used by the shared training loop) also works and trains only the fusion network.
+
+Checkpoint layout (safetensors + JSON, no pickle)::
+
+    FUSED/config.json              method "dafm"; hparams["bases"] lists each base: name, method, hyper-parameters,
+                                   feature dims, training dataset, source checkpoint
+    FUSED/model.safetensors        the fusion network only (and the final temperature)
+    FUSED/bases/00-NAME/           each base model's own checkpoint (config.json + model.safetensors), loadable alone
+
+The base models are not registered sub-modules: they are frozen, never in ``parameters()``, and their weights live in
+their own sub-directories (written and read through the ``save_components`` / ``load_components`` hooks of
+:mod:`cirfusion.checkpoint`).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from ..backbones.base import ImageFeatures, TextFeatures
+from .base import CIRMethod, MethodDims, Stage
+from .registry import create_method, register_method
+
+BASES_DIR = "bases"
+_SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
+
+
+def _normalise_specs(specs: Sequence[Mapping[str, Any]], dims: MethodDims) -> list[dict[str, Any]]:
+    if not isinstance(specs, (list, tuple)) or len(specs) < 2:
+        raise ValueError(f"dafm: 'bases' must list at least two base models, got {specs!r}")
+    out: list[dict[str, Any]] = []
+    used: set[str] = set()
+    for i, s in enumerate(specs):
+        if not isinstance(s, Mapping) or not isinstance(s.get("method"), str):
+            raise ValueError(f"dafm: base {i} must be a mapping with a 'method' name, got {s!r}")
+        unknown = set(s) - {"name", "method", "hparams", "dims", "dataset", "source"}
+        if unknown:
+            raise ValueError(f"dafm: base {i} has unknown field(s) {sorted(unknown)}")
+        if s["method"] == "dafm":
+            raise ValueError("dafm: a base model cannot itself be a dafm fusion")
+        name = _SAFE.sub("-", str(s.get("name") or s["method"])).strip("-") or f"model{i}"
+        base_name, j = name, 2
+        while name in used:
+            name, j = f"{base_name}-{j}", j + 1
+        used.add(name)
+        out.append({"name": name, "method": s["method"], "hparams": dict(s.get("hparams") or {}),
+                    "dims": dict(s["dims"]) if s.get("dims") else dims.to_dict(),
+                    "dataset": s.get("dataset"), "source": s.get("source")})
+    return out
+
+
+def _check_same_features(dims: MethodDims, other: MethodDims, what: str) -> None:
+    for f in ("backbone_id", "weights_hash", "preprocess_id", "image_dim", "text_dim"):
+        if getattr(dims, f) != getattr(other, f):
+            raise ValueError(f"dafm: {what} reads features with {f}={getattr(other, f)!r}, the fused model "
+                             f"{getattr(dims, f)!r}: every base model must use the same backbone features")
+
+
+@register_method("dafm")
+class DAFM(CIRMethod):
+    """Dynamic Adaptive Fusion of K >= 2 frozen CIR models: per-query normalised scores, query-aware model weights,
+    residual 1x1-convolution refinement (see cirfusion.fusion)."""
+
+    default_hparams = {
+        # Base models: [{"method", "hparams", "dims", "name", "dataset", "source"}]. The default (two fresh models)
+        # only makes `create_method("dafm", dims)` work; `cirfusion fuse` / `DAFM.from_bases` set trained ones.
+        "bases": [{"method": "image-only"}, {"method": "clip4cir"}],
+        "hidden": 16,  # width of each residual block's 1x1 convolutions
+        "blocks": 1,  # residual refinement blocks
+        "gate_hidden": 32,  # width of the MLP from score statistics to model weights
+        "topk": 32,  # top-k candidates the score statistics look at
+        "beta": 4.0,  # sharpness of the softmax whose entropy is a statistic
+        "exclude_reference": True,  # leave the reference out of the statistics (set from the training dataset)
+        "tile": 64,  # queries fused at once (fewer when the gallery is large)
+        "tau0": 0.02,  # temperature of the in-batch loss until a fit sets the final one
+        # Precision of the base scores of models using the default (cosine / max-sim) similarity: "float16" halves
+        # the bytes read per query (products accumulate in float32; scores rounded to ~1e-4), "float32" is exact.
+        "score_dtype": "float16",
+    }
+
+    def __init__(self, dims: MethodDims, _bases: Sequence[CIRMethod] | None = None, **hparams: Any) -> None:
+        super().__init__(dims, **hparams)
+        from ..fusion import FusionNet
+
+        specs = _normalise_specs(self.hparams["bases"], dims)
+        if _bases is None:
+            bases = []
+            for s in specs:
+                bdims = MethodDims.from_dict(s["dims"])
+                _check_same_features(dims, bdims, f"base {s['name']!r}")
+                bases.append(create_method(s["method"], bdims, **s["hparams"]))
+        else:
+            bases = list(_bases)
+            if len(bases) != len(specs):
+                raise ValueError(f"dafm: {len(bases)} base models given for {len(specs)} specs")
+            for b, s in zip(bases, specs):
+                _check_same_features(dims, b.dims, f"base {s['name']!r}")
+        for b, s in zip(bases, specs):
+            s["hparams"] = dict(b.hparams)  # every hyper-parameter, defaults included: reload rebuilds exactly
+            s["dims"] = b.dims.to_dict()
+            if b.method_name and b.method_name != s["method"]:
+                raise ValueError(f"dafm: base {s['name']!r} is a {b.method_name!r}, its spec says {s['method']!r}")
+            b.eval()
+            for p in b.parameters():
+                p.requires_grad_(False)
+        self.hparams["bases"] = specs
+        # Not registered as sub-modules: frozen, outside parameters()/state_dict(), saved in their own directories.
+        self._bases: list[CIRMethod] = bases
+        self.uses_image_tokens = any(b.uses_image_tokens for b in bases)
+        self.uses_text_tokens = any(b.uses_text_tokens for b in bases)
+        h = self.hparams
+        from ..fusion import SCORE_DTYPES
+
+        if h["score_dtype"] not in SCORE_DTYPES:
+            raise ValueError(f"dafm: score_dtype must be one of {sorted(SCORE_DTYPES)}, got {h['score_dtype']!r}")
+        self.score_dtype: torch.dtype = SCORE_DTYPES[h["score_dtype"]]
+        self.fusion = FusionNet(len(bases), int(h["hidden"]), int(h["blocks"]), int(h["gate_hidden"]))
+        self.register_buffer("tau", torch.tensor(float(h["tau0"])))
+
+    # ---- construction -------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_bases(cls, bases: Sequence[CIRMethod], names: Sequence[str] | None = None,
+                   base_info: Sequence[Mapping[str, Any]] | None = None, **hparams: Any) -> "DAFM":
+        """A fused model over trained ``bases`` (used as they are, frozen). ``base_info[i]`` may give ``dataset``
+        and ``source`` (recorded in the config)."""
+        if len(bases) < 2:
+            raise ValueError(f"dafm: fusion needs at least two base models, got {len(bases)}")
+        specs = []
+        for i, b in enumerate(bases):
+            info = dict(base_info[i]) if base_info else {}
+            specs.append({"name": (names[i] if names else None) or b.method_name or f"model{i}",
+                          "method": b.method_name or type(b).__name__, "dataset": info.get("dataset"),
+                          "source": info.get("source")})
+        return cls(bases[0].dims, _bases=bases, bases=specs, **hparams)
+
+    @property
+    def bases(self) -> list[CIRMethod]:
+        return list(self._bases)
+
+    @property
+    def base_names(self) -> list[str]:
+        return [s["name"] for s in self.hparams["bases"]]
+
+    @property
+    def num_models(self) -> int:
+        return len(self._bases)
+
+    # Keep the (unregistered) bases on the same device/dtype and always in eval mode.
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "DAFM":
+        for b in getattr(self, "_bases", []):
+            b._apply(fn, *args, **kwargs)
+        return super()._apply(fn, *args, **kwargs)
+
+    def train(self, mode: bool = True) -> "DAFM":
+        super().train(mode)
+        for b in getattr(self, "_bases", []):
+            b.eval()
+        return self
+
+    # ---- the contract -----------------------------------------------------------------------------------------------
+    def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> dict[str, Any]:
+        from ..fusion import image_fingerprint
+
+        with torch.no_grad():
+            return {"q": tuple(b.encode_query(ref, text) for b in self._bases), "fp": image_fingerprint(ref.global_)}
+
+    def encode_gallery(self, img: ImageFeatures) -> dict[str, Any]:
+        """Default-similarity models' gallery embeddings are stored in ``score_dtype`` (what scoring reads)."""
+        from ..fusion import image_fingerprint, uses_default_similarity
+
+        with torch.no_grad():
+            g = []
+            for b in self._bases:
+                e = b.encode_gallery(img)
+                if isinstance(e, torch.Tensor) and uses_default_similarity(b):
+                    e = e.to(self.score_dtype)
+                g.append(e)
+            return {"g": tuple(g), "fp": image_fingerprint(img.global_)}
+
+    def _tiles(self, q: Mapping[str, Any], g: Mapping[str, Any]):
+        """Yield (normalised scores) for tiles of queries."""
+        from ..fusion import base_scores, block_rows, normalise_scores, rows_of
+
+        if len(q["q"]) != self.num_models or len(g["g"]) != self.num_models:
+            raise ValueError(f"dafm: embeddings hold {len(q['q'])}/{len(g['g'])} models, the fused model {self.num_models}")
+        b, n = int(q["fp"].shape[0]), int(g["fp"].shape[0])
+        h = self.hparams
+        tile = block_rows(n, max(self.num_models, int(h["hidden"])), int(h["tile"]))
+        for s in range(0, b, tile):
+            rows = slice(s, min(b, s + tile))
+            raw = base_scores(self._bases, [rows_of(x, rows) for x in q["q"]], g["g"], self.score_dtype)
+            excl = (q["fp"][rows][:, None] == g["fp"][None, :]) if h["exclude_reference"] else None
+            yield normalise_scores(raw, excl, int(h["topk"]), float(h["beta"]))
+
+    def similarity(self, q: Any, g: Any) -> torch.Tensor:
+        out = [self.fusion(norm.z, norm.stats) for norm in self._tiles(q, g)]
+        if not out:
+            return torch.zeros(0, int(g["fp"].shape[0]))
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def explain(self, q: Any, g: Any) -> torch.Tensor:
+        """``[B, K]`` effective weight of each base model per query (softmax over models: each row sums to 1)."""
+        parts = [self.fusion.weights(norm.stats) for norm in self._tiles(q, g)]
+        return torch.cat(parts) if parts else torch.zeros(0, self.num_models)
+
+    def stages(self) -> list[Stage]:
+        return [Stage("fusion", train=("fusion",))]
+
+    def scale(self) -> torch.Tensor:
+        return 1.0 / self.tau
+
+    # ---- persistence: the bases live in sub-directories -----------------------------------------------------------
+    def component_dirs(self) -> list[str]:
+        return [f"{BASES_DIR}/{i:02d}-{s['name']}" for i, s in enumerate(self.hparams["bases"])]
+
+    def save_components(self, directory: str | Path) -> None:
+        """Write each base model's checkpoint into ``directory/bases/NN-NAME`` (called by the checkpoint writer inside
+        its temporary directory, so the whole fused checkpoint appears atomically)."""
+        from ..checkpoint import write_checkpoint_files
+
+        for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases):
+            d = Path(directory) / sub
+            d.mkdir(parents=True, exist_ok=True)
+            write_checkpoint_files(b, d, dataset=s.get("dataset"), extra={"dafm_base": s["name"], "source": s.get("source")})
+
+    def load_components(self, directory: str | Path) -> None:
+        """Load each base model's weights from its sub-directory; its config must match the fused model's record."""
+        from safetensors.torch import load_file
+
+        from ..checkpoint import MODEL_FILE, CheckpointError, load_state_strict, read_config
+
+        for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases):
+            d = Path(directory) / sub
+            cfg = read_config(d)
+            if cfg["method"] != s["method"] or cfg["hparams"] != s["hparams"] or cfg["dims"] != s["dims"]:
+                raise CheckpointError(f"{d}: base checkpoint does not match the fused model's record of {s['name']!r} "
+                                      f"(method {cfg['method']!r} vs {s['method']!r}, or other hyper-parameters/dims)")
+            weights = d / MODEL_FILE
+            if not weights.is_file():
+                raise CheckpointError(f"{d}: missing {MODEL_FILE}")
+            load_state_strict(b, load_file(str(weights)), weights)
+            b.eval()

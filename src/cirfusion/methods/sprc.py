@@ -1,0 +1,175 @@
+"""SPRC: sentence-level prompts for the relative caption (Bai et al., "Sentence-level Prompts Benefit Composed
+Image Retrieval", ICLR 2024), trained on cached backbone features.
+
+SPRC turns the reference image into a *sentence-level prompt* with BLIP-2's Q-Former (learned query tokens that
+cross-attend to the image while sharing self-attention with the caption), prepends it to the relative caption, and
+retrieves with the text encoder as in text-to-image retrieval: the target image is the Q-Former's query outputs
+(several vectors) and the score is the max over them. At our scale, one small Q-Former does all three jobs as in
+BLIP-2 (its blocks run with cross-attention for query tokens, and without any image for text)::
+
+    memory   = [W_g(image global); W_i(image tokens) + positions]
+    Q-Former block: self-attention over [queries; text] -> cross-attention (query positions only) to memory -> MLP
+
+    query side:   o      = QFormer([Q; text], memory(ref))[:M]          M image-and-text-aware query outputs
+                  prompt = MLP_p(LN(o)) + W_s(text global)              the sentence-level prompt (M tokens)
+                  c      = QFormer([CLS; prompt; text], no image)[0]    the text encoder over prompt + caption
+                  q      = norm(head_t(LN(c)))                           one vector, [B, D]
+    gallery side: G      = norm(head_i(LN(QFormer(Q, memory(img)))))     M vectors, [N, M, D]
+    score(q, G)   = max_m <q, G_m>                                       (cosine_or_maxsim)
+
+Loss: ``InfoNCE(q, G_target) + align_weight * L_align``. SPRC's prompt-alignment loss makes the learned prompt
+itself point at the target (the paper pulls it towards an auxiliary prompt optimised to retrieve the target); here
+the prompt's pooled embedding ``p = norm(head_p(mean(prompt)))`` is pulled towards the target's best-matching
+gallery vector: ``L_align = 1 - max_m <p, sg(G_target,m)>`` (stop-grad on the target, so the gallery is not
+dragged towards the prompts). ``align_weight`` defaults to 0.5.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..backbones.base import ImageFeatures, TextFeatures
+from .base import Batch, CIRMethod, MethodDims, l2norm, trim_text_padding
+from .registry import register_method
+
+
+class QFormerBlock(nn.Module):
+    """Pre-norm block: self-attention over the whole sequence, cross-attention to ``memory`` for the first
+    ``n_query`` positions only (BLIP-2: text tokens see the image only through the queries), then an MLP."""
+
+    def __init__(self, width: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.norm1, self.norm_q, self.norm_kv, self.norm2 = (nn.LayerNorm(width) for _ in range(4))
+        self.self_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(width, heads, dropout=dropout, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Dropout(dropout), nn.Linear(4 * width, width))
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, key_pad: torch.Tensor | None = None, memory: torch.Tensor | None = None,
+                n_query: int = 0) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.drop(self.self_attn(y, y, y, key_padding_mask=key_pad, need_weights=False)[0])
+        if memory is not None and n_query > 0:
+            kv = self.norm_kv(memory)
+            q = x[:, :n_query]
+            q = q + self.drop(self.cross_attn(self.norm_q(q), kv, kv, need_weights=False)[0])
+            x = torch.cat([q, x[:, n_query:]], dim=1)
+        return x + self.drop(self.mlp(self.norm2(x)))
+
+
+@register_method("sprc")
+class SPRC(CIRMethod):
+    """SPRC: a Q-Former turns the reference image and caption into a sentence-level prompt, the caption plus prompt
+    is encoded as text, and a gallery image is several Q-Former query vectors matched by max-sim. See the module
+    docstring."""
+
+    default_hparams = {
+        "embed_dim": 256,  # D
+        "width": 128,  # Q-Former width
+        "layers": 2,  # Q-Former blocks (shared by the image, query and text passes, as in BLIP-2)
+        "heads": 4,
+        "num_queries": 6,  # M learned query tokens = gallery vectors per image = prompt length
+        "dropout": 0.1,
+        "align_weight": 0.5,  # weight of the prompt-alignment loss
+        "logit_scale_init": 20.0,
+    }
+
+    def __init__(self, dims: MethodDims, **hparams: object) -> None:
+        super().__init__(dims, **hparams)
+        h = self.hparams
+        if dims.num_image_tokens < 1 or dims.max_text_tokens < 1:
+            raise ValueError(f"method {self.method_name!r} needs image and text tokens; backbone "
+                             f"{dims.backbone_id or '<unknown>'!r} has {dims.num_image_tokens} and {dims.max_text_tokens}")
+        if int(h["num_queries"]) < 1:
+            raise ValueError(f"{self.method_name}: num_queries must be >= 1, got {h['num_queries']}")
+        if float(h["align_weight"]) < 0:
+            raise ValueError(f"{self.method_name}: align_weight must be >= 0, got {h['align_weight']}")
+        self.uses_image_tokens = self.uses_text_tokens = True
+        d, w, heads, drop, m = (int(h["embed_dim"]), int(h["width"]), int(h["heads"]), float(h["dropout"]),
+                                int(h["num_queries"]))
+        if w % heads:
+            raise ValueError(f"{self.method_name}: width {w} is not divisible by heads {heads}")
+        self.embed_dim, self.num_queries = d, m
+        self.image_in = nn.Linear(dims.image_token_dim, w)
+        self.image_global_in = nn.Linear(dims.image_dim, w)
+        self.image_pos = nn.Parameter(torch.zeros(1, dims.num_image_tokens, w))
+        self.text_in = nn.Linear(dims.text_token_dim, w)
+        self.text_global_in = nn.Linear(dims.text_dim, w)
+        self.text_pos = nn.Parameter(torch.zeros(1, dims.max_text_tokens, w))
+        self.queries = nn.Parameter(torch.zeros(1, m, w))
+        self.cls = nn.Parameter(torch.zeros(1, 1, w))
+        for p in (self.image_pos, self.text_pos, self.queries, self.cls):
+            nn.init.trunc_normal_(p, std=0.02)
+        self.qformer = nn.ModuleList(QFormerBlock(w, heads, drop) for _ in range(int(h["layers"])))
+        self.prompt_gen = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, w), nn.GELU(), nn.Linear(w, w))
+        self.norm_image, self.norm_text, self.norm_prompt = nn.LayerNorm(w), nn.LayerNorm(w), nn.LayerNorm(w)
+        self.image_head = nn.Linear(w, d)
+        self.text_head = nn.Linear(w, d)
+        self.prompt_head = nn.Linear(w, d)
+        self.init_logit_scale(float(h["logit_scale_init"]))
+
+    # ---- pieces -------------------------------------------------------------------------------------------------
+    def _run(self, x: torch.Tensor, key_pad: torch.Tensor | None, memory: torch.Tensor | None, n_query: int) -> torch.Tensor:
+        for block in self.qformer:
+            x = block(x, key_pad, memory, n_query)
+        return x
+
+    def memory(self, img: ImageFeatures) -> torch.Tensor:
+        tok = img.tokens.float()
+        if tok.dim() != 3 or tok.shape[1] != self.dims.num_image_tokens:
+            raise ValueError(f"{self.method_name} expects {self.dims.num_image_tokens} image tokens, got shape {tuple(tok.shape)}")
+        return torch.cat([self.image_global_in(img.global_.float())[:, None], self.image_in(tok) + self.image_pos], dim=1)
+
+    def text_tokens(self, text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor]:
+        """(projected text tokens [B, L, W], padding mask [B, L], True = ignore)."""
+        text = trim_text_padding(text)
+        tok = text.tokens.float()
+        length = tok.shape[1]
+        if length > self.dims.max_text_tokens:
+            raise ValueError(f"{self.method_name}: {length} text tokens, the backbone gives at most {self.dims.max_text_tokens}")
+        return self.text_in(tok) + self.text_pos[:, :length], ~text.mask.bool()
+
+    def prompt(self, ref: ImageFeatures, text: TextFeatures) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sentence-level prompt [B, M, W], text tokens, their padding mask)."""
+        t, pad = self.text_tokens(text)
+        b, m = t.shape[0], self.num_queries
+        q = self.queries.expand(b, -1, -1)
+        key_pad = torch.cat([torch.zeros(b, m, dtype=torch.bool, device=t.device), pad], dim=1)
+        out = self._run(torch.cat([q, t], dim=1), key_pad, self.memory(ref), m)[:, :m]
+        return self.prompt_gen(out) + self.text_global_in(text.global_.float())[:, None], t, pad
+
+    def compose(self, prompt: torch.Tensor, t: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        """The text encoder over [CLS; prompt; caption] (no image): normalised [CLS] output [B, D]."""
+        b, m = prompt.shape[:2]
+        x = torch.cat([self.cls.expand(b, -1, -1), prompt, t], dim=1)
+        key_pad = torch.cat([torch.zeros(b, 1 + m, dtype=torch.bool, device=t.device), pad], dim=1)
+        return l2norm(self.text_head(self.norm_text(self._run(x, key_pad, None, 0)[:, 0])))
+
+    def prompt_embedding(self, prompt: torch.Tensor) -> torch.Tensor:
+        return l2norm(self.prompt_head(self.norm_prompt(prompt.mean(dim=1))))
+
+    # ---- the contract -------------------------------------------------------------------------------------------
+    def encode_gallery(self, img: ImageFeatures) -> torch.Tensor:
+        mem = self.memory(img)
+        out = self._run(self.queries.expand(mem.shape[0], -1, -1), None, mem, self.num_queries)
+        return l2norm(self.image_head(self.norm_image(out)))  # [N, M, D]
+
+    def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> torch.Tensor:
+        return self.compose(*self.prompt(ref, text))
+
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # type: ignore[override]
+        prompt, t, pad = self.prompt(batch.ref, batch.text)
+        q = self.compose(prompt, t, pad)
+        g = self.encode_gallery(batch.target)
+        contrastive = self.info_nce(q, g, batch)
+        align = self.align_loss(self.prompt_embedding(prompt), g)
+        loss = contrastive + float(self.hparams["align_weight"]) * align
+        return loss, {"loss": float(loss.detach()), "loss_contrastive": float(contrastive.detach()),
+                      "loss_align": float(align.detach()), "scale": float(self.scale().detach())}
+
+    @staticmethod
+    def align_loss(p: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+        """``mean_i (1 - max_m <p_i, sg(g_i,m)>)``: each prompt against its own target's vectors."""
+        sims = torch.einsum("bd,bmd->bm", p, g.detach())
+        return (1.0 - sims.amax(dim=1)).mean()

