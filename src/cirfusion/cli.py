@@ -17,6 +17,8 @@ COMMAND_MODULES = [
     "cirfusion.commands.train",
     "cirfusion.commands.eval",
     "cirfusion.commands.fuse",
+    "cirfusion.commands.index",
+    "cirfusion.commands.search",
 ]
 
 
