@@ -12,6 +12,7 @@ from .data.schema import DataError
 
 # Order here is the order in `cirfusion --help`.
 COMMAND_MODULES = [
+    "cirfusion.commands.quickstart",
     "cirfusion.commands.data",
     "cirfusion.commands.eval_scores",
     "cirfusion.commands.train",

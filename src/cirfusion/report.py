@@ -34,6 +34,7 @@ class SampleQuery:
     reference_id: str
     reference_path: Path
     results: list[ResultItem] = field(default_factory=list)
+    weights: dict[str, float] | None = None  # a fused model's per-query weight of each base model (explanation)
 
 
 def write_results_json(path: str | Path, results: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -88,6 +89,7 @@ def write_report(
                 "text": s.text,
                 "reference_id": s.reference_id,
                 "reference_thumb": _thumb(s.reference_path, thumbs),
+                "weights": s.weights,
                 "results": [
                     {"id": r.id, "thumb": _thumb(r.path, thumbs), "score": float(r.score), "is_target": r.is_target}
                     for r in s.results

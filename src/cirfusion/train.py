@@ -120,6 +120,16 @@ class TrainResult:
     global_step: int
 
 
+def load_split_data(cache: Any, dataset: CIRDataset, training: bool = False, progress: bool = False) -> SplitData:
+    """A split's cached features (computed on first use): its gallery, its query texts, and with ``training``
+    every text a training step can draw (caption variants, fine texts)."""
+    from .features import dataset_texts
+
+    images = cache.image_features(dataset.gallery.ids, dataset.gallery.paths, progress=progress)
+    texts = dataset_texts(dataset) + (training_texts(dataset) if training else [])
+    return SplitData(dataset, images, cache.text_features(texts, progress=progress))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Features -> tensors
 # ---------------------------------------------------------------------------------------------------------------------

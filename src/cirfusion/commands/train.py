@@ -109,13 +109,10 @@ def make_cache(args: argparse.Namespace, backbone: Any) -> Any:
 
 
 def split_data(cache: Any, dataset: Any, training: bool, progress: bool) -> Any:
-    """Cached features of a split: its gallery, its texts, and (for training) every text it can train on."""
-    from ..features import dataset_texts
-    from ..train import SplitData, training_texts
+    """Cached features of a split (see :func:`cirfusion.train.load_split_data`)."""
+    from ..train import load_split_data
 
-    images = cache.image_features(dataset.gallery.ids, dataset.gallery.paths, progress=progress)
-    texts = dataset_texts(dataset) + (training_texts(dataset) if training else [])
-    return SplitData(dataset, images, cache.text_features(texts, progress=progress))
+    return load_split_data(cache, dataset, training=training, progress=progress)
 
 
 def _config(args: argparse.Namespace, saved: dict[str, Any] | None) -> Any:

@@ -1,0 +1,344 @@
+"""The main job on the embedded default: build the benchmarks, train the DAFM base pool, fuse it, report.
+
+    from cirfusion.quickstart import QuickstartConfig, run_quickstart
+    summary = run_quickstart(QuickstartConfig(out="quickstart", photos="../shared/data/clothing-small"))
+
+Steps, top to bottom (``cirfusion quickstart`` is this function):
+
+1. generate the synthetic scene-graph benchmark (and, with ``photos``, the real-photo catalog benchmark); a
+   benchmark already in ``out/data`` with the same settings is reused;
+2. per benchmark: backbone features of its splits, computed once into the feature cache;
+3. train each method of the pool (``image-only`` is the lower bound, then CLIP4CIR, BLIP4CIR+Bi, TG-CIR, SPRC) on
+   ``train``, keeping the best epoch on ``val``;
+4. fit the DAFM fusion of the trained pool on ``val`` (queries the base models never trained on) and evaluate every
+   model, the mean of normalised scores and the fusion on ``test``;
+5. write ``results.json`` (benchmark -> method -> metric -> value), ``report.html`` (metrics tables, sample queries
+   with their top-5 and the fusion's per-query model weights) and ``manifest.json`` (backbone, weights hash, data
+   hashes, seed, timings).
+
+Everything is deterministic given ``seed``. Checkpoints land in ``out/runs/BENCHMARK/METHOD/best``; the fused one in
+``out/runs/BENCHMARK/dafm/best`` (``cirfusion eval``, ``search`` and ``cirfusion.load`` work on all of them).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+
+# The DAFM base pool (issue "DAFM"), in the order the report lists it; image-only is the table's lower bound.
+POOL = ("clip4cir", "blip4cir-bi", "tg-cir", "sprc")
+BASELINES = ("image-only",)
+FUSED_NAME = "dafm"
+MEAN_NAME = "mean-normalised"
+SAMPLE_METHODS = ("clip4cir", FUSED_NAME)
+
+
+@dataclass
+class QuickstartConfig:
+    out: str | Path = "quickstart"
+    photos: str | Path | None = None  # a labelled photo folder for the catalog benchmark (optional)
+    seed: int = 0
+    n_images: int = 4000  # synthetic benchmark size (train/val/test = 70/10/20 %)
+    epochs: int = 6  # per base method
+    methods: Sequence[str] = POOL
+    fusion_epochs: int = 8
+    backbone: str = "embedded"
+    cache_dir: str | Path | None = None  # default: OUT/cache
+    catalog_limit: int | None = None  # keep at most this many photos (seeded sample); None = all
+    samples: int = 3  # sample queries per benchmark and method in the report
+    fuse: bool = True
+    progress: bool = True
+    threads: int | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        return {k: (str(v) if isinstance(v, Path) else list(v) if isinstance(v, tuple) else v) for k, v in d.items()}
+
+
+@dataclass
+class BenchmarkRun:
+    name: str
+    root: Path
+    metrics: dict[str, dict[str, float]] = field(default_factory=dict)  # method -> test metrics
+    checkpoints: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)
+    fusion: dict[str, Any] = field(default_factory=dict)
+
+
+def _say(msg: str) -> None:
+    print(f"[quickstart] {msg}", flush=True)
+
+
+def _same_settings(path: Path, settings: dict[str, Any]) -> bool:
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) == settings
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def make_synthetic(out: Path, cfg: QuickstartConfig) -> Path:
+    """The synthetic benchmark under ``out/data/synthetic``, generated unless one with the same settings is there."""
+    from .data.synthetic import generate
+    from .io import atomic_write_json
+
+    root = out / "data" / "synthetic"
+    marker = out / "data" / "synthetic.settings.json"
+    settings = {"seed": cfg.seed, "n_images": cfg.n_images}
+    if root.is_dir() and _same_settings(marker, settings):
+        _say(f"synthetic benchmark: reusing {root}")
+        return root
+    t0 = time.perf_counter()
+    stats = generate(root, seed=cfg.seed, n_images=cfg.n_images, overwrite=True, progress=cfg.progress)
+    atomic_write_json(marker, settings)
+    n = sum(s["images"] for s in stats["splits"].values())
+    _say(f"synthetic benchmark: {n} images, "
+         + ", ".join(f"{k} {s['queries']} queries" for k, s in stats["splits"].items())
+         + f" ({time.perf_counter() - t0:.1f} s) -> {root}")
+    return root
+
+
+def make_catalog(out: Path, cfg: QuickstartConfig) -> Path:
+    """The catalog benchmark of ``cfg.photos`` under ``out/data/catalog`` (photo and edit cache reused)."""
+    from .data.catalog import CatalogConfig, build_catalog
+    from .io import atomic_write_json
+
+    assert cfg.photos is not None
+    root = out / "data" / "catalog"
+    marker = out / "data" / "catalog.settings.json"
+    settings = {"photos": str(Path(cfg.photos).resolve()), "seed": cfg.seed, "limit": cfg.catalog_limit}
+    if (root / "annotations").is_dir() and _same_settings(marker, settings):
+        _say(f"catalog benchmark: reusing {root}")
+        return root
+    t0 = time.perf_counter()
+    m = build_catalog(root, photos=cfg.photos, config=CatalogConfig(seed=cfg.seed, limit=cfg.catalog_limit),
+                      cache_dir=out / "data" / "catalog-cache", progress=cfg.progress)
+    atomic_write_json(marker, settings)
+    _say(f"catalog benchmark from {cfg.photos}: {m['source']['n_photos']} photos "
+         f"({time.perf_counter() - t0:.1f} s) -> {root}")
+    return root
+
+
+def _exclusion_mask(dataset: Any, rows: Sequence[int]) -> torch.Tensor:
+    """``[len(rows), N]`` True where a gallery column is the query's own reference (left out of the ranking)."""
+    mask = torch.zeros(len(rows), len(dataset.gallery), dtype=torch.bool)
+    if dataset.exclude_reference:
+        for i, r in enumerate(rows):
+            ref = dataset.queries[r].reference
+            if ref in dataset.gallery:
+                mask[i, dataset.gallery.index(ref)] = True
+    return mask
+
+
+def top_results(method: Any, data: Any, rows: Sequence[int], k: int = 5) -> list[list[tuple[int, float]]]:
+    """The ``k`` best gallery columns ``(column, score)`` of the given query rows, reference left out."""
+    from .train import FeatureView, encode_gallery
+
+    view = FeatureView(data.images, data.texts)
+    ds = data.dataset
+    method.eval()
+    with torch.no_grad():
+        g = encode_gallery(method, view, ds.gallery.ids)
+        qs = [ds.queries[r] for r in rows]
+        ref = view.image(np.array([view.image_row(q.reference) for q in qs]), method.uses_image_tokens)
+        text = view.text(np.array([view.text_row(q.text) for q in qs]), method.uses_text_tokens)
+        s = method.similarity(method.encode_query(ref, text), g).float()
+    s[_exclusion_mask(ds, rows)] = float("-inf")
+    top = torch.topk(s, min(k, s.shape[1]), dim=1)
+    return [[(int(c), float(v)) for v, c in zip(top.values[i], top.indices[i])] for i in range(len(rows))]
+
+
+def _samples(bench: str, method_name: str, method: Any, data: Any, rows: Sequence[int],
+             explain: Callable[[Sequence[int]], list[dict[str, float]]] | None = None) -> list[Any]:
+    from .report import ResultItem, SampleQuery
+
+    ds = data.dataset
+    out = []
+    weights = explain(rows) if explain else [None] * len(rows)
+    for r, res, w in zip(rows, top_results(method, data, rows), weights):
+        q = ds.queries[r]
+        targets = set(q.targets)
+        items = [ResultItem(ds.gallery.ids[c], Path(ds.gallery.paths[c]), v, ds.gallery.ids[c] in targets) for c, v in res]
+        out.append(SampleQuery(bench, method_name, q.qid, q.text, q.reference, ds.gallery.path(q.reference)
+                               if q.reference in ds.gallery else Path(""), items, weights=w))
+    return out
+
+
+def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbone: Any, cache: Any, out: Path,
+                  samples: list[Any]) -> BenchmarkRun:
+    """Train the pool on one benchmark, fuse it, evaluate everything on ``test``."""
+    from .checkpoint import atomic_directory, load_checkpoint, write_checkpoint_files
+    from .data.registry import load_dataset
+    from .fusion import FusionConfig, SplitTable, baseline_model, evaluate_base, evaluate_fused, explain, fuse
+    from .io import atomic_write_json
+    from .methods.registry import create_method
+    from .train import TrainConfig, evaluate, load_split_data, seed_everything, train
+
+    run = BenchmarkRun(name, root)
+    t0 = time.perf_counter()
+    ds = {s: load_dataset(name, root, s) for s in ("train", "val", "test")}
+    data = {s: load_split_data(cache, d, training=(s == "train"), progress=cfg.progress) for s, d in ds.items()}
+    run.timings["features_s"] = time.perf_counter() - t0
+    _say(f"{name}: features of train/val/test ready ({run.timings['features_s']:.1f} s; "
+         + ", ".join(f"{s} {len(d.queries)} queries / {len(d.gallery)} images" for s, d in ds.items()) + ")")
+
+    rng = np.random.default_rng(cfg.seed)
+    sample_rows = sorted(rng.choice(len(ds["test"].queries), size=min(cfg.samples, len(ds["test"].queries)),
+                                    replace=False).tolist())
+    backbone_info = {"id": backbone.backbone_id, "weights_hash": backbone.weights_hash(),
+                     "preprocess_id": backbone.preprocess_id(), "cache_dir": str(cache.cache_dir)}
+    trained: dict[str, Any] = {}
+    for method_name in (*BASELINES, *cfg.methods):
+        t1 = time.perf_counter()
+        run_dir = out / "runs" / name / method_name
+        if run_dir.exists():  # a quickstart re-run retrains from scratch: same seed, same result
+            shutil.rmtree(run_dir)
+        seed_everything(cfg.seed)
+        method = create_method(method_name, backbone)
+        tc = TrainConfig(epochs=cfg.epochs, seed=cfg.seed, progress=cfg.progress)
+        res = train(method, data["train"], data["val"], run_dir, tc, backbone_info=backbone_info)
+        best = load_checkpoint(res.best_dir)
+        trained[method_name] = best
+        run.metrics[method_name] = evaluate(best, data["test"])
+        run.checkpoints[method_name] = str(res.best_dir)
+        run.timings[f"{method_name}_s"] = time.perf_counter() - t1
+        _say(f"{name}: {method_name} trained and evaluated ({run.timings[f'{method_name}_s']:.1f} s): "
+             + _brief(run.metrics[method_name]))
+        if method_name in SAMPLE_METHODS:
+            samples += _samples(name, method_name, best, data["test"], sample_rows)
+
+    if cfg.fuse and len(cfg.methods) >= 2:
+        t1 = time.perf_counter()
+        bases = [trained[m] for m in cfg.methods]
+        names = list(cfg.methods)
+        fit_table = SplitTable.build(bases, names, data["val"])
+        test_table = SplitTable.build(bases, names, data["test"])
+        fc = FusionConfig(epochs=cfg.fusion_epochs, seed=cfg.seed)
+        info = [{"dataset": ds["train"].key, "source": run.checkpoints[m]} for m in names]
+        model, res = fuse(fit_table, None, fc, base_info=info)
+        run.metrics[MEAN_NAME] = evaluate_fused(baseline_model(test_table), test_table)
+        run.metrics[FUSED_NAME] = evaluate_fused(model, test_table)
+        fixed, _ = fuse(fit_table, None, FusionConfig(**{**fc.to_dict(), "dynamic_tau": False}), base_info=info)
+        run.metrics[f"{FUSED_NAME} (fixed tau)"] = evaluate_fused(fixed, test_table)
+        ckpt = out / "runs" / name / FUSED_NAME / "best"
+        with atomic_directory(ckpt) as tmp:
+            write_checkpoint_files(model, tmp, dataset=ds["val"].key,
+                                   extra={"fusion": {"tau_final": res.tau_final, "config": fc.to_dict()}})
+        run.checkpoints[FUSED_NAME] = str(ckpt)
+        per_model = {n: evaluate_base(test_table, k) for k, n in enumerate(names)}
+        metric = _headline(run.metrics[FUSED_NAME])
+        best_single = max(names, key=lambda n: per_model[n][metric])
+        run.fusion = {"metric": metric, "best_single": best_single,
+                      "gain_over_best_single": run.metrics[FUSED_NAME][metric] - per_model[best_single][metric],
+                      "tau_final": res.tau_final, "fit_s": res.wall_s,
+                      "num_parameters": sum(p.numel() for p in model.fusion.parameters())}
+        atomic_write_json(ckpt.parent / "metrics.json", {"test": run.metrics, "fusion": run.fusion})
+        run.timings["fusion_s"] = time.perf_counter() - t1
+        _say(f"{name}: DAFM fusion of {', '.join(names)} ({run.timings['fusion_s']:.1f} s): "
+             + _brief(run.metrics[FUSED_NAME])
+             + f"; {metric} {run.fusion['gain_over_best_single']:+.2f} over the best single model ({best_single})")
+
+        def weights(rows: Sequence[int]) -> list[dict[str, float]]:
+            w = explain(model, test_table, list(rows))
+            return [{n: float(w[i, k]) for k, n in enumerate(names)} for i in range(len(rows))]
+
+        samples += _samples(name, FUSED_NAME, model, data["test"], sample_rows, explain=weights)
+    run.timings["total_s"] = time.perf_counter() - t0
+    return run
+
+
+def _headline(metrics: dict[str, float]) -> str:
+    """The metric a benchmark is judged on: Rmean with subsets, else mAP@10 with several positives, else R@10."""
+    for m in ("Rmean", "mAP@10", "R@10"):
+        if m in metrics:
+            return m
+    return next(iter(metrics))
+
+
+def _brief(metrics: dict[str, float]) -> str:
+    keys = [k for k in ("R@1", "R@10", "Rsubset@1", "Rmean", "mAP@10") if k in metrics]
+    return ", ".join(f"{k} {metrics[k]:.2f}" for k in keys)
+
+
+def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
+    """Run every step (module docstring) and return the summary also written to ``out/summary.json``."""
+    from .backbones import create_backbone
+    from .features import FeatureCache
+    from .io import atomic_write_json
+    from .manifest import code_version, dataset_record, environment
+    from .report import write_report, write_results_json
+
+    t_start = time.perf_counter()
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    for m in cfg.methods:
+        from .methods.registry import get_method_class
+
+        get_method_class(m)  # an unknown name fails now, not after the benchmarks are built
+
+    benchmarks = {"synthetic": make_synthetic(out, cfg)}
+    if cfg.photos is not None:
+        if not Path(cfg.photos).is_dir():
+            raise FileNotFoundError(f"--photos {cfg.photos}: no such directory")
+        benchmarks["catalog"] = make_catalog(out, cfg)
+
+    t0 = time.perf_counter()
+    backbone = create_backbone(cfg.backbone)
+    cache = FeatureCache(backbone, Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
+    _say(f"backbone {backbone.backbone_id} ready ({time.perf_counter() - t0:.1f} s); feature cache {cache.cache_dir}")
+
+    samples: list[Any] = []
+    runs = {name: run_benchmark(name, root, cfg, backbone, cache, out, samples) for name, root in benchmarks.items()}
+    results = {name: r.metrics for name, r in runs.items()}
+    wall = time.perf_counter() - t_start
+
+    from .data.registry import load_dataset
+
+    notes = [f"Base models trained on train (best epoch on val); the DAFM fusion fitted on val; every number is on "
+             f"test. Backbone {backbone.backbone_id} (weights {backbone.weights_hash()[:12]}), seed {cfg.seed}."]
+    for name, r in runs.items():
+        if r.fusion:
+            notes.append(f"{name}: fusion {r.fusion['metric']} {r.fusion['gain_over_best_single']:+.2f} over the best "
+                         f"single model ({r.fusion['best_single']}); {r.fusion['num_parameters']} fusion parameters; "
+                         f"final tau {r.fusion['tau_final']:.4f}.")
+    write_results_json(out / "results.json", results)
+    report = write_report(out, results, samples, title="cirfusion quickstart", wall_time=wall, notes=notes)
+    summary = {
+        "config": cfg.to_dict(),
+        "wall_s": wall,
+        "backbone": {"id": backbone.backbone_id, "weights_hash": backbone.weights_hash(),
+                     "preprocess_id": backbone.preprocess_id()},
+        "datasets": {name: {s: dataset_record(load_dataset(name, r.root, s)) for s in ("train", "val", "test")}
+                     for name, r in runs.items()},
+        "checkpoints": {name: r.checkpoints for name, r in runs.items()},
+        "timings": {name: r.timings for name, r in runs.items()},
+        "fusion": {name: r.fusion for name, r in runs.items()},
+        "code": code_version(),
+        "environment": environment(),
+        "report": str(report),
+    }
+    atomic_write_json(out / "manifest.json", summary)
+    return summary
+
+
+def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """Plain-text tables of ``results.json``."""
+    lines = []
+    for bench, methods in results.items():
+        metrics = [m for m in ("R@1", "R@5", "R@10", "R@50", "Rsubset@1", "Rsubset@2", "Rsubset@3", "Rmean", "mAP@10")
+                   if any(m in v for v in methods.values())]
+        width = max(len(n) for n in methods) + 2
+        lines.append(f"{bench} (test split)")
+        lines.append("  " + "method".ljust(width) + "".join(f"{m:>10}" for m in metrics))
+        for n, v in methods.items():
+            lines.append("  " + n.ljust(width) + "".join(f"{v[m]:>10.2f}" if m in v else f"{'-':>10}" for m in metrics))
+        lines.append("")
+    return "\n".join(lines)
