@@ -284,10 +284,10 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
 
         get_method_class(m)  # an unknown name fails now, not after the benchmarks are built
 
+    if cfg.photos is not None and not Path(cfg.photos).is_dir():
+        raise FileNotFoundError(f"photo folder {cfg.photos}: no such directory")
     benchmarks = {"synthetic": make_synthetic(out, cfg)}
     if cfg.photos is not None:
-        if not Path(cfg.photos).is_dir():
-            raise FileNotFoundError(f"--photos {cfg.photos}: no such directory")
         benchmarks["catalog"] = make_catalog(out, cfg)
 
     t0 = time.perf_counter()

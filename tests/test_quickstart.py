@@ -1,0 +1,96 @@
+"""End-to-end: `cirfusion quickstart` on both embedded benchmarks at tiny size (tiny backbone, few images, 1 epoch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from cirfusion.cli import main
+from test_catalog import make_folder
+
+METHODS = "clip4cir,tg-cir"
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(tmp_path_factory):
+    base = tmp_path_factory.mktemp("quickstart")
+    photos = base / "photos"
+    make_folder(photos)
+    out = base / "out"
+    argv = ["quickstart", "--out", str(out), "--photos", str(photos), "--backbone", "tiny", "--n-images", "240",
+            "--epochs", "1", "--fusion-epochs", "1", "--methods", METHODS, "--no-progress", "--threads", "1"]
+    assert main(argv) == 0
+    return {"out": out, "argv": argv, "photos": photos}
+
+
+def test_writes_results_report_and_manifest(quickstart_run):
+    out = quickstart_run["out"]
+    results = json.loads((out / "results.json").read_text())
+    assert set(results) == {"synthetic", "catalog"}
+    for bench, methods in results.items():
+        assert set(methods) == {"image-only", "clip4cir", "tg-cir", "mean-normalised", "dafm", "dafm (fixed tau)"}
+        for name, metrics in methods.items():
+            assert 0.0 <= metrics["R@10"] <= 100.0, (bench, name)
+            assert metrics["R@1"] <= metrics["R@5"] <= metrics["R@10"] <= metrics["R@50"]
+    assert "Rmean" in results["synthetic"]["clip4cir"]  # subsets
+    assert "mAP@10" in results["catalog"]["clip4cir"]  # several positives
+
+    html = (out / "report.html").read_text()
+    for bench in ("synthetic", "catalog"):
+        assert f"<h2>{bench}</h2>" in html
+    assert "reference" in html and "base-model weights for this query" in html
+    thumbs = list((out / "thumbs").glob("*.jpg"))
+    assert thumbs, "sample queries need thumbnails"
+    for src in [line.split('src="')[1].split('"')[0] for line in html.splitlines() if 'src="' in line]:
+        assert (out / src).is_file(), src
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["backbone"]["id"] == "tiny" and len(manifest["backbone"]["weights_hash"]) >= 16
+    assert manifest["config"]["seed"] == 0
+    record = manifest["datasets"]["synthetic"]["test"]
+    hashes = [h for h in record["files"].values()]  # data file hashes are recorded
+    assert hashes and all(len(h) == 64 for h in hashes)
+    assert manifest["fusion"]["synthetic"]["num_parameters"] < 100_000
+
+
+def test_checkpoints_load_and_eval_reproduces_the_table(quickstart_run, capsys):
+    import cirfusion
+
+    out = quickstart_run["out"]
+    manifest = json.loads((out / "manifest.json").read_text())
+    results = json.loads((out / "results.json").read_text())
+    for name in ("clip4cir", "dafm"):
+        ckpt = manifest["checkpoints"]["synthetic"][name]
+        assert cirfusion.load(ckpt).config["method"] == name
+        capsys.readouterr()
+        assert main(["eval", ckpt, "--dataset", "synthetic", "--root", str(out / "data" / "synthetic"), "--split", "test",
+                     "--cache-dir", str(out / "cache"), "--no-progress", "--json"]) == 0
+        got = json.loads(capsys.readouterr().out)["results"][0]["metrics"]
+        for m in ("R@1", "R@10", "Rmean"):
+            assert got[m] == pytest.approx(results["synthetic"][name][m], abs=1e-6), (name, m)
+
+
+def test_rerun_reuses_the_benchmarks_and_gives_the_same_numbers(quickstart_run, capsys):
+    out = quickstart_run["out"]
+    before = json.loads((out / "results.json").read_text())
+    stamp = (out / "data" / "synthetic").stat().st_mtime_ns
+    torch.manual_seed(12345)  # global RNG state must not matter: the run seeds itself
+    argv = [a for a in quickstart_run["argv"]]
+    argv[argv.index("--photos") : argv.index("--photos") + 2] = []  # synthetic only this time
+    assert main(argv) == 0
+    assert "reusing" in capsys.readouterr().out
+    assert (out / "data" / "synthetic").stat().st_mtime_ns == stamp
+    after = json.loads((out / "results.json").read_text())
+    assert set(after) == {"synthetic"}
+    assert after["synthetic"] == before["synthetic"]
+
+
+def test_bad_arguments_are_clear_errors(tmp_path, capsys):
+    assert main(["quickstart", "--out", str(tmp_path / "o"), "--methods", "clip4cir,nope", "--backbone", "tiny"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert main(["quickstart", "--out", str(tmp_path / "o"), "--photos", str(tmp_path / "missing"), "--backbone", "tiny",
+                 "--n-images", "120"]) == 2
+    assert "missing" in capsys.readouterr().err
