@@ -21,7 +21,7 @@ def quickstart_run(tmp_path_factory):
     make_folder(photos)
     out = base / "out"
     argv = ["quickstart", "--out", str(out), "--photos", str(photos), "--backbone", "tiny", "--n-images", "240",
-            "--epochs", "1", "--fusion-epochs", "1", "--methods", METHODS, "--no-progress", "--threads", "1"]
+            "--epochs", "1", "--catalog-epochs", "1", "--fusion-epochs", "1", "--fusion-min-steps", "20", "--methods", METHODS, "--no-progress", "--threads", "1"]
     assert main(argv) == 0
     return {"out": out, "argv": argv, "photos": photos}
 

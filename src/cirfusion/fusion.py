@@ -628,6 +628,7 @@ def explain_all(model: "DAFM", table: SplitTable, chunk: int = 256) -> torch.Ten
 @dataclass
 class FusionConfig:
     epochs: int = 4
+    min_steps: int = 0  # train at least this many steps: more epochs when the fit set is small (0 = just ``epochs``)
     batch_size: int = 64  # queries per optimisation step
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -655,8 +656,12 @@ class FusionConfig:
             raise ValueError(f"need 0 < tau_min <= tau0 <= tau_max, got {self.tau_min}, {self.tau0}, {self.tau_max}")
         if self.s <= 0:
             raise ValueError(f"s must be positive, got {self.s}")
-        if self.epochs < 1 or self.batch_size < 1 or self.tile < 1 or self.hard < 0 or self.random < 0:
-            raise ValueError("epochs, batch_size and tile must be >= 1; hard and random >= 0")
+        if self.epochs < 1 or self.batch_size < 1 or self.tile < 1 or self.hard < 0 or self.random < 0 or self.min_steps < 0:
+            raise ValueError("epochs, batch_size and tile must be >= 1; hard, random and min_steps >= 0")
+
+    def epochs_for(self, steps_per_epoch: int) -> int:
+        """``epochs``, raised so that at least ``min_steps`` optimisation steps run."""
+        return max(self.epochs, -(-self.min_steps // max(1, steps_per_epoch)))
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -854,7 +859,8 @@ def fit(model: "DAFM", train: SplitTable, val: SplitTable | None = None, cfg: Fu
     q = len(sl.rows)
     bs = min(cfg.batch_size, q)
     steps_per_epoch = max(1, q // bs)
-    total = cfg.epochs * steps_per_epoch
+    n_epochs = cfg.epochs_for(steps_per_epoch)
+    total = n_epochs * steps_per_epoch
     tau = cfg.tau0
     step = 0
     steps: list[dict[str, float]] = []
@@ -862,11 +868,11 @@ def fit(model: "DAFM", train: SplitTable, val: SplitTable | None = None, cfg: Fu
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float], float] | None = None
     metric_name: str | None = None
     n = train.num_gallery
-    for epoch in range(cfg.epochs):
+    for epoch in range(n_epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(q)
         model.fusion.train()
         losses = []
-        bar = tqdm(range(steps_per_epoch), desc=f"fusion epoch {epoch + 1}/{cfg.epochs}", disable=not cfg.progress, leave=False)
+        bar = tqdm(range(steps_per_epoch), desc=f"fusion epoch {epoch + 1}/{n_epochs}", disable=not cfg.progress, leave=False)
         for b in bar:
             idx = np.sort(order[b * bs : (b + 1) * bs])
             lr = lr_at(step, total, cfg.lr, cfg.warmup, cfg.min_lr_ratio)
@@ -912,7 +918,7 @@ def fit(model: "DAFM", train: SplitTable, val: SplitTable | None = None, cfg: Fu
         model.fusion.load_state_dict(best[2])
         best_metric, best_epoch, val_metrics, tau_best = best[0], best[1], best[3], best[4]
     else:
-        best_metric, best_epoch, val_metrics, tau_best = None, cfg.epochs - 1, {}, tau
+        best_metric, best_epoch, val_metrics, tau_best = None, n_epochs - 1, {}, tau
     model.tau.fill_(tau_best)
     model.fusion.eval()
     return FitResult(best_epoch, metric_name, best_metric, val_metrics, epochs, steps, tau_best,

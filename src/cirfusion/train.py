@@ -120,13 +120,20 @@ class TrainResult:
     global_step: int
 
 
-def load_split_data(cache: Any, dataset: CIRDataset, training: bool = False, progress: bool = False) -> SplitData:
-    """A split's cached features (computed on first use): its gallery, its query texts, and with ``training``
-    every text a training step can draw (caption variants, fine texts)."""
+def load_split_data(cache: Any, dataset: CIRDataset, training: bool = False, progress: bool = False,
+                    all_texts: bool = False) -> SplitData:
+    """A split's cached features (computed on first use): its gallery and the texts its queries use; with
+    ``training`` also every text a training step can draw (:func:`training_texts`). ``all_texts`` adds every caption
+    variant and fine-grained text the annotations carry (:func:`cirfusion.features.dataset_texts`), for methods that
+    read them; encoding only what is used keeps text encoding (the slow part on CPU) to one text per query."""
     from .features import dataset_texts
 
     images = cache.image_features(dataset.gallery.ids, dataset.gallery.paths, progress=progress)
-    texts = dataset_texts(dataset) + (training_texts(dataset) if training else [])
+    texts = list(dict.fromkeys(q.text for q in dataset.queries))
+    if all_texts:
+        texts += dataset_texts(dataset)
+    if training:
+        texts += training_texts(dataset)
     return SplitData(dataset, images, cache.text_features(texts, progress=progress))
 
 

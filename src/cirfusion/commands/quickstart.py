@@ -33,7 +33,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--n-images", type=int, default=d.n_images, help=f"synthetic benchmark images (default {d.n_images})")
     p.add_argument("--epochs", type=int, default=d.epochs, help=f"epochs per base method (default {d.epochs})")
+    p.add_argument("--catalog-epochs", type=int, default=d.catalog_epochs,
+                   help=f"epochs per base method on the catalog benchmark (default {d.catalog_epochs})")
     p.add_argument("--fusion-epochs", type=int, default=d.fusion_epochs)
+    p.add_argument("--fusion-min-steps", type=int, default=d.fusion_min_steps,
+                   help=f"at least this many fusion training steps (default {d.fusion_min_steps})")
     p.add_argument("--methods", default=",".join(POOL), help=f"comma-separated base pool (default {','.join(POOL)})")
     p.add_argument("--backbone", default=d.backbone, help=f"backbone name (default {d.backbone})")
     p.add_argument("--no-fuse", action="store_true", help="skip the DAFM fusion")
@@ -50,8 +54,8 @@ def run(args: argparse.Namespace) -> int:
     from ..quickstart import QuickstartConfig, format_results, run_quickstart
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    cfg = QuickstartConfig(out=args.out, photos=args.photos, seed=args.seed, n_images=args.n_images, epochs=args.epochs,
-                           fusion_epochs=args.fusion_epochs, methods=methods, backbone=args.backbone, cache_dir=args.cache_dir,
+    cfg = QuickstartConfig(out=args.out, photos=args.photos, seed=args.seed, n_images=args.n_images, epochs=args.epochs, catalog_epochs=args.catalog_epochs,
+                           fusion_epochs=args.fusion_epochs, fusion_min_steps=args.fusion_min_steps, methods=methods, backbone=args.backbone, cache_dir=args.cache_dir,
                            catalog_limit=args.catalog_limit, fuse=not args.no_fuse, progress=not args.no_progress,
                            threads=args.threads)
     t0 = time.perf_counter()
