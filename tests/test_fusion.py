@@ -285,6 +285,21 @@ def test_fit_follows_the_tau_schedule_and_fixed_tau_ablation(tmp_path):
     assert all(torch.equal(a, b) for a, b in zip(again.fusion.state_dict().values(), m.fusion.state_dict().values()))
 
 
+def test_min_steps_adds_epochs_on_a_small_fit_split(tmp_path):
+    bases = [colour_model(), shape_model()]
+    t, _ = tables(tmp_path, bases, ["a", "b"])
+    cfg = FU.FusionConfig(epochs=2, batch_size=32, min_steps=0, hard=30, random=40)
+    per_epoch = t.num_queries // 32
+    assert len(FU.fit(DAFM.from_bases(bases), t, None, cfg).steps) == 2 * per_epoch
+    more = FU.FusionConfig(**{**cfg.to_dict(), "min_steps": 5 * per_epoch + 1})
+    assert more.epochs_for(per_epoch) == 6
+    res = FU.fit(DAFM.from_bases(bases), t, None, more)
+    assert len(res.steps) == 6 * per_epoch and len(res.epochs) == 6
+    assert FU.FusionConfig(epochs=7, min_steps=10).epochs_for(100) == 7  # never fewer than epochs
+    with pytest.raises(ValueError):
+        FU.FusionConfig(min_steps=-1)
+
+
 def test_shortlist_loss_equals_full_loss_when_it_covers_the_gallery(tmp_path):
     bases = [colour_model(), shape_model()]
     t, _ = tables(tmp_path, bases, ["a", "b"])

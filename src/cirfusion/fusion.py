@@ -522,6 +522,32 @@ class SplitTable:
         t._parent = (self, list(members))
         return t
 
+    def query_subset(self, rows: Sequence[int] | np.ndarray) -> "SplitTable":
+        """A table over the queries ``rows`` only (same gallery, models and embeddings, shared)."""
+        import dataclasses
+
+        idx = np.asarray(rows, dtype=np.int64)
+        rt = torch.from_numpy(idx)
+        t = object.__new__(SplitTable)
+        t.__dict__.update(self.__dict__)
+        t.dataset = dataclasses.replace(self.dataset, queries=[self.dataset.queries[i] for i in idx])
+        t.query = [rows_of(q, rt) for q in self.query]
+        t.query_fp = self.query_fp[rt]
+        t.ref_col = self.ref_col[rt]
+        t.positives = [self.positives[i] for i in idx]
+        t.num_queries = len(idx)
+        return t
+
+    def split_queries(self, fraction: float, seed: int = 0) -> tuple["SplitTable", "SplitTable"]:
+        """``(fit, holdout)``: a seeded random ``fraction`` of the queries held out (for model selection)."""
+        if not 0 < fraction < 1:
+            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+        order = np.random.default_rng([seed, 7]).permutation(self.num_queries)
+        n_hold = max(1, int(round(fraction * self.num_queries)))
+        if n_hold >= self.num_queries:
+            raise ValueError(f"{self.dataset.key}: {self.num_queries} queries are too few to hold {fraction:.0%} out")
+        return self.query_subset(np.sort(order[n_hold:])), self.query_subset(np.sort(order[:n_hold]))
+
     def galleries(self, dtype: torch.dtype = torch.float32) -> list[Embedding]:
         """The gallery embeddings as the fused scoring reads them: default-similarity models' tensors in ``dtype``
         (converted once and cached; shared with the table this one was selected from)."""
@@ -629,6 +655,8 @@ def explain_all(model: "DAFM", table: SplitTable, chunk: int = 256) -> torch.Ten
 class FusionConfig:
     epochs: int = 4
     min_steps: int = 0  # train at least this many steps: more epochs when the fit set is small (0 = just ``epochs``)
+    holdout: float = 0.0  # without a validation table, hold this share of the fit queries out to pick the epoch
+    keep_initial: bool = True  # the untrained network (mean of normalised scores) competes in the epoch selection
     batch_size: int = 64  # queries per optimisation step
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -656,6 +684,8 @@ class FusionConfig:
             raise ValueError(f"need 0 < tau_min <= tau0 <= tau_max, got {self.tau_min}, {self.tau0}, {self.tau_max}")
         if self.s <= 0:
             raise ValueError(f"s must be positive, got {self.s}")
+        if not 0 <= self.holdout < 1:
+            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.epochs < 1 or self.batch_size < 1 or self.tile < 1 or self.hard < 0 or self.random < 0 or self.min_steps < 0:
             raise ValueError("epochs, batch_size and tile must be >= 1; hard, random and min_steps >= 0")
 
@@ -868,6 +898,14 @@ def fit(model: "DAFM", train: SplitTable, val: SplitTable | None = None, cfg: Fu
     best: tuple[float, int, dict[str, torch.Tensor], dict[str, float], float] | None = None
     metric_name: str | None = None
     n = train.num_gallery
+    if val is not None and cfg.keep_initial:
+        # Epoch -1: the untrained network, i.e. the mean of the normalised scores. Training only replaces it when
+        # the held-out metric says the learned weights generalise.
+        metrics = evaluate_fused(model, val, cfg.eval_chunk)
+        metric_name = pick_val_metric(cfg.val_metric, metrics, val.dataset)
+        best = (metrics[metric_name], -1, {k: v.detach().clone() for k, v in model.fusion.state_dict().items()},
+                metrics, tau)
+        epochs.append({"epoch": -1, "val": metrics, "tau": tau, "best": True})
     for epoch in range(n_epochs):
         order = np.random.default_rng([cfg.seed, epoch]).permutation(q)
         model.fusion.train()
@@ -937,6 +975,8 @@ def fuse(train: SplitTable, val: SplitTable | None, cfg: FusionConfig | None = N
 
     cfg = cfg or FusionConfig()
     members = list(range(train.num_models)) if members is None else list(members)
+    if val is None and cfg.holdout > 0:
+        train, val = train.split_queries(cfg.holdout, cfg.seed)
     tr = train.select(members)
     va = None if val is None else val.select(members)
     info = None if base_info is None else [base_info[i] for i in members]

@@ -51,6 +51,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_feature_args(p)
     g = p.add_argument_group("fusion training (defaults: cirfusion.fusion.FusionConfig)")
     g.add_argument("--epochs", type=int, default=4)
+    g.add_argument("--holdout", type=float, default=0.2,
+                   help="with --split-val none: share of the fit queries held out to pick the epoch (default 0.2; 0: "
+                        "keep the last epoch)")
     g.add_argument("--min-steps", type=int, default=500,
                    help="train at least this many steps, adding epochs when the fit split is small (default 500; 0: off)")
     g.add_argument("--batch-size", type=int, default=64, help="queries per step")
@@ -173,7 +176,7 @@ def run(args: argparse.Namespace) -> int:
         ds_train = load_dataset(args.dataset, args.root, args.split_train, **kw)
         notes = check_compatible(bases_info, ds_train)
         start = _pick_base(bases_info, args.base) if args.incremental else None
-        cfg = FusionConfig(epochs=args.epochs, min_steps=args.min_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed, tau0=args.tau0,
+        cfg = FusionConfig(epochs=args.epochs, min_steps=args.min_steps, holdout=args.holdout, batch_size=args.batch_size, lr=args.lr, seed=args.seed, tau0=args.tau0,
                            dynamic_tau=not args.fixed_tau, s=args.s, tau_min=args.tau_min, tau_max=args.tau_max,
                            negatives=args.negatives, hard=args.hard, random=args.random, eval_chunk=args.chunk,
                            val_metric=args.val_metric, progress=progress)
