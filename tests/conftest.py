@@ -41,3 +41,15 @@ def placeholder_images() -> Callable[[Iterable[Path]], list[Path]]:
         return out
 
     return make
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread for the test: tiny matrices run faster, and results do not depend on other processes
+    competing for the cores. Modules opt in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -24,12 +24,7 @@ from cirfusion.train import SplitData, evaluate, seed_everything
 from test_train import ToyImages, ToyTexts, make_custom_dataset, make_toy, toy_dims
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -28,12 +28,7 @@ from cirfusion.train import Examples, FeatureView, seed_everything
 from test_train import make_toy, toy_dims
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def feats(dims: MethodDims, n: int, seed: int = 0) -> tuple[ImageFeatures, TextFeatures]:

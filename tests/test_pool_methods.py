@@ -35,12 +35,7 @@ EMBEDDED_DIMS = MethodDims(image_dim=1280, image_token_dim=112, num_image_tokens
                            max_text_tokens=48, backbone_id="embedded")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

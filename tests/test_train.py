@@ -130,13 +130,7 @@ def make_toy(tmp: Path, seed: int = 0, n_train: int = 384, n_val: int = 96, alig
 FAST = dict(batch_size=32, lr=2e-3, progress=False, log_every=1)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices: one thread is faster and immune to other processes competing for the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def weights(m: torch.nn.Module) -> dict[str, torch.Tensor]:
