@@ -94,3 +94,11 @@ def test_bad_arguments_are_clear_errors(tmp_path, capsys):
     assert main(["quickstart", "--out", str(tmp_path / "o"), "--photos", str(tmp_path / "missing"), "--backbone", "tiny",
                  "--n-images", "120"]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_aligned_backbone_adds_the_sum_baseline_and_one_method_skips_fusion(tmp_path):
+    out = tmp_path / "o"
+    assert main(["quickstart", "--out", str(out), "--backbone", "tiny:aligned=true", "--n-images", "120", "--epochs", "1",
+                 "--methods", "clip4cir", "--no-progress", "--threads", "1"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert set(results["synthetic"]) == {"image-only", "sum", "clip4cir"}

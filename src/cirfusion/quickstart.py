@@ -197,7 +197,9 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbone: Any, c
     backbone_info = {"id": backbone.backbone_id, "weights_hash": backbone.weights_hash(),
                      "preprocess_id": backbone.preprocess_id(), "cache_dir": str(cache.cache_dir)}
     trained: dict[str, Any] = {}
-    for method_name in (*BASELINES, *cfg.methods):
+    # The zero-shot "sum" baseline needs image and text embeddings in one space (CLIP-like backbones).
+    baselines = (*BASELINES, "sum") if getattr(backbone, "aligned", False) else BASELINES
+    for method_name in (*baselines, *cfg.methods):
         t1 = time.perf_counter()
         run_dir = out / "runs" / name / method_name
         if run_dir.exists():  # a quickstart re-run retrains from scratch: same seed, same result
