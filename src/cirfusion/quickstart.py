@@ -45,9 +45,9 @@ class QuickstartConfig:
     out: str | Path = "quickstart"
     photos: str | Path | None = None  # a labelled photo folder for the catalog benchmark (optional)
     seed: int = 0
-    n_images: int = 3000  # synthetic benchmark size (train/val/test = 70/10/20 % of the images)
+    n_images: int = 2500  # synthetic benchmark size (train/val/test = 70/10/20 % of the images)
     eval_queries_per_image: float = 3.0  # synthetic val/test queries per image: more queries to fit the fusion on
-    epochs: int = 5  # per base method (synthetic benchmark)
+    epochs: int = 4  # per base method (synthetic benchmark)
     catalog_epochs: int = 2  # per base method on the catalog benchmark (its train split has 2.7x the queries)
     methods: Sequence[str] = POOL
     fusion_epochs: int = 4
