@@ -69,6 +69,7 @@ from .colors import (
 )
 from .images import ImageLoadError, load_image
 from .registry import register_dataset
+from ._jsonio import read_jsonl, require_file
 from .schema import CIRDataset, DataError, Gallery, Query, sha256_file
 
 FORMAT_VERSION = 1
@@ -1004,25 +1005,13 @@ def _read_manifest(root: str | Path) -> dict[str, Any]:
 
 
 def _read_jsonl(path: Path, manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
-    if not path.is_file():
-        raise DataError(path, None, "file is missing")
+    """The objects of one of the build's JSONL files, checked against the sha256 the manifest recorded."""
+    require_file(path)
     if manifest is not None:
         want = manifest.get("files", {}).get(path.name)
         if want is not None and sha256_file(path) != want:
             raise DataError(path, None, "file changed since the build (sha256 differs from manifest.json); rebuild the catalog")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                r = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, f"line {i}", f"invalid JSON ({exc.msg})") from exc
-            if not isinstance(r, dict):
-                raise DataError(path, f"line {i}", "expected a JSON object")
-            rows.append(r)
-    return rows
+    return [r for _, r in read_jsonl(path)]
 
 
 def _parse_kinds(kinds: str | Sequence[str] | None) -> tuple[str, ...] | None:

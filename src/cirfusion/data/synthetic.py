@@ -60,6 +60,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from .registry import register_dataset
+from ._jsonio import read_jsonl
 from .schema import CIRDataset, DataError, Entity, Gallery, Query, Relation, SceneGraph
 
 GENERATOR_VERSION = "1.0"
@@ -1124,24 +1125,6 @@ def _check_split(root: Path, m: dict[str, Any], split: str) -> None:
         raise DataError(root / "manifest.json", split, f"unknown split; available: {', '.join(m['splits'])}")
 
 
-def _read_jsonl(path: Path) -> list[tuple[int, dict[str, Any]]]:
-    if not path.is_file():
-        raise DataError(path, None, "file is missing")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                d = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, f"line {n}", f"invalid JSON: {exc}") from exc
-            if not isinstance(d, dict):
-                raise DataError(path, f"line {n}", "expected a JSON object")
-            rows.append((n, d))
-    return rows
-
-
 def _read_gallery(root: Path, split: str) -> tuple[Path, Gallery]:
     path = root / f"gallery.{split}.json"
     if not path.is_file():
@@ -1176,7 +1159,7 @@ def load_synthetic(root: str | Path, split: str, text: str = "coarse", validate:
     gpath, gallery = _read_gallery(root, split)
     qpath = root / f"queries.{split}.jsonl"
     queries = []
-    for n, d in _read_jsonl(qpath):
+    for n, d in read_jsonl(qpath):
         q = Query.from_dict(d, qpath, d.get("qid", f"line {n}"))
         if len(q.captions) != 2 or not q.finemt or not q.targets:
             raise DataError(qpath, q.qid, "a synthetic query needs captions [coarse, fine], finemt and a target")
@@ -1219,7 +1202,7 @@ def load_edit_pairs(root: str | Path, split: str) -> list[EditPair]:
     _, gallery = _read_gallery(root, split)
     path = root / f"edit_pairs.{split}.jsonl"
     out = []
-    for n, d in _read_jsonl(path):
+    for n, d in read_jsonl(path):
         for k in ("source", "instruction", "edited", "kind"):
             if not isinstance(d.get(k), str):
                 raise DataError(path, f"line {n}", f"missing or non-string field {k!r}")
@@ -1240,7 +1223,7 @@ def load_scene_records(root: str | Path, split: str) -> dict[str, dict[str, Any]
     _check_split(root, m, split)
     path = root / f"scenes.{split}.jsonl"
     out: dict[str, dict[str, Any]] = {}
-    for n, d in _read_jsonl(path):
+    for n, d in read_jsonl(path):
         iid = d.get("id")
         if not isinstance(iid, str):
             raise DataError(path, f"line {n}", "missing or non-string field 'id'")
