@@ -81,8 +81,34 @@ def _as_rows(rows: RowsLike, n: int) -> np.ndarray | slice:
     return arr
 
 
+class _RowLookup:
+    """Row lookup by key for the feature tables (keys in row order: ``_keys()``; positions: ``_pos``)."""
+
+    _WHAT = "key"  # how an error names one key
+    _UNIT = "rows"  # how an error counts the rows
+    _pos: dict[str, int]
+
+    def _keys(self) -> list[str]:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self._keys())
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._pos
+
+    def index(self, key: str) -> int:
+        try:
+            return self._pos[key]
+        except KeyError:
+            raise KeyError(f"{self._WHAT} {key!r} is not in this feature table ({len(self)} {self._UNIT})") from None
+
+    def rows(self, keys: Iterable[str]) -> np.ndarray:
+        return np.fromiter((self.index(k) for k in keys), dtype=np.int64)
+
+
 @dataclass
-class ImageFeatureTable:
+class ImageFeatureTable(_RowLookup):
     """Image features in request order. ``global_`` [N, D] and ``tokens`` [N, T, Dt] are float16 (may be memmaps)."""
 
     ids: list[str]
@@ -98,20 +124,10 @@ class ImageFeatureTable:
                 raise ValueError(f"duplicate image id {image_id!r} in a feature table")
             self._pos[image_id] = i
 
-    def __len__(self) -> int:
-        return len(self.ids)
+    _WHAT, _UNIT = "image id", "images"
 
-    def __contains__(self, image_id: object) -> bool:
-        return image_id in self._pos
-
-    def index(self, image_id: str) -> int:
-        try:
-            return self._pos[image_id]
-        except KeyError:
-            raise KeyError(f"image id {image_id!r} is not in this feature table ({len(self.ids)} images)") from None
-
-    def rows(self, image_ids: Iterable[str]) -> np.ndarray:
-        return np.fromiter((self.index(i) for i in image_ids), dtype=np.int64)
+    def _keys(self) -> list[str]:
+        return self.ids
 
     def torch(self, rows: RowsLike = None) -> ImageFeatures:
         """float32 tensors for ``rows`` (indices, a slice, or None for all)."""
@@ -120,7 +136,7 @@ class ImageFeatureTable:
 
 
 @dataclass
-class TextFeatureTable:
+class TextFeatureTable(_RowLookup):
     """Text features, one row per distinct text in first-seen order. ``global_`` [M, D], ``tokens`` [M, L, Dt]
     float16; ``mask`` [M, L] bool, True on real tokens (L = the backbone's ``max_text_tokens``)."""
 
@@ -136,20 +152,10 @@ class TextFeatureTable:
         for i, t in enumerate(self.texts):
             self._pos.setdefault(t, i)
 
-    def __len__(self) -> int:
-        return len(self.texts)
+    _WHAT, _UNIT = "text", "texts"
 
-    def __contains__(self, text: object) -> bool:
-        return text in self._pos
-
-    def index(self, text: str) -> int:
-        try:
-            return self._pos[text]
-        except KeyError:
-            raise KeyError(f"text {text!r} is not in this feature table ({len(self.texts)} texts)") from None
-
-    def rows(self, texts: Iterable[str]) -> np.ndarray:
-        return np.fromiter((self.index(t) for t in texts), dtype=np.int64)
+    def _keys(self) -> list[str]:
+        return self.texts
 
     def torch(self, rows: RowsLike = None) -> TextFeatures:
         """float32 tensors (bool mask) for ``rows`` (indices, a slice, or None for all)."""
