@@ -73,6 +73,7 @@ class BenchmarkRun:
     checkpoints: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
+    datasets: dict[str, Any] = field(default_factory=dict)  # split -> manifest record (sizes, file hashes)
 
 
 def _say(msg: str) -> None:
@@ -180,12 +181,14 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbone: Any, c
     from .data.registry import load_dataset
     from .fusion import FusionConfig, SplitTable, baseline_model, evaluate_base, evaluate_fused, explain, fuse
     from .io import atomic_write_json
+    from .manifest import dataset_record
     from .methods.registry import create_method
     from .train import TrainConfig, evaluate, load_split_data, seed_everything, train
 
     run = BenchmarkRun(name, root)
     t0 = time.perf_counter()
     ds = {s: load_dataset(name, root, s) for s in ("train", "val", "test")}
+    run.datasets = {s: dataset_record(d) for s, d in ds.items()}
     data = {s: load_split_data(cache, d, training=(s == "train"), progress=cfg.progress) for s, d in ds.items()}
     run.timings["features_s"] = time.perf_counter() - t0
     _say(f"{name}: features of train/val/test ready ({run.timings['features_s']:.1f} s; "
@@ -283,7 +286,8 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     from .backbones import create_backbone
     from .features import FeatureCache
     from .io import atomic_write_json
-    from .manifest import code_version, dataset_record, environment
+    from .manifest import code_version, environment
+    from .methods.registry import get_method_class
     from .report import write_report, write_results_json
 
     t_start = time.perf_counter()
@@ -292,8 +296,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     for m in cfg.methods:
-        from .methods.registry import get_method_class
-
         get_method_class(m)  # an unknown name fails now, not after the benchmarks are built
 
     if cfg.photos is not None and not Path(cfg.photos).is_dir():
@@ -312,8 +314,6 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     results = {name: r.metrics for name, r in runs.items()}
     wall = time.perf_counter() - t_start
 
-    from .data.registry import load_dataset
-
     notes = [f"Base models trained on train (best epoch on val); the DAFM fusion fitted on val; every number is on "
              f"test. Backbone {backbone.backbone_id} (weights {backbone.weights_hash()[:12]}), seed {cfg.seed}."]
     for name, r in runs.items():
@@ -330,8 +330,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "wall_s": wall,
         "backbone": {"id": backbone.backbone_id, "weights_hash": backbone.weights_hash(),
                      "preprocess_id": backbone.preprocess_id()},
-        "datasets": {name: {s: dataset_record(load_dataset(name, r.root, s)) for s in ("train", "val", "test")}
-                     for name, r in runs.items()},
+        "datasets": {name: r.datasets for name, r in runs.items()},
         "checkpoints": {name: r.checkpoints for name, r in runs.items()},
         "timings": {name: r.timings for name, r in runs.items()},
         "fusion": {name: r.fusion for name, r in runs.items()},
