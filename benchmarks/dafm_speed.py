@@ -47,6 +47,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--latency-queries", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--score-dtype", choices=("float16", "int8", "float32"), default=None,
+                   help="the fused model's score_dtype for the latency figures (default: the model's default)")
     p.add_argument("--phase", choices=("all", "latency", "train"), default="all", help=argparse.SUPPRESS)
     return p.parse_args()
 
@@ -142,7 +144,7 @@ def rss_mb() -> float:
 def phase_latency() -> dict:
     methods, shapes, assumed = probe_methods()
     table = make_table(methods, shapes, args.n, args.latency_queries, args.seed, args.seed)
-    model = DAFM.from_bases(methods, names=list(METHODS))
+    model = DAFM.from_bases(methods, names=list(METHODS), **({"score_dtype": args.score_dtype} if args.score_dtype else {}))
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():
         for p in model.fusion.parameters():  # a non-trivial network (costs the same as a trained one)
@@ -168,8 +170,9 @@ def phase_latency() -> dict:
             t0 = time.perf_counter()
             raw = table.raw_scores(rows, dtype=model.score_dtype)
             t1 = time.perf_counter()
-            norm = FU.normalise_scores(raw, table.exclusion(rows, True), model.hparams["topk"], model.hparams["beta"])
-            model.fusion(norm.z, norm.stats)
+            with FU.single_thread_if_small(raw.numel()):  # as DAFM.similarity does
+                norm = FU.normalise_scores(raw, table.exclusion(rows, True), model.hparams["topk"], model.hparams["beta"])
+                model.fusion(norm.z, norm.stats)
             t2 = time.perf_counter()
             base_only.append(t1 - t0)
             fuse_only.append(t2 - t1)
@@ -214,6 +217,8 @@ def run_phase(name: str) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--phase", name, "--n", str(args.n), "--train-queries",
            str(args.train_queries), "--val-queries", str(args.val_queries), "--epochs", str(args.epochs),
            "--latency-queries", str(args.latency_queries), "--threads", str(args.threads), "--seed", str(args.seed)]
+    if args.score_dtype:
+        cmd += ["--score-dtype", args.score_dtype]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.stderr.write(proc.stderr)

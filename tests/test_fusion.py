@@ -139,14 +139,15 @@ def test_normalisation_is_order_free_and_right():
     assert torch.equal(const.std, torch.ones(1, 2)) and const.z.eq(0).all()
 
 
-def test_permutation_equivariance_is_exact(tmp_path):
+@pytest.mark.parametrize("score_dtype", ["float16", "int8"])
+def test_permutation_equivariance_is_exact(tmp_path, score_dtype):
     """Permuting the gallery permutes the fused scores bitwise (with the reference exclusion and a multi-vector base)."""
     bases = [colour_model(), shape_model(multi=3), create_method("image-only", PDIMS)]
-    m = DAFM.from_bases(bases, names=["colour", "shape", "image"])
+    m = DAFM.from_bases(bases, names=["colour", "shape", "image"], score_dtype=score_dtype)
     randomise(m.fusion)
     tr, _ = colour_shape_world(tmp_path)
     t = FU.SplitTable.build(bases, ["colour", "shape", "image"], tr)
-    q, g = t.query_bundle(slice(0, 37)), t.gallery_bundle()
+    q, g = t.query_bundle(slice(0, 37)), t.gallery_bundle(m.score_dtype)
     s = m.similarity(q, g)
     for seed in range(3):
         perm = torch.randperm(t.num_gallery, generator=torch.Generator().manual_seed(seed))
@@ -523,3 +524,44 @@ def test_float16_scoring_kernels_agree():
     small = torch.cat([FU.dot_or_maxsim(q[i : i + 4], gal.half(), torch.float16) for i in range(0, 40, 4)])  # fp16 GEMV
     assert torch.allclose(big, exact, atol=1e-6)
     assert (small - exact).abs().max() < 1e-3 and (exact - FU.dot_or_maxsim(q, gal)).abs().max() < 2e-3
+
+
+def test_int8_scoring_is_close_and_cached():
+    """int8 scoring: within a few 1e-3 of the exact scores on unit vectors, the same for a single query and a batch
+    up to the bfloat16 query rounding; the int8 copy is made once per gallery tensor and redone after an in-place
+    change."""
+    g = torch.Generator().manual_seed(2)
+    q = F.normalize(torch.randn(40, 2, 64, generator=g), dim=-1)
+    gal = F.normalize(torch.randn(3000, 3, 64, generator=g), dim=-1).half()
+    exact = FU.dot_or_maxsim(q, gal.float())
+    big = FU.dot_or_maxsim(q, gal, torch.int8)  # 80 query vectors: dequantised float32 GEMM
+    small = torch.cat([FU.dot_or_maxsim(q[i : i + 4], gal, torch.int8) for i in range(0, 40, 4)])  # int8 kernel
+    assert big.shape == small.shape == (40, 3000)
+    assert (big - exact).abs().max() < 6e-3 and (small - exact).abs().max() < 8e-3
+    assert (small - big).abs().max() < 5e-3
+    # the int8 copy: one per tensor, reused, rebuilt when the tensor changes in place
+    v1, s1 = FU.int8_copy(gal)
+    v2, _ = FU.int8_copy(gal)
+    assert v1 is v2 and v1.dtype == torch.int8 and v1.shape == (9000, 64)
+    assert torch.allclose(v1.float() * s1[:, None], gal.reshape(-1, 64).float(), atol=1 / 127)
+    gal[0] = -gal[0]
+    v3, _ = FU.int8_copy(gal)
+    assert v3 is not v1 and torch.equal(v3[:3], -v1[:3])
+    with pytest.raises(TypeError, match="float gallery"):
+        FU.dot_or_maxsim(q, v1, torch.int8)
+    # a fused model scoring in int8 stores its gallery in float16
+    m = DAFM.from_bases([colour_model(), shape_model(multi=3)], score_dtype="int8")
+    assert FU.storage_dtype(m.score_dtype) == torch.float16
+
+
+def test_single_thread_if_small_restores_the_thread_count():
+    n = torch.get_num_threads()
+    with FU.single_thread_if_small(10):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n
+    with FU.single_thread_if_small(FU.SINGLE_THREAD_ELEMS + 1):
+        assert torch.get_num_threads() == n
+    with pytest.raises(RuntimeError):
+        with FU.single_thread_if_small(10):
+            raise RuntimeError("boom")
+    assert torch.get_num_threads() == n

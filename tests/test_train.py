@@ -512,6 +512,37 @@ def test_mined_hard_negatives(tmp_path):
     assert res.completed
 
 
+def test_subset_hard_negatives(tmp_path):
+    """source="subset": a query's hard negatives come from its annotated subset (positives excluded); a query without
+    a subset falls back to its reference's neighbours; an unknown source is refused."""
+    tr, va = make_toy(tmp_path)
+    qs = list(tr.dataset.queries)
+    ids = tr.images.ids
+    for i in range(0, len(qs), 2):  # every other query gets a subset: its reference, its target and 3 others
+        q = qs[i]
+        others = [x for x in ids if x not in (q.reference, *q.targets)][i % 50 : i % 50 + 3]
+        qs[i] = replace(q, subset=(q.reference, *q.targets, *others))
+    data = replace(tr, dataset=replace(tr.dataset, queries=qs))
+    view = FeatureView(data.images, data.texts)
+    ex = Examples(data, view, hard_negatives=2, pool=6, source="subset")
+    nb = reference_neighbours(view.img_global, ex.ref_rows, 6)
+    for e in range(3):
+        neg = ex.epoch_negatives(0, 0, e)
+        assert neg.shape == (len(ex), 2)
+        for i, q in enumerate(ex.queries):
+            got = set(neg[i][neg[i] >= 0].tolist())
+            assert got and not got & set(ex.positives[i].tolist())
+            if q.subset:
+                assert got <= {view.image_row(m) for m in q.subset} - set(ex.positives[i].tolist())
+            else:
+                assert got <= set(nb[i].tolist())
+    with pytest.raises(ValueError, match="hard_negative_source"):
+        Examples(data, view, hard_negatives=2, source="random")
+    res = train(new_clip4cir(), data, va, tmp_path / "r",
+                TrainConfig(epochs=1, hard_negatives=2, hard_negative_source="subset", **FAST))
+    assert res.completed
+
+
 def test_cli_eval_writes_a_cirr_test_submission(tmp_path, capsys):
     """A CIRR-format test split (no targets): `cirfusion eval` writes the two validated submission files."""
     from PIL import Image

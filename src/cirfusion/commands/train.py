@@ -76,8 +76,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     g.add_argument("--min-lr-ratio", type=float)
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--hard-negatives", type=int,
-                   help="per query, this many of its reference's nearest gallery images join the batch as negatives")
+                   help="per query, this many hard negatives (see --hard-negative-source) join the batch")
     g.add_argument("--hard-negative-pool", type=int, help="... drawn from this many nearest neighbours (default 32)")
+    g.add_argument("--hard-negative-source", choices=("neighbours", "subset"),
+                   help="neighbours: of the reference (default); subset: the query's annotated subset, e.g. CIRR's "
+                        "img_set (neighbours for a query without one)")
     g.add_argument("--seed", type=int)
     g.add_argument("--val-metric", help="metric that selects the best epoch (default: auto)")
     g.add_argument("--stage-epochs", action="append", default=[], metavar="STAGE=N", help="epochs of one stage")
@@ -120,7 +123,7 @@ def _config(args: argparse.Namespace, saved: dict[str, Any] | None) -> Any:
 
     cfg = TrainConfig.from_dict(saved) if saved else TrainConfig()
     for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "hard_negatives",
-                 "hard_negative_pool", "seed", "val_metric", "save_every_steps", "stop_after_steps"):
+                 "hard_negative_pool", "hard_negative_source", "seed", "val_metric", "save_every_steps", "stop_after_steps"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)

@@ -89,7 +89,8 @@ class DAFM(CIRMethod):
         "tile": 64,  # queries fused at once (fewer when the gallery is large)
         "tau0": 0.02,  # temperature of the in-batch loss until a fit sets the final one
         # Precision of the base scores of models using the default (cosine / max-sim) similarity: "float16" halves
-        # the bytes read per query (products accumulate in float32; scores rounded to ~1e-4), "float32" is exact.
+        # the bytes read per query (products accumulate in float32; scores rounded to ~1e-4), "float32" is exact,
+        # "int8" reads an int8 copy of the float16 gallery (~2x faster per query than float16; scores within ~2e-3).
         "score_dtype": "float16",
     }
 
@@ -181,20 +182,20 @@ class DAFM(CIRMethod):
 
     def encode_gallery(self, img: ImageFeatures) -> dict[str, Any]:
         """Default-similarity models' gallery embeddings are stored in ``score_dtype`` (what scoring reads)."""
-        from ..fusion import image_fingerprint, uses_default_similarity
+        from ..fusion import image_fingerprint, storage_dtype, uses_default_similarity
 
         with torch.no_grad():
             g = []
             for b in self._bases:
                 e = b.encode_gallery(img)
                 if isinstance(e, torch.Tensor) and uses_default_similarity(b):
-                    e = e.to(self.score_dtype)
+                    e = e.to(storage_dtype(self.score_dtype))
                 g.append(e)
             return {"g": tuple(g), "fp": image_fingerprint(img.global_)}
 
     def _tiles(self, q: Mapping[str, Any], g: Mapping[str, Any]):
         """Yield (normalised scores) for tiles of queries."""
-        from ..fusion import base_scores, block_rows, normalise_scores, rows_of
+        from ..fusion import base_scores, block_rows, normalise_scores, rows_of, single_thread_if_small
 
         if len(q["q"]) != self.num_models or len(g["g"]) != self.num_models:
             raise ValueError(f"dafm: embeddings hold {len(q['q'])}/{len(g['g'])} models, the fused model {self.num_models}")
@@ -205,10 +206,17 @@ class DAFM(CIRMethod):
             rows = slice(s, min(b, s + tile))
             raw = base_scores(self._bases, [rows_of(x, rows) for x in q["q"]], g["g"], self.score_dtype)
             excl = (q["fp"][rows][:, None] == g["fp"][None, :]) if h["exclude_reference"] else None
-            yield normalise_scores(raw, excl, int(h["topk"]), float(h["beta"]))
+            with single_thread_if_small(raw.numel()):
+                norm = normalise_scores(raw, excl, int(h["topk"]), float(h["beta"]))
+            yield norm
 
     def similarity(self, q: Any, g: Any) -> torch.Tensor:
-        out = [self.fusion(norm.z, norm.stats) for norm in self._tiles(q, g)]
+        from ..fusion import single_thread_if_small
+
+        out = []
+        for norm in self._tiles(q, g):
+            with single_thread_if_small(norm.z.numel()):
+                out.append(self.fusion(norm.z, norm.stats))
         if not out:
             return torch.zeros(0, int(g["fp"].shape[0]))
         return torch.cat(out)
