@@ -409,6 +409,13 @@ def test_refuses_incompatible_bases():
         FU.check_compatible([_ck("a"), _ck("b", dataset="catalog/train")])
     with pytest.raises(FU.FusionError, match="weights_hash"):
         FU.check_compatible([_ck("a"), _ck("b", wh="w1")])
+    # different backbones are fused side by side (noted); a base on a multi: backbone is refused
+    other = _ck("b")
+    other["config"]["backbone"] = {"id": "embedded:resolution=192", "weights_hash": "w0", "preprocess_id": "p192"}
+    assert any("2 backbones" in n for n in FU.check_compatible([_ck("a"), other]))
+    other["config"]["backbone"]["id"] = "multi:tiny|tiny:seed=1"
+    with pytest.raises(FU.FusionError, match="multi: backbone"):
+        FU.check_compatible([_ck("a"), other])
     with pytest.raises(FU.FusionError, match="different data"):
         FU.check_compatible([_ck("a", files={"q": "h1"}), _ck("b", files={"q": "h2"})])
     with pytest.raises(FU.FusionError, match="different data"):
@@ -504,6 +511,57 @@ def test_cli_fuse_eval_incremental_and_refusal(tmp_path, capsys):
     assert "different datasets" in capsys.readouterr().err
     assert main(["fuse", ck[0], *common, "--out", str(tmp_path / "f3")]) == 2
     assert "K >= 2" in capsys.readouterr().err
+
+
+def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
+    """Base models on different backbones: the fused model reads their multi: composite, each base its own part; its
+    scores equal the bases' own on their own backbones' features; eval, load and search work on it."""
+    from cirfusion import api
+    from cirfusion.backbones import create_backbone
+    from cirfusion.cli import main
+    from cirfusion.features import FeatureCache
+    from cirfusion.train import load_split_data
+
+    data, cache = tmp_path / "data", tmp_path / "cache"
+    make_custom_dataset(data)
+    common = ["--dataset", "custom", "--root", str(data), "--cache-dir", str(cache), "--no-progress"]
+    runs = {"a": ("tiny", "clip4cir"), "b": ("tiny:seed=1,resolution=48", "clip4cir")}
+    for name, (bb, method) in runs.items():
+        assert main(["train", method, *common, "--backbone", bb, "--out", str(tmp_path / name), "--epochs", "2",
+                     "--batch-size", "16", "--hparam", "embed_dim=16", "--hparam", "hidden_dim=32"]) == 0
+    capsys.readouterr()
+    ck = [str(tmp_path / n / "best") for n in runs]
+    out = tmp_path / "fused"
+    assert main(["fuse", *ck, *common, "--out", str(out), "--epochs", "1", "--split-test", "val"]) == 0, capsys.readouterr().err
+    assert "2 backbones" in capsys.readouterr().out
+    rep = json.loads((out / "metrics.json").read_text())
+    fused = api.load(out / "best")
+    assert fused.backbone.backbone_id == "multi:tiny|tiny:resolution=48,seed=1"
+    # each base, inside the fused model, scores exactly as it does alone on its own backbone's features
+    from cirfusion.data.registry import load_dataset
+
+    ds = load_dataset("custom", data, "val")
+    multi = load_split_data(FeatureCache(fused.backbone, cache), ds)
+    t = FU.SplitTable.build(fused.method.bases, fused.method.base_names, multi)
+    for k, n in enumerate(runs):
+        alone = api.load(tmp_path / n / "best")
+        own = FU.SplitTable.build([alone.method], [n], load_split_data(FeatureCache(alone.backbone, cache), ds))
+        assert torch.allclose(t.raw_scores(slice(None))[:, k], own.raw_scores(slice(None))[:, 0], atol=1e-5)
+    # eval reads the composite's features and gives the numbers fuse reported
+    assert main(["eval", str(out / "best"), *common, "--split", "val", "--json"]) == 0
+    ev = json.loads(capsys.readouterr().out)
+    assert ev["results"][0]["metrics"] == pytest.approx(rep["splits"]["val"]["fused"])
+    # search straight from the fused checkpoint over a folder of images
+    img_dir = data / "images"
+    some = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    assert main(["search", str(out / "best"), "--images", str(img_dir), "--image", str(some[0]), "--text", "make it red",
+                 "-k", "3", "--json", "--no-progress"]) == 0, capsys.readouterr().err
+    hits = json.loads(capsys.readouterr().out)
+    assert [h["rank"] for h in hits] == [1, 2, 3]
+    # the composite rebuilds from its id; a DAFM over bases on different backbones built without it is refused
+    assert create_backbone(fused.backbone.backbone_id).weights_hash() == fused.method.dims.weights_hash
+    with pytest.raises(ValueError, match="multi: composite"):
+        DAFM(fused.method.bases[0].dims, _bases=fused.method.bases, bases=fused.method.hparams["bases"])
 
 
 def test_fast_maxsim_matches_the_default_similarity():

@@ -182,6 +182,54 @@ def rows_of(emb: Embedding, rows: slice | torch.Tensor) -> Embedding:
     return take_embeddings(emb, rows)
 
 
+def feature_parts(bases: Sequence[CIRMethod]) -> tuple[list[Any], list[int]] | None:
+    """Base models on more than one backbone: ``(parts, part_of)``, the distinct backbones' :class:`MethodDims` in
+    order of first appearance and each base's index into them; ``None`` when every base reads one backbone."""
+    parts: list[Any] = []
+    part_of: list[int] = []
+    for b in bases:
+        ids = [p.backbone_id for p in parts]
+        bid = b.dims.backbone_id
+        if bid in ids:
+            p = parts[ids.index(bid)]
+            for f in ("weights_hash", "preprocess_id", "image_dim", "text_dim", "num_image_tokens", "max_text_tokens"):
+                if getattr(p, f) != getattr(b.dims, f):
+                    raise FusionError(f"base models on backbone {bid!r} disagree on its {f} ({getattr(p, f)!r} vs "
+                                      f"{getattr(b.dims, f)!r}): they were trained on different versions of it")
+            part_of.append(ids.index(bid))
+        else:
+            parts.append(b.dims)
+            part_of.append(len(parts) - 1)
+    return (parts, part_of) if len(parts) > 1 else None
+
+
+def composite_dims(parts: Sequence[Any]) -> Any:
+    """The :class:`MethodDims` of the ``multi:`` backbone over ``parts`` (what :class:`~cirfusion.backbones.multi.
+    MultiBackbone` reports, computed without building it)."""
+    from .backbones._util import short_hash
+    from .backbones.multi import SEP, multi_id
+    from .methods.base import MethodDims
+
+    return MethodDims(image_dim=sum(p.image_dim for p in parts), image_token_dim=max(p.image_token_dim for p in parts),
+                      num_image_tokens=sum(p.num_image_tokens for p in parts), text_dim=sum(p.text_dim for p in parts),
+                      text_token_dim=max(p.text_token_dim for p in parts),
+                      max_text_tokens=sum(p.max_text_tokens for p in parts), aligned=False,
+                      backbone_id=multi_id([p.backbone_id for p in parts]),
+                      weights_hash=short_hash(SEP.join(p.weights_hash for p in parts), 32),
+                      preprocess_id="multi[" + SEP.join(p.preprocess_id for p in parts) + "]")
+
+
+def fusion_backbone(backbones: Sequence[Any]) -> Any:
+    """The one backbone a fused model over base models on ``backbones`` (one per base, instances) reads: the shared
+    one, or a ``multi:`` composite of the distinct ones in order of first appearance."""
+    from .backbones.multi import MultiBackbone
+
+    distinct: dict[str, Any] = {}
+    for b in backbones:
+        distinct.setdefault(b.backbone_id, b)
+    return backbones[0] if len(distinct) == 1 else MultiBackbone(list(distinct.values()))
+
+
 _FP_COEF: dict[int, torch.Tensor] = {}
 
 
@@ -560,6 +608,21 @@ class SplitTable:
         ds = data.dataset
         img_tok = any(b.uses_image_tokens for b in bases)
         txt_tok = any(b.uses_text_tokens for b in bases)
+        # Bases on different backbones read their own part of a multi: backbone's features.
+        fp = feature_parts(bases)
+        if fp is None:
+            cut = [None] * len(bases)
+        else:
+            from .backbones.multi import part_slices
+
+            parts, part_of = fp
+            sl = part_slices(parts)
+            cut = [sl[i] for i in part_of]
+            want = composite_dims(parts).image_dim
+            if int(view.img_global.shape[1]) != want:
+                raise FusionError(f"the base models read {len(parts)} backbones ({composite_dims(parts).backbone_id}): "
+                                  f"their features must come from that multi: backbone ({want}-d global image "
+                                  f"features), got {int(view.img_global.shape[1])}-d")
         for b in bases:
             b.eval()
         g_rows = np.array([view.image_row(i) for i in ds.gallery.ids], dtype=np.int64)
@@ -573,13 +636,13 @@ class SplitTable:
                 f = view.image(g_rows[s : s + chunk], img_tok)
                 gfp.append(image_fingerprint(f.global_))
                 for k, b in enumerate(bases):
-                    gal[k].append(b.encode_gallery(f))
+                    gal[k].append(b.encode_gallery(f if cut[k] is None else cut[k].image(f)))
             for s in tqdm(range(0, len(q_ref), chunk), desc=f"queries {ds.key}", disable=not progress, leave=False):
                 ref = view.image(q_ref[s : s + chunk], img_tok)
                 txt = view.text(q_txt[s : s + chunk], txt_tok)
                 qfp.append(image_fingerprint(ref.global_))
                 for k, b in enumerate(bases):
-                    qry[k].append(b.encode_query(ref, txt))
+                    qry[k].append(b.encode_query(ref, txt) if cut[k] is None else b.encode_query(cut[k].image(ref), cut[k].text(txt)))
         if not gfp or not qfp:
             raise DataError(ds.files[0] if ds.files else None, None, f"split {ds.key} has no queries or no gallery")
         return cls(ds, bases, names, [cat_embeddings(p) for p in qry], [cat_embeddings(p) for p in gal],
@@ -750,6 +813,7 @@ class FusionConfig:
     tau_min: float = 0.005
     tau_max: float = 0.05
     negatives: str = "shortlist"  # "shortlist" (hard + random, see module docstring) or "full"
+    positives: str = "sum"  # several positives: "sum" (one softmax, their mass summed) or "each" (see multi_positive_nce)
     hard: int = 256
     random: int = 512
     tile: int = 128  # queries per block in full-gallery passes (fewer when the gallery is large)
@@ -758,6 +822,8 @@ class FusionConfig:
     progress: bool = False
 
     def __post_init__(self) -> None:
+        if self.positives not in POSITIVE_LOSSES:
+            raise ValueError(f"positives must be one of {POSITIVE_LOSSES}, got {self.positives!r}")
         if self.negatives not in ("shortlist", "full"):
             raise ValueError(f"negatives must be 'shortlist' or 'full', got {self.negatives!r}")
         if not (0 < self.tau_min <= self.tau0 <= self.tau_max):
@@ -785,13 +851,27 @@ def next_tau(tau: float, loss: float, cfg: FusionConfig) -> float:
     return float(min(cfg.tau_max, max(cfg.tau_min, tau * (1.0 - loss / cfg.s))))
 
 
-def multi_positive_nce(logits: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``-logsumexp(logits[positives]) + logsumexp(logits[valid])``. ``logits`` may already hold
-    log-weights (importance-sampled columns)."""
+POSITIVE_LOSSES = ("sum", "each")
+
+
+def multi_positive_nce(logits: torch.Tensor, positive: torch.Tensor, valid: torch.Tensor, mode: str = "sum") -> torch.Tensor:
+    """InfoNCE of rows with one or more positive columns; ``logits`` may already hold log-weights (importance-sampled
+    columns). ``mode="sum"``: mean over rows of ``-logsumexp(logits[positives]) + logsumexp(logits[valid])`` (one
+    softmax, the positives' mass summed: satisfied once any positive is on top). ``mode="each"``: every positive
+    against the negatives alone, ``softplus(logsumexp(logits[negatives]) - logit_p)``, averaged over the row's
+    positives, then over rows (all positives must rank above the negatives: what mAP@k rewards). The two are equal
+    for rows with one positive."""
     neg_inf = torch.finfo(logits.dtype).min
-    allv = logits.masked_fill(~valid, neg_inf)
-    posv = logits.masked_fill(~(positive & valid), neg_inf)
-    return (torch.logsumexp(allv, dim=1) - torch.logsumexp(posv, dim=1)).mean()
+    if mode == "sum":
+        allv = logits.masked_fill(~valid, neg_inf)
+        posv = logits.masked_fill(~(positive & valid), neg_inf)
+        return (torch.logsumexp(allv, dim=1) - torch.logsumexp(posv, dim=1)).mean()
+    if mode != "each":
+        raise ValueError(f"positive loss mode must be one of {POSITIVE_LOSSES}, got {mode!r}")
+    pv = positive & valid
+    neg_lse = torch.logsumexp(logits.masked_fill(~(valid & ~positive), neg_inf), dim=1)
+    per = F.softplus(neg_lse[:, None] - logits).masked_fill(~pv, 0.0)
+    return (per.sum(1) / pv.sum(1).clamp(min=1)).mean()
 
 
 @dataclass
@@ -926,10 +1006,10 @@ def _shortlist_loss(model: "DAFM", table: SplitTable, sl: Shortlists, idx: np.nd
     z = torch.cat(z_parts, 2)
     f = model.fusion(z, sl.stats[it])
     logits = f / tau + torch.cat(logw_parts, 1)
-    return multi_positive_nce(logits, torch.cat(pos_parts, 1), torch.cat(valid_parts, 1))
+    return multi_positive_nce(logits, torch.cat(pos_parts, 1), torch.cat(valid_parts, 1), cfg.positives)
 
 
-def _full_loss(model: "DAFM", table: SplitTable, rows: np.ndarray, tau: float) -> torch.Tensor:
+def _full_loss(model: "DAFM", table: SplitTable, rows: np.ndarray, tau: float, positives: str = "sum") -> torch.Tensor:
     rt = torch.from_numpy(rows)
     raw = table.raw_scores(rt, dtype=model.score_dtype)
     hp = model.hparams
@@ -939,7 +1019,7 @@ def _full_loss(model: "DAFM", table: SplitTable, rows: np.ndarray, tau: float) -
     pos = torch.zeros(len(rows), n, dtype=torch.bool)
     for i, r in enumerate(rows):
         pos[i, torch.from_numpy(table.positives[r])] = True
-    return multi_positive_nce(f / tau, pos, ~_loss_mask(table, rows, n))
+    return multi_positive_nce(f / tau, pos, ~_loss_mask(table, rows, n), positives)
 
 
 def fit(model: "DAFM", train: SplitTable, val: SplitTable | None = None, cfg: FusionConfig | None = None,
@@ -1007,7 +1087,7 @@ def fit(model: "DAFM", train: SplitTable, val: SplitTable | None = None, cfg: Fu
                 loss_v = 0.0
                 for s in range(0, len(idx), sub):
                     part = idx[s : s + sub]
-                    li = _full_loss(model, train, sl.rows[part], tau) * (len(part) / len(idx))
+                    li = _full_loss(model, train, sl.rows[part], tau, cfg.positives) * (len(part) / len(idx))
                     li.backward()
                     loss_v += float(li.detach())
             if cfg.grad_clip > 0:
@@ -1173,8 +1253,8 @@ def check_compatible(bases: Sequence[Mapping[str, Any]], dataset: CIRDataset | N
 
     Each entry: ``{"name", "path", "config"}`` (``config``: the checkpoint's config.json) and optionally
     ``"manifest"`` (the run's manifest.json). Raises :class:`FusionError` when fewer than two models are given, a base
-    is itself a fusion, the backbones or feature preprocessing differ (one fused checkpoint reads one backbone's
-    features), the training datasets differ (also from ``dataset``), or the runs' training annotation files differ
+    is itself a fusion, bases on the same backbone differ in its weights or preprocessing (bases on different
+    backbones are fine: the fused model reads a ``multi:`` backbone of them), the training datasets differ (also from ``dataset``), or the runs' training annotation files differ
     (same dataset name, different data: different galleries)."""
     notes: list[str] = []
     if len(bases) < 2:
@@ -1182,15 +1262,22 @@ def check_compatible(bases: Sequence[Mapping[str, Any]], dataset: CIRDataset | N
     for b in bases:
         if b["config"].get("method") == "dafm":
             raise FusionError(f"{b['path']}: is already a fused (dafm) checkpoint; fuse its base models directly")
-    ref = bases[0]
-    for b in bases[1:]:
-        for field_ in ("id", "weights_hash", "preprocess_id"):
-            a, c = ref["config"].get("backbone", {}).get(field_), b["config"].get("backbone", {}).get(field_)
+    first: dict[str, Mapping[str, Any]] = {}
+    for b in bases:
+        bb = b["config"].get("backbone", {})
+        bid = bb.get("id")
+        if isinstance(bid, str) and bid.startswith("multi:"):
+            raise FusionError(f"{b['path']}: trained on a multi: backbone; a base model must read one backbone")
+        ref = first.setdefault(bid, b)
+        for field_ in ("weights_hash", "preprocess_id"):
+            a, c = ref["config"].get("backbone", {}).get(field_), bb.get(field_)
             if a != c:
                 raise FusionError(
-                    f"{b['path']} uses backbone {field_} {c!r} but {ref['path']} uses {a!r}: a fused model scores "
-                    "one backbone's cached features, so every base model must be trained on the same backbone "
-                    "(same id, weights and preprocessing)")
+                    f"{b['path']} uses backbone {bid!r} with {field_} {c!r} but {ref['path']} uses {a!r}: base models "
+                    "on the same backbone must use the same weights and preprocessing")
+    if len(first) > 1:
+        notes.append(f"the base models read {len(first)} backbones ({', '.join(map(str, first))}): the fused model "
+                     "reads them side by side (a multi: backbone)")
     fams = {b["name"]: dataset_family(b["config"].get("dataset")) for b in bases}
     known = {n: f for n, f in fams.items() if f}
     if len(set(known.values())) > 1:
@@ -1229,6 +1316,9 @@ __all__ = [
     "STAT_NAMES",
     "Shortlists",
     "SCORE_DTYPES",
+    "composite_dims",
+    "feature_parts",
+    "fusion_backbone",
     "single_thread_if_small",
     "int8_copy",
     "storage_dtype",

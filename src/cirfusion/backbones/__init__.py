@@ -5,7 +5,8 @@ A backbone name is ``family`` or ``family:argument``:
 - ``embedded`` / ``embedded:resolution=160,tokens=stride32`` — EfficientNet-Lite0 + all-MiniLM-L6-v2, offline;
 - ``tiny`` / ``tiny:seed=1`` — small random backbone for tests;
 - ``hf-clip:<dir or hub id>`` (CLIP, SigLIP) and ``hf-blip2:<dir or hub id>`` (BLIP-2 Q-Former); their options
-  follow a ``?``: ``hf-clip:/models/clip?tokens=projected``.
+  follow a ``?``: ``hf-clip:/models/clip?tokens=projected``;
+- ``multi:ID1|ID2|...`` — several backbones side by side (a fused model over base models on different backbones).
 
 Keyword arguments given to :func:`create_backbone` override options in the name. Every backbone's ``backbone_id`` is
 canonical (defaults omitted), so ``create_backbone(b.backbone_id)`` rebuilds it — checkpoints store that id.
@@ -32,6 +33,7 @@ _BACKBONE_MODULES = [
     "cirfusion.backbones.tiny",
     "cirfusion.backbones.hf_clip",
     "cirfusion.backbones.hf_blip2",
+    "cirfusion.backbones.multi",
 ]
 _imported = False
 
@@ -75,6 +77,10 @@ def parse_backbone_name(name: str) -> tuple[str, str | None, dict[str, Any]]:
     family = family.strip()
     if family not in _FACTORIES:
         raise KeyError(f"unknown backbone {family!r} (from {name!r}); known: {', '.join(sorted(_FACTORIES))}")
+    if family == "multi":  # its argument is a list of backbone names, each with its own options: taken verbatim
+        if not rest.strip():
+            raise ValueError("backbone 'multi' needs its parts: multi:ID1|ID2...")
+        return family, rest.strip(), {}
     if family in _LOCATED:
         location, _, opts = rest.partition("?")
         if not location.strip():

@@ -2,7 +2,9 @@
 
 The base models stay frozen; only a tiny fusion network (~1-2 k parameters) trains, on their similarity scores
 computed on the fly from embeddings encoded once from the feature cache (see `cirfusion.fusion`). Base models
-trained on different datasets, different data files (galleries) or different backbones are refused.
+trained on different datasets or different data files (galleries) are refused. Base models may read different
+backbones (DAFM's own pool does): the fused model then reads them side by side (a ``multi:`` backbone), and the
+features of that composite are cached like any backbone's.
 
 Writes into --out:
 
@@ -153,6 +155,7 @@ def run(args: argparse.Namespace) -> int:
         explain_all,
         explanation_summary,
         fuse,
+        fusion_backbone,
         incremental_analysis,
         plot_incremental,
     )
@@ -189,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     hparams = {"hidden": args.hidden, "blocks": args.blocks}
 
     models = [load(b["path"]) for b in bases_info]
-    backbone = models[0].backbone
+    backbone = fusion_backbone([m.backbone for m in models])  # bases on several backbones: a multi: composite
     methods = [m.method for m in models]
     names = [b["name"] for b in bases_info]
     info = [{"dataset": b["config"].get("dataset"), "source": str(Path(b["path"]).resolve())} for b in bases_info]

@@ -4,6 +4,8 @@ The fused model keeps its base models and a tiny :class:`~cirfusion.fusion.Fusio
 
 - ``encode_query(ref, text)`` -> ``{"q": (q_1, ..., q_K), "fp": [B]}``: every base model's query embedding, plus the
   reference image's fingerprint (for the reference exclusion, see :mod:`cirfusion.fusion`);
+- base models may read different backbones (as DAFM's pool does: CLIP, BLIP, BLIP-2): the fused model then reads a
+  ``multi:ID1|ID2`` backbone (:mod:`cirfusion.backbones.multi`), the parts side by side, and gives each base its part;
 - ``encode_gallery(img)``     -> ``{"g": (g_1, ..., g_K), "fp": [N]}``;
 - ``similarity(q, g)``        -> ``[B, N]`` fused scores: each base model's own similarity for a tile of queries,
   normalised per query, fused by the network. Tiles keep every block under ``BLOCK_ELEMS`` elements.
@@ -65,10 +67,11 @@ def _normalise_specs(specs: Sequence[Mapping[str, Any]], dims: MethodDims) -> li
 
 
 def _check_same_features(dims: MethodDims, other: MethodDims, what: str) -> None:
-    for f in ("backbone_id", "weights_hash", "preprocess_id", "image_dim", "text_dim"):
+    for f in ("backbone_id", "weights_hash", "preprocess_id", "image_dim", "text_dim", "num_image_tokens", "max_text_tokens"):
         if getattr(dims, f) != getattr(other, f):
             raise ValueError(f"dafm: {what} reads features with {f}={getattr(other, f)!r}, the fused model "
-                             f"{getattr(dims, f)!r}: every base model must use the same backbone features")
+                             f"{getattr(dims, f)!r}: the fused model must read its base models' backbone (or, for "
+                             "bases on several backbones, their multi: composite)")
 
 
 @register_method("dafm")
@@ -100,17 +103,25 @@ class DAFM(CIRMethod):
 
         specs = _normalise_specs(self.hparams["bases"], dims)
         if _bases is None:
-            bases = []
-            for s in specs:
-                bdims = MethodDims.from_dict(s["dims"])
-                _check_same_features(dims, bdims, f"base {s['name']!r}")
-                bases.append(create_method(s["method"], bdims, **s["hparams"]))
+            bases = [create_method(s["method"], MethodDims.from_dict(s["dims"]), **s["hparams"]) for s in specs]
         else:
             bases = list(_bases)
             if len(bases) != len(specs):
                 raise ValueError(f"dafm: {len(bases)} base models given for {len(specs)} specs")
+        # Bases on several backbones: the fused model reads their multi: composite and hands each base its part.
+        from ..backbones.multi import part_slices
+        from ..fusion import composite_dims, feature_parts
+
+        fp = feature_parts(bases)
+        self._cut: list[Any] | None = None
+        if fp is None:
             for b, s in zip(bases, specs):
                 _check_same_features(dims, b.dims, f"base {s['name']!r}")
+        else:
+            parts, part_of = fp
+            _check_same_features(dims, composite_dims(parts), "its base models together")
+            sl = part_slices(parts)
+            self._cut = [sl[i] for i in part_of]
         for b, s in zip(bases, specs):
             s["hparams"] = dict(b.hparams)  # every hyper-parameter, defaults included: reload rebuilds exactly
             s["dims"] = b.dims.to_dict()
@@ -147,7 +158,10 @@ class DAFM(CIRMethod):
             specs.append({"name": (names[i] if names else None) or b.method_name or f"model{i}",
                           "method": b.method_name or type(b).__name__, "dataset": info.get("dataset"),
                           "source": info.get("source")})
-        return cls(bases[0].dims, _bases=bases, bases=specs, **hparams)
+        from ..fusion import composite_dims, feature_parts
+
+        fp = feature_parts(bases)
+        return cls(bases[0].dims if fp is None else composite_dims(fp[0]), _bases=bases, bases=specs, **hparams)
 
     @property
     def bases(self) -> list[CIRMethod]:
@@ -178,7 +192,13 @@ class DAFM(CIRMethod):
         from ..fusion import image_fingerprint
 
         with torch.no_grad():
-            return {"q": tuple(b.encode_query(ref, text) for b in self._bases), "fp": image_fingerprint(ref.global_)}
+            q = tuple(b.encode_query(ref, text) if c is None else b.encode_query(c.image(ref), c.text(text))
+                      for b, c in zip(self._bases, self._cuts()))
+            return {"q": q, "fp": image_fingerprint(ref.global_)}
+
+    def _cuts(self) -> list[Any]:
+        """Per base, the slice of the (multi: backbone's) features it reads, or None for all of them."""
+        return self._cut if self._cut is not None else [None] * len(self._bases)
 
     def encode_gallery(self, img: ImageFeatures) -> dict[str, Any]:
         """Default-similarity models' gallery embeddings are stored in ``score_dtype`` (what scoring reads)."""
@@ -186,8 +206,8 @@ class DAFM(CIRMethod):
 
         with torch.no_grad():
             g = []
-            for b in self._bases:
-                e = b.encode_gallery(img)
+            for b, c in zip(self._bases, self._cuts()):
+                e = b.encode_gallery(img if c is None else c.image(img))
                 if isinstance(e, torch.Tensor) and uses_default_similarity(b):
                     e = e.to(storage_dtype(self.score_dtype))
                 g.append(e)
