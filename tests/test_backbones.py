@@ -37,6 +37,8 @@ def specs_for(family: str, hf_dirs: dict[str, Path]) -> list[str]:
     table = {
         "embedded": ["embedded"],
         "tiny": ["tiny", "tiny:aligned=true,seed=3"],
+        "colour": ["colour", "colour:grid=4,resolution=64"],
+        "multi": ["multi:tiny|tiny:max_text_tokens=8,resolution=48,seed=1"],
         "hf-clip": [f"hf-clip:{hf_dirs['clip']}", f"hf-clip:{hf_dirs['siglip']}", f"hf-clip:{hf_dirs['clip']}?tokens=projected"],
         "hf-blip2": [f"hf-blip2:{hf_dirs['blip2']}", f"hf-blip2:{hf_dirs['blip2']}?tokens=projected"],
     }
@@ -54,8 +56,36 @@ def images(n: int = 2, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (sizes[i % 3][1], sizes[i % 3][0], 3), dtype=np.uint8)) for i in range(n)]
 
 
-def test_registry_lists_the_four_families() -> None:
-    assert {"embedded", "tiny", "hf-clip", "hf-blip2"} <= set(list_backbones())
+def test_registry_lists_the_families() -> None:
+    assert {"embedded", "colour", "tiny", "hf-clip", "hf-blip2", "multi"} <= set(list_backbones())
+
+
+def test_colour_backbone_sees_colour_and_layout() -> None:
+    """CIELab is right on known colours; a red square on the left and one on the right differ only in their cells;
+    a red and a blue version of the same layout are further apart than the two red layouts are in colour terms."""
+    from cirfusion.backbones.colour import rgb_to_lab
+
+    lab = rgb_to_lab(torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]).view(3, 3, 1, 1))  # red, white, black
+    torch.testing.assert_close(lab.flatten(1), torch.tensor([[53.24, 80.09, 67.20], [100.0, 0.0, 0.0], [0.0, 0.0, 0.0]]),
+                               atol=0.02, rtol=0)
+    b = create_backbone("colour")
+    assert (b.image_dim, b.num_image_tokens, b.image_token_dim, b.text_dim) == (112, 64, 48, 384)
+
+    def scene(colour: tuple[int, int, int], left: bool) -> Image.Image:
+        im = Image.new("RGB", (128, 128), (40, 40, 40))
+        x0 = 0 if left else 96
+        im.paste(Image.new("RGB", (32, 32), colour), (x0, 48))
+        return im
+
+    f = b.encode_image(torch.stack([b.preprocess(scene((220, 30, 30), True)), b.preprocess(scene((220, 30, 30), False)),
+                                    b.preprocess(scene((30, 30, 220), True))]))
+    moved = (f.tokens[0] - f.tokens[1]).abs().sum(-1).nonzero().flatten().tolist()
+    assert moved == [24, 25, 30, 31, 32, 33, 38, 39]  # rows 3-4, columns 0-1 and 6-7 of the 8x8 grid
+    recoloured = (f.tokens[0] - f.tokens[2]).abs().sum(-1).nonzero().flatten().tolist()
+    assert recoloured == [24, 25, 32, 33]
+    hist = slice(48, 112)  # the colour histogram: equal for the moved square, different for the recoloured one
+    torch.testing.assert_close(f.global_[0, hist] / f.global_[0, hist].norm(), f.global_[1, hist] / f.global_[1, hist].norm())
+    assert not torch.allclose(f.global_[0, hist], f.global_[2, hist])
 
 
 @pytest.mark.parametrize("family", list_backbones())
@@ -65,12 +95,13 @@ def test_every_backbone_forward(family: str, hf_dirs: dict[str, Path], request: 
         b = build(spec, emb)
         assert not b.training and not any(p.requires_grad for p in b.parameters())
         pix = torch.stack([b.preprocess(im) for im in images(2)])
-        assert pix.dtype == torch.float32 and pix.dim() == 4 and pix.shape[1] == 3
+        parts = len(getattr(b, "parts", [])) or 1  # a multi: backbone: its parts' unit vectors side by side
+        assert pix.dtype == torch.float32 and (pix.dim() == 4 and pix.shape[1] == 3 or parts > 1 and pix.dim() == 2)
         f = b.encode_image(pix)
         assert f.global_.shape == (2, b.image_dim)
         assert f.tokens.shape == (2, b.num_image_tokens, b.image_token_dim)
         assert torch.isfinite(f.global_).all() and torch.isfinite(f.tokens).all()
-        torch.testing.assert_close(f.global_.norm(dim=-1), torch.ones(2))
+        torch.testing.assert_close(f.global_.norm(dim=-1), torch.full((2,), parts**0.5))
         assert not torch.allclose(f.global_[0], f.global_[1])  # different images, different vectors
 
         t = b.encode_text(TEXTS)
@@ -79,7 +110,7 @@ def test_every_backbone_forward(family: str, hf_dirs: dict[str, Path], request: 
         assert t.global_.shape == (3, b.text_dim)
         assert t.tokens.shape == (3, L, b.text_token_dim) and t.mask.shape == (3, L) and t.mask.dtype == torch.bool
         assert t.mask[0].sum() >= 1 and t.mask[1].sum() > t.mask[0].sum()  # the long text has more real tokens
-        torch.testing.assert_close(t.global_.norm(dim=-1), torch.ones(3))
+        torch.testing.assert_close(t.global_.norm(dim=-1), torch.full((3,), parts**0.5))
         if b.aligned:
             assert b.text_dim == b.image_dim
 
@@ -250,3 +281,17 @@ def test_names_and_options_are_checked(tmp_path: Path) -> None:
         None,
         {"resolution": 160, "tokens": "head"},
     )
+
+
+def test_colour_and_embedded_share_cached_text_features(embedded: Backbone, tmp_path: Path) -> None:
+    """Same text encoder (MiniLM), same text cache; different image descriptors, different image caches. A backbone
+    of another text encoder keys its own text cache."""
+    from cirfusion.features import FeatureCache
+
+    colour = FeatureCache(create_backbone("colour"), tmp_path)
+    emb = FeatureCache(embedded, tmp_path)
+    assert colour.text_dir == emb.text_dir and colour.text_dir.name.startswith("text-all-MiniLM-L6-v2-")
+    assert colour.image_dir != emb.image_dir
+    assert FeatureCache(create_backbone("tiny"), tmp_path).text_dir != emb.text_dir
+    t = colour.text_features(["make it red"], progress=False)
+    assert np.array_equal(np.asarray(t.global_), np.asarray(emb.text_features(["make it red"], progress=False).global_))

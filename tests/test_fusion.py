@@ -547,6 +547,8 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
         alone = api.load(tmp_path / n / "best")
         own = FU.SplitTable.build([alone.method], [n], load_split_data(FeatureCache(alone.backbone, cache), ds))
         assert torch.allclose(t.raw_scores(slice(None))[:, k], own.raw_scores(slice(None))[:, 0], atol=1e-5)
+    # the composite's features are its parts' cached ones side by side: never computed under a multi: key
+    assert not [p.name for p in cache.iterdir() if "multi" in p.name]
     # eval reads the composite's features and gives the numbers fuse reported
     assert main(["eval", str(out / "best"), *common, "--split", "val", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)

@@ -102,3 +102,24 @@ def test_aligned_backbone_adds_the_sum_baseline_and_one_method_skips_fusion(tmp_
                  "--methods", "clip4cir", "--no-progress", "--threads", "1"]) == 0
     results = json.loads((out / "results.json").read_text())
     assert set(results["synthetic"]) == {"image-only", "sum", "clip4cir"}
+
+
+def test_pool_on_two_backbones(tmp_path, capsys):
+    """--pool-backbone: a base method on another backbone; the fusion reads both side by side and loads back."""
+    import cirfusion
+
+    out = tmp_path / "o"
+    assert main(["quickstart", "--out", str(out), "--backbone", "tiny", "--pool-backbone", "tg-cir=tiny:seed=1",
+                 "--n-images", "120", "--epochs", "1", "--fusion-min-steps", "10", "--methods", METHODS, "--no-progress",
+                 "--threads", "1"]) == 0
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["pool_backbones"]["tg-cir"]["id"] == "tiny:seed=1" and man["pool_backbones"]["clip4cir"]["id"] == "tiny"
+    fused = cirfusion.load(man["checkpoints"]["synthetic"]["dafm"])
+    assert fused.backbone.backbone_id == "multi:tiny|tiny:seed=1"
+    assert cirfusion.load(man["checkpoints"]["synthetic"]["tg-cir"]).backbone.backbone_id == "tiny:seed=1"
+    results = json.loads((out / "results.json").read_text())
+    assert {"dafm", "mean-normalised"} <= set(results["synthetic"])
+    capsys.readouterr()
+    assert main(["quickstart", "--out", str(out), "--backbone", "tiny", "--pool-backbone", "sprc=tiny:seed=1",
+                 "--methods", METHODS]) == 2
+    assert "not in --methods" in capsys.readouterr().err

@@ -7,7 +7,8 @@ Layout under ``cache_dir``::
         shards/<shard>.global.npy    [n, D] float16
         shards/<shard>.tokens.npy    [n, T, Dt] float16
         shards/<shard>.keys.json     the n row keys (image content sha256), written LAST: it commits the shard
-    text-<family>-<key>/             key = sha256(kind, backbone_id, weights_hash, text_preprocess_id)
+    text-<family>-<key>/             key = sha256(kind, text encoder identity (Backbone.text_cache_id: by default
+                                     backbone_id + weights_hash), text_preprocess_id)
         shards/<shard>.{global,tokens,mask}.npy + <shard>.keys.json   (row key = sha256 of the text)
 
 An image row is keyed by the sha256 of the file's bytes (the same bytes are then decoded), so a renamed or copied
@@ -167,6 +168,13 @@ class TextFeatureTable(_RowLookup):
         )
 
 
+def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
+    """Zero-pad the last axis of ``a`` to ``width``."""
+    if a.shape[-1] == width:
+        return a
+    return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
+
+
 def _atomic_write_bytes(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
     try:
@@ -313,12 +321,19 @@ class FeatureCache:
         self.backbone.to(self.device).eval()
         self._image_store: _ShardStore | None = None
         self._text_store: _ShardStore | None = None
+        # A multi: backbone's features are its parts' cached features side by side (never computed twice, and
+        # exactly what base models trained on each part read).
+        from .backbones.multi import MultiBackbone
+
+        self._parts = ([FeatureCache(p, cache_dir, batch_size, num_workers, device) for p in backbone.parts]
+                       if isinstance(backbone, MultiBackbone) else None)
 
     # --- namespaces ---
 
     def _namespace(self, kind: str, fields: dict[str, str]) -> Path:
         digest = hashlib.sha256(json.dumps({"kind": kind, **fields}, sort_keys=True).encode()).hexdigest()[:20]
-        family = "".join(c if c.isalnum() or c == "-" else "_" for c in self.backbone.backbone_id.split(":", 1)[0])
+        name = fields.get("text_encoder") or self.backbone.backbone_id.split(":", 1)[0]
+        family = "".join(c if c.isalnum() or c == "-" else "_" for c in name)
         return self.cache_dir / f"{kind}-{family}-{digest}"
 
     def image_key(self) -> dict[str, str]:
@@ -327,7 +342,7 @@ class FeatureCache:
 
     def text_key(self) -> dict[str, str]:
         b = self.backbone
-        return {"backbone_id": b.backbone_id, "weights_hash": b.weights_hash(), "text_preprocess_id": b.text_preprocess_id()}
+        return {**b.text_cache_id(), "text_preprocess_id": b.text_preprocess_id()}
 
     @property
     def image_dir(self) -> Path:
@@ -386,6 +401,12 @@ class FeatureCache:
         A file that cannot be used raises :class:`ImageLoadError` naming it — after every other image has been
         computed and committed, so no work is lost; the message counts any further bad files.
         """
+        if self._parts is not None:
+            tables = [c.image_features(ids, paths, progress) for c in self._parts]
+            d = max(t.tokens.shape[2] for t in tables)
+            return ImageFeatureTable(
+                ids=list(tables[0].ids), global_=np.concatenate([np.asarray(t.global_) for t in tables], 1),
+                tokens=np.concatenate([_pad_last(np.asarray(t.tokens), d) for t in tables], 1), hashes=list(tables[0].hashes))
         ids = [str(i) for i in ids]
         paths = [Path(p) for p in paths]
         if len(ids) != len(paths):
@@ -508,6 +529,13 @@ class FeatureCache:
         for t in texts:
             if not isinstance(t, str):
                 raise TypeError(f"text_features takes strings, got {type(t).__name__}: {t!r}")
+        if self._parts is not None:
+            tables = [c.text_features(texts, progress) for c in self._parts]
+            d = max(t.tokens.shape[2] for t in tables)
+            return TextFeatureTable(
+                texts=list(tables[0].texts), global_=np.concatenate([np.asarray(t.global_) for t in tables], 1),
+                tokens=np.concatenate([_pad_last(np.asarray(t.tokens), d) for t in tables], 1),
+                mask=np.concatenate([np.asarray(t.mask) for t in tables], 1), hashes=list(tables[0].hashes))
         unique = list(dict.fromkeys(texts))
         keys = [text_key(t) for t in unique]
         store = self._texts()

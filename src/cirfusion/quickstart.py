@@ -53,6 +53,9 @@ class QuickstartConfig:
     fusion_epochs: int = 4
     fusion_min_steps: int = 500  # the fusion's fit split (val) is small: at least this many steps
     backbone: str = "embedded"
+    # Per-method backbones (method -> backbone name; the rest use ``backbone``): base models on different backbones
+    # make the pool diverse, as DAFM's is (CLIP, BLIP, BLIP-2); the fused model then reads their multi: composite.
+    pool_backbones: dict[str, str] = field(default_factory=dict)
     cache_dir: str | Path | None = None  # default: OUT/cache
     catalog_limit: int | None = None  # keep at most this many photos (seeded sample); None = all
     samples: int = 3  # sample queries per benchmark and method in the report
@@ -174,7 +177,43 @@ def _samples(bench: str, method_name: str, method: Any, data: Any, rows: Sequenc
     return out
 
 
-def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbone: Any, cache: Any, out: Path,
+class Backbones:
+    """The backbones (and their feature caches) of a run, built on first use and shared by every benchmark."""
+
+    def __init__(self, cfg: QuickstartConfig, cache_dir: Path) -> None:
+        self.cfg, self.cache_dir = cfg, cache_dir
+        self._caches: dict[str, Any] = {}
+
+    def name_for(self, method: str) -> str:
+        return self.cfg.pool_backbones.get(method, self.cfg.backbone)
+
+    def cache(self, name: str) -> Any:
+        from .backbones import create_backbone
+        from .features import FeatureCache
+
+        if name not in self._caches:
+            t0 = time.perf_counter()
+            b = create_backbone(name)
+            self._caches[name] = FeatureCache(b, self.cache_dir)
+            _say(f"backbone {b.backbone_id} ready ({time.perf_counter() - t0:.1f} s); feature cache {self.cache_dir}")
+        return self._caches[name]
+
+    def composite(self, methods: Sequence[str]) -> Any:
+        """The feature cache a fused model over ``methods`` reads (their shared backbone, or their multi: one)."""
+        from .features import FeatureCache
+        from .fusion import fusion_backbone
+
+        b = fusion_backbone([self.cache(self.name_for(m)).backbone for m in methods])
+        if b.backbone_id not in self._caches:
+            self._caches[b.backbone_id] = FeatureCache(b, self.cache_dir)
+        return self._caches[b.backbone_id]
+
+    def info(self, name: str) -> dict[str, Any]:
+        b = self.cache(name).backbone
+        return {"id": b.backbone_id, "weights_hash": b.weights_hash(), "preprocess_id": b.preprocess_id()}
+
+
+def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backbones, out: Path,
                   samples: list[Any]) -> BenchmarkRun:
     """Train the pool on one benchmark, fuse it, evaluate everything on ``test``."""
     from .checkpoint import atomic_directory, load_checkpoint, write_checkpoint_files
@@ -189,20 +228,31 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbone: Any, c
     t0 = time.perf_counter()
     ds = {s: load_dataset(name, root, s) for s in ("train", "val", "test")}
     run.datasets = {s: dataset_record(d) for s, d in ds.items()}
-    data = {s: load_split_data(cache, d, training=(s == "train"), progress=cfg.progress) for s, d in ds.items()}
-    run.timings["features_s"] = time.perf_counter() - t0
-    _say(f"{name}: features of train/val/test ready ({run.timings['features_s']:.1f} s; "
-         + ", ".join(f"{s} {len(d.queries)} queries / {len(d.gallery)} images" for s, d in ds.items()) + ")")
+    split_data: dict[str, dict[str, Any]] = {}  # backbone name -> split -> SplitData
+
+    def data_for(backbone_name: str) -> dict[str, Any]:
+        if backbone_name not in split_data:
+            t1 = time.perf_counter()
+            cache = backbones.cache(backbone_name)
+            split_data[backbone_name] = {s: load_split_data(cache, d, training=(s == "train"), progress=cfg.progress)
+                                         for s, d in ds.items()}
+            run.timings["features_s"] = run.timings.get("features_s", 0.0) + time.perf_counter() - t1
+            _say(f"{name}: {backbone_name} features of train/val/test ready ({time.perf_counter() - t1:.1f} s; "
+                 + ", ".join(f"{s} {len(d.queries)} queries / {len(d.gallery)} images" for s, d in ds.items()) + ")")
+        return split_data[backbone_name]
 
     rng = np.random.default_rng(cfg.seed)
     sample_rows = sorted(rng.choice(len(ds["test"].queries), size=min(cfg.samples, len(ds["test"].queries)),
                                     replace=False).tolist())
-    backbone_info = {"id": backbone.backbone_id, "weights_hash": backbone.weights_hash(),
-                     "preprocess_id": backbone.preprocess_id(), "cache_dir": str(cache.cache_dir)}
     trained: dict[str, Any] = {}
     # The zero-shot "sum" baseline needs image and text embeddings in one space (CLIP-like backbones).
-    baselines = (*BASELINES, "sum") if getattr(backbone, "aligned", False) else BASELINES
+    aligned = getattr(backbones.cache(cfg.backbone).backbone, "aligned", False)
+    baselines = (*BASELINES, "sum") if aligned else BASELINES
     for method_name in (*baselines, *cfg.methods):
+        bname = backbones.name_for(method_name)
+        data = data_for(bname)
+        backbone = backbones.cache(bname).backbone
+        backbone_info = {**backbones.info(bname), "cache_dir": str(backbones.cache_dir)}
         t1 = time.perf_counter()
         run_dir = out / "runs" / name / method_name
         if run_dir.exists():  # a quickstart re-run retrains from scratch: same seed, same result
@@ -226,6 +276,9 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbone: Any, c
         t1 = time.perf_counter()
         bases = [trained[m] for m in cfg.methods]
         names = list(cfg.methods)
+        # Bases on several backbones read their multi: composite (its parts' cached features side by side).
+        fcache = backbones.composite(names)
+        data = {s: load_split_data(fcache, ds[s], progress=cfg.progress) for s in ("val", "test")}
         fit_table = SplitTable.build(bases, names, data["val"])
         test_table = SplitTable.build(bases, names, data["test"])
         # Fitted on val (queries the bases never trained on); a fifth of them held out to pick the epoch, the
@@ -283,8 +336,6 @@ def _brief(metrics: dict[str, float]) -> str:
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     """Run every step (module docstring) and return the summary also written to ``out/summary.json``."""
-    from .backbones import create_backbone
-    from .features import FeatureCache
     from .io import atomic_write_json
     from .manifest import code_version, environment
     from .methods.registry import get_method_class
@@ -304,18 +355,18 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     if cfg.photos is not None:
         benchmarks["catalog"] = make_catalog(out, cfg)
 
-    t0 = time.perf_counter()
-    backbone = create_backbone(cfg.backbone)
-    cache = FeatureCache(backbone, Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
-    _say(f"backbone {backbone.backbone_id} ready ({time.perf_counter() - t0:.1f} s); feature cache {cache.cache_dir}")
+    backbones = Backbones(cfg, Path(cfg.cache_dir) if cfg.cache_dir else out / "cache")
+    backbone = backbones.cache(cfg.backbone).backbone
 
     samples: list[Any] = []
-    runs = {name: run_benchmark(name, root, cfg, backbone, cache, out, samples) for name, root in benchmarks.items()}
+    runs = {name: run_benchmark(name, root, cfg, backbones, out, samples) for name, root in benchmarks.items()}
     results = {name: r.metrics for name, r in runs.items()}
     wall = time.perf_counter() - t_start
 
     notes = [f"Base models trained on train (best epoch on val); the DAFM fusion fitted on val; every number is on "
              f"test. Backbone {backbone.backbone_id} (weights {backbone.weights_hash()[:12]}), seed {cfg.seed}."]
+    if cfg.pool_backbones:
+        notes.append("Per-method backbones: " + ", ".join(f"{m} on {b}" for m, b in cfg.pool_backbones.items()) + ".")
     for name, r in runs.items():
         if r.fusion:
             notes.append(f"{name}: fusion {r.fusion['metric']} {r.fusion['gain_over_best_single']:+.2f} over the best "
@@ -330,6 +381,7 @@ def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "wall_s": wall,
         "backbone": {"id": backbone.backbone_id, "weights_hash": backbone.weights_hash(),
                      "preprocess_id": backbone.preprocess_id()},
+        "pool_backbones": {m: backbones.info(backbones.name_for(m)) for m in (*BASELINES, *cfg.methods)},
         "datasets": {name: r.datasets for name, r in runs.items()},
         "checkpoints": {name: r.checkpoints for name, r in runs.items()},
         "timings": {name: r.timings for name, r in runs.items()},

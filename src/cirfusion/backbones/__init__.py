@@ -3,6 +3,8 @@
 A backbone name is ``family`` or ``family:argument``:
 
 - ``embedded`` / ``embedded:resolution=160,tokens=stride32`` — EfficientNet-Lite0 + all-MiniLM-L6-v2, offline;
+- ``colour`` — a colour-layout descriptor (CIELab thumbnail, no learned weights) + all-MiniLM-L6-v2, offline: a
+  second image view, for base-model diversity in fusion;
 - ``tiny`` / ``tiny:seed=1`` — small random backbone for tests;
 - ``hf-clip:<dir or hub id>`` (CLIP, SigLIP) and ``hf-blip2:<dir or hub id>`` (BLIP-2 Q-Former); their options
   follow a ``?``: ``hf-clip:/models/clip?tokens=projected``;
@@ -34,6 +36,7 @@ _BACKBONE_MODULES = [
     "cirfusion.backbones.hf_clip",
     "cirfusion.backbones.hf_blip2",
     "cirfusion.backbones.multi",
+    "cirfusion.backbones.colour",
 ]
 _imported = False
 

@@ -77,6 +77,11 @@ class Backbone(nn.Module, ABC):
         """A string that changes whenever text preprocessing changes (tokenizer, truncation); keys the text cache."""
         return f"max_text_tokens={self.max_text_tokens}"
 
+    def text_cache_id(self) -> dict[str, str]:
+        """What identifies the text encoder in the text cache's key (with :meth:`text_preprocess_id`). Default: the
+        whole backbone. Backbones sharing one text encoder return its identity, so they share its cached features."""
+        return {"backbone_id": self.backbone_id, "weights_hash": self.weights_hash()}
+
     @property
     def device(self) -> torch.device:
         """Device of the backbone's parameters (CPU for a parameter-free backbone)."""

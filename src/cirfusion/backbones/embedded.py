@@ -42,6 +42,7 @@ three-edit fine instruction of the synthetic benchmark (about 14 word pieces per
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,54 @@ def _fold_batchnorms(net: nn.Module) -> None:
         fold(block, "_project_conv", "_bn2")
 
 
+class MiniLMText(nn.Module):
+    """all-MiniLM-L6-v2 from its pip package (``local_files_only``): the text side of the offline backbones.
+
+    Global = mean of the last hidden states over real tokens (up to :data:`GLOBAL_TEXT_TOKENS` word pieces),
+    L2-normalised, as sentence-transformers does; tokens = the last hidden states of the first ``max_text_tokens``
+    word pieces with their mask."""
+
+    def __init__(self, max_text_tokens: int) -> None:
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        path = minilm_path()
+        with quiet_transformers():
+            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            self.model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
+        self.dim = int(self.model.config.hidden_size)  # 384
+        self.max_text_tokens = max_text_tokens
+        self.path = path
+
+    def weights_sha256(self) -> str:
+        return files_sha256(sorted(self.path.glob("*.safetensors")), self.path)
+
+    def cache_id(self) -> dict[str, str]:
+        """The text cache identity of every backbone whose text side this is (they share cached text features)."""
+        return {"text_encoder": "all-MiniLM-L6-v2", "weights_hash": self.weights_sha256()[:32]}
+
+    def preprocess_id(self) -> str:
+        tok = file_sha256(self.path / "tokenizer.json")[:16]
+        return f"minilm-tokenizer:{tok}|global-tokens:{GLOBAL_TEXT_TOKENS}|max_text_tokens:{self.max_text_tokens}"
+
+    @torch.inference_mode()
+    def encode(self, texts: list[str], autocast: Any = None) -> TextFeatures:
+        if isinstance(texts, str):
+            raise TypeError("encode_text takes a list of strings")
+        device = next(self.model.parameters()).device
+        enc = self.tokenizer(
+            list(texts), padding=True, truncation=True, max_length=GLOBAL_TEXT_TOKENS, return_tensors="pt"
+        ).to(device)
+        with autocast if autocast is not None else contextlib.nullcontext():
+            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        hidden = hidden.float()
+        mask = enc["attention_mask"].bool()
+        m = mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
+        L = min(self.max_text_tokens, hidden.shape[1])
+        return TextFeatures(global_=F.normalize(pooled, dim=-1), tokens=hidden[:, :L].contiguous(), mask=mask[:, :L].contiguous())
+
+
 class EmbeddedBackbone(Backbone):
     aligned = False  # ImageNet features and MiniLM sentences live in unrelated spaces
 
@@ -124,7 +173,6 @@ class EmbeddedBackbone(Backbone):
         if not (isinstance(max_text_tokens, int) and 2 <= max_text_tokens <= GLOBAL_TEXT_TOKENS):
             raise ValueError(f"embedded backbone: max_text_tokens={max_text_tokens!r} must be in [2, {GLOBAL_TEXT_TOKENS}]")
         from efficientnet_lite_pytorch import EfficientNet
-        from transformers import AutoModel, AutoTokenizer
 
         self.resolution = resolution
         self.token_layer = tokens
@@ -160,13 +208,9 @@ class EmbeddedBackbone(Backbone):
         self._token_stride = tok_stride
         self.num_image_tokens = math.ceil(resolution / tok_stride) ** 2  # "same" padding rounds up
 
-        path = minilm_path()
-        with quiet_transformers():
-            self.tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-            self.text_model = AutoModel.from_pretrained(str(path), local_files_only=True, dtype=torch.float32)
-        self.text_dim = self.text_token_dim = int(self.text_model.config.hidden_size)  # 384
+        self.text = MiniLMText(max_text_tokens)
+        self.text_dim = self.text_token_dim = self.text.dim  # 384
         self.max_text_tokens = max_text_tokens
-        self._minilm_dir = path
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -175,17 +219,18 @@ class EmbeddedBackbone(Backbone):
 
     def weights_hash(self) -> str:
         img = file_sha256(efficientnet_weights_path())
-        txt = files_sha256(sorted(self._minilm_dir.glob("*.safetensors")), self._minilm_dir)
-        return short_hash(f"efficientnet-lite0:{img}|minilm:{txt}", 32)
+        return short_hash(f"efficientnet-lite0:{img}|minilm:{self.text.weights_sha256()}", 32)
 
     def preprocess_id(self) -> str:
         compute = "" if self.precision == "fp32" else f"|compute:{self.precision}"
         return f"resize-shorter-bicubic-rg3+center-crop:{self.resolution}|norm:{self.norm}{compute}"
 
     def text_preprocess_id(self) -> str:
-        tok = file_sha256(self._minilm_dir / "tokenizer.json")[:16]
         compute = "" if self.precision == "fp32" else f"|compute:{self.precision}"
-        return f"minilm-tokenizer:{tok}|global-tokens:{GLOBAL_TEXT_TOKENS}|max_text_tokens:{self.max_text_tokens}{compute}"
+        return self.text.preprocess_id() + compute
+
+    def text_cache_id(self) -> dict[str, str]:
+        return self.text.cache_id()
 
     # --- encoding ---
 
@@ -214,21 +259,8 @@ class EmbeddedBackbone(Backbone):
         tokens = tok.float().flatten(2).transpose(1, 2).contiguous()  # [B, H*W, C], row-major
         return ImageFeatures(global_=global_, tokens=tokens)
 
-    @torch.inference_mode()
     def encode_text(self, texts: list[str]) -> TextFeatures:
-        if isinstance(texts, str):
-            raise TypeError("encode_text takes a list of strings")
-        enc = self.tokenizer(
-            list(texts), padding=True, truncation=True, max_length=GLOBAL_TEXT_TOKENS, return_tensors="pt"
-        ).to(self.device)
-        with self._autocast():
-            hidden = self.text_model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
-        hidden = hidden.float()
-        mask = enc["attention_mask"].bool()
-        m = mask.unsqueeze(-1).to(hidden.dtype)
-        pooled = (hidden * m).sum(1) / m.sum(1).clamp_min(1.0)
-        L = min(self.max_text_tokens, hidden.shape[1])
-        return TextFeatures(global_=F.normalize(pooled, dim=-1), tokens=hidden[:, :L].contiguous(), mask=mask[:, :L].contiguous())
+        return self.text.encode(texts, self._autocast())
 
 
 @register_backbone("embedded")

@@ -107,6 +107,9 @@ class MultiBackbone(Backbone):
         # Each part's pixel tensor shape, to split the concatenated preprocess output back.
         probe = Image.new("RGB", (64, 48))
         self._pixel_shapes = [tuple(p.preprocess(probe).shape) for p in parts]
+        self.eval()
+        for p in self.parameters():
+            p.requires_grad_(False)
 
     def weights_hash(self) -> str:
         return short_hash(SEP.join(p.weights_hash() for p in self.parts), 32)

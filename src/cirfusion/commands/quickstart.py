@@ -40,6 +40,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help=f"at least this many fusion training steps (default {d.fusion_min_steps})")
     p.add_argument("--methods", default=",".join(POOL), help=f"comma-separated base pool (default {','.join(POOL)})")
     p.add_argument("--backbone", default=d.backbone, help=f"backbone name (default {d.backbone})")
+    p.add_argument("--pool-backbone", action="append", default=[], metavar="METHOD=BACKBONE",
+                   help="train this base method on another backbone (repeatable), e.g. tg-cir=colour; the fused "
+                        "model reads the backbones side by side")
     p.add_argument("--no-fuse", action="store_true", help="skip the DAFM fusion")
     p.add_argument("--catalog-limit", type=int, default=None, help="use at most N photos (seeded sample)")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/cache)")
@@ -54,8 +57,20 @@ def run(args: argparse.Namespace) -> int:
     from ..quickstart import QuickstartConfig, format_results, run_quickstart
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
+    pool_backbones = {}
+    for item in args.pool_backbone:
+        m, sep, b = item.partition("=")
+        if not sep or not m.strip() or not b.strip():
+            print(f"cirfusion quickstart: error: --pool-backbone expects METHOD=BACKBONE, got {item!r}", file=sys.stderr)
+            return 2
+        if m.strip() not in methods:
+            print(f"cirfusion quickstart: error: --pool-backbone names {m.strip()!r}, which is not in --methods "
+                  f"({', '.join(methods)})", file=sys.stderr)
+            return 2
+        pool_backbones[m.strip()] = b.strip()
     cfg = QuickstartConfig(out=args.out, photos=args.photos, seed=args.seed, n_images=args.n_images, epochs=args.epochs, catalog_epochs=args.catalog_epochs,
-                           fusion_epochs=args.fusion_epochs, fusion_min_steps=args.fusion_min_steps, methods=methods, backbone=args.backbone, cache_dir=args.cache_dir,
+                           fusion_epochs=args.fusion_epochs, fusion_min_steps=args.fusion_min_steps, methods=methods, backbone=args.backbone,
+                           pool_backbones=pool_backbones, cache_dir=args.cache_dir,
                            catalog_limit=args.catalog_limit, fuse=not args.no_fuse, progress=not args.no_progress,
                            threads=args.threads)
     t0 = time.perf_counter()
