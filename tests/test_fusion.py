@@ -625,3 +625,31 @@ def test_single_thread_if_small_restores_the_thread_count():
         with FU.single_thread_if_small(10):
             raise RuntimeError("boom")
     assert torch.get_num_threads() == n
+
+
+def test_multi_positive_losses():
+    """"sum" and "each" agree with one positive; with two, "each" needs both above the negatives (a low second
+    positive costs it, not "sum"); unknown modes are refused, in the loss and in the config."""
+    logits = torch.tensor([[5.0, 1.0, 0.0, -1.0], [4.0, 3.9, 0.0, -8.0]])
+    valid = torch.ones_like(logits, dtype=torch.bool)
+    one = torch.tensor([[True, False, False, False], [True, False, False, False]])
+    assert torch.allclose(FU.multi_positive_nce(logits, one, valid, "sum"), FU.multi_positive_nce(logits, one, valid, "each"))
+    expect = -torch.log_softmax(logits, 1)[:, 0].mean()
+    assert torch.allclose(FU.multi_positive_nce(logits, one, valid, "each"), expect)
+    two = one.clone()
+    two[:, 3] = True  # a second positive ranked last
+    assert FU.multi_positive_nce(logits, two, valid, "each") > FU.multi_positive_nce(logits, one, valid, "each") + 1.0
+    assert FU.multi_positive_nce(logits, two, valid, "sum") <= FU.multi_positive_nce(logits, one, valid, "sum")
+    with pytest.raises(ValueError, match="positive loss mode"):
+        FU.multi_positive_nce(logits, one, valid, "max")
+    with pytest.raises(ValueError, match="positives"):
+        FU.FusionConfig(positives="max")
+
+
+def test_fit_with_each_positive_loss(tmp_path):
+    bases = [colour_model(), shape_model()]
+    tr, va = colour_shape_world(tmp_path)
+    t = FU.SplitTable.build(bases, ["colour", "shape"], tr)
+    v = FU.SplitTable.build(bases, ["colour", "shape"], va)
+    m, res = FU.fuse(t, v, FU.FusionConfig(epochs=2, positives="each", seed=0))
+    assert res.steps and all(math.isfinite(s["loss"]) for s in res.steps)
