@@ -8,7 +8,7 @@ missing, with the base models trained for ``--epochs``:
     python benchmarks/dafm_accuracy.py --dir quickstart             # reuse a finished `cirfusion quickstart`
 
 The pool spans two backbones by default (``--pool-backbone``, as DAFM's own pool spans CLIP, BLIP and BLIP-2):
-CLIP4CIR and TG-CIR read ``embedded`` (EfficientNet-Lite0 + MiniLM), BLIP4CIR+Bi and SPRC read ``colour`` (a CIELab
+CLIP4CIR and BLIP4CIR+Bi read ``embedded`` (EfficientNet-Lite0 + MiniLM), TG-CIR and SPRC read ``colour`` (a CIELab
 colour-layout descriptor + the same MiniLM). With all four on ``embedded`` the models make correlated mistakes
 (per-query z-score correlation 0.64-0.93) and the fusion gained only about 1 point over the best single model
 (``--pool-backbone none`` reproduces that pool).
@@ -30,9 +30,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 POOL = ("clip4cir", "blip4cir-bi", "tg-cir", "sprc")
-# Like DAFM's own pool (CLIP4CIR and TG-CIR on CLIP, BLIP4CIR on BLIP, SPRC on BLIP-2), the pool spans two backbones:
-# base models that all read one backbone make correlated mistakes, and fusing them gains little (see the docstring).
-DEFAULT_POOL_BACKBONES = {"blip4cir-bi": "colour", "sprc": "colour"}
 
 
 def main() -> int:
@@ -51,19 +48,14 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-backbone", action="append", default=None, metavar="METHOD=BACKBONE",
                    help="train this pool method on another backbone when the pool must be trained (repeatable; "
-                        f"default: {' '.join(f'{m}={b}' for m, b in DEFAULT_POOL_BACKBONES.items())}; 'none' = all on "
-                        "embedded)")
+                        "default: the quickstart's, tg-cir=colour sprc=colour; 'none': all on embedded)")
     args = p.parse_args()
-    pool_backbones = dict(DEFAULT_POOL_BACKBONES)
-    if args.pool_backbone is not None:
-        pool_backbones = {}
-        for item in args.pool_backbone:
-            if item == "none":
-                continue
-            m, sep, b = item.partition("=")
-            if not sep:
-                p.error(f"--pool-backbone expects METHOD=BACKBONE, got {item!r}")
-            pool_backbones[m.strip()] = b.strip()
+    from cirfusion.quickstart import parse_pool_backbones
+
+    try:
+        pool_backbones = parse_pool_backbones(args.pool_backbone, POOL)
+    except ValueError as exc:
+        p.error(str(exc))
 
     import torch
 

@@ -42,7 +42,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--backbone", default=d.backbone, help=f"backbone name (default {d.backbone})")
     p.add_argument("--pool-backbone", action="append", default=[], metavar="METHOD=BACKBONE",
                    help="train this base method on another backbone (repeatable), e.g. tg-cir=colour; the fused "
-                        "model reads the backbones side by side")
+                        "model reads the backbones side by side. Default with the embedded backbone: "
+                        "tg-cir=colour sprc=colour; 'none': every method on --backbone")
     p.add_argument("--no-fuse", action="store_true", help="skip the DAFM fusion")
     p.add_argument("--catalog-limit", type=int, default=None, help="use at most N photos (seeded sample)")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/cache)")
@@ -54,20 +55,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..quickstart import QuickstartConfig, format_results, run_quickstart
+    from ..quickstart import QuickstartConfig, format_results, parse_pool_backbones, run_quickstart
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
-    pool_backbones = {}
-    for item in args.pool_backbone:
-        m, sep, b = item.partition("=")
-        if not sep or not m.strip() or not b.strip():
-            print(f"cirfusion quickstart: error: --pool-backbone expects METHOD=BACKBONE, got {item!r}", file=sys.stderr)
-            return 2
-        if m.strip() not in methods:
-            print(f"cirfusion quickstart: error: --pool-backbone names {m.strip()!r}, which is not in --methods "
-                  f"({', '.join(methods)})", file=sys.stderr)
-            return 2
-        pool_backbones[m.strip()] = b.strip()
+    try:
+        pool_backbones = parse_pool_backbones(args.pool_backbone, methods)
+    except ValueError as exc:
+        print(f"cirfusion quickstart: error: {exc}", file=sys.stderr)
+        return 2
     cfg = QuickstartConfig(out=args.out, photos=args.photos, seed=args.seed, n_images=args.n_images, epochs=args.epochs, catalog_epochs=args.catalog_epochs,
                            fusion_epochs=args.fusion_epochs, fusion_min_steps=args.fusion_min_steps, methods=methods, backbone=args.backbone,
                            pool_backbones=pool_backbones, cache_dir=args.cache_dir,
