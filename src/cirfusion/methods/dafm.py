@@ -93,7 +93,8 @@ class DAFM(CIRMethod):
         "tau0": 0.02,  # temperature of the in-batch loss until a fit sets the final one
         # Precision of the base scores of models using the default (cosine / max-sim) similarity: "float16" halves
         # the bytes read per query (products accumulate in float32; scores rounded to ~1e-4), "float32" is exact,
-        # "int8" reads an int8 copy of the float16 gallery (~2x faster per query than float16; scores within ~2e-3).
+        # "int8" reads an int8 copy of the float16 gallery (base scores ~1.7x faster than float16 on CPU; scores
+        # within ~3e-3).
         "score_dtype": "float16",
     }
 
