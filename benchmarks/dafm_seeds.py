@@ -1,0 +1,71 @@
+"""How much the DAFM gain depends on the fusion's own seed (issue 4, section 3): on a finished quickstart or
+``dafm_accuracy.py`` directory, fit the fusion of the whole pool with seeds 0..N-1 and print each seed's gain over
+the best single model on test (Rmean on synthetic, mAP@10 on the catalog).
+
+    python benchmarks/dafm_seeds.py --dir bench-dafm --seeds 5
+
+The seed draws the held-out fifth of the fit (val) queries that picks the epoch, the network's initial weights, the
+batch order and the random negatives; the base models are the directory's, unchanged. Ends with one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dir", type=Path, default=Path("bench-dafm"))
+    p.add_argument("--seeds", type=int, default=5)
+    p.add_argument("--min-steps", type=int, default=500)
+    p.add_argument("--holdout", type=float, default=0.2)
+    args = p.parse_args()
+
+    import numpy as np
+    import torch
+
+    from cirfusion.api import load
+    from cirfusion.data.registry import load_dataset
+    from cirfusion.features import FeatureCache
+    from cirfusion.fusion import (FusionConfig, SplitTable, baseline_model, evaluate_base, evaluate_fused, fuse,
+                                  fusion_backbone)
+    from cirfusion.quickstart import POOL, headline_metric
+    from cirfusion.train import load_split_data
+
+    torch.set_num_threads(2)
+    t0 = time.perf_counter()
+    man = json.loads((args.dir / "manifest.json").read_text(encoding="utf-8"))
+    cache_dir = man["config"]["cache_dir"] or str(args.dir / "cache")
+    figures: dict[str, object] = {"dir": str(args.dir), "seeds": args.seeds}
+    for bench, ckpts in man["checkpoints"].items():
+        names = [m for m in POOL if m in ckpts]
+        models = [load(ckpts[m]) for m in names]
+        cache = FeatureCache(fusion_backbone([m.backbone for m in models]), cache_dir)
+        tables = {s: SplitTable.build([m.method for m in models], names,
+                                      load_split_data(cache, load_dataset(bench, args.dir / "data" / bench, s)))
+                  for s in ("val", "test")}
+        single = {n: evaluate_base(tables["test"], k) for k, n in enumerate(names)}
+        metric = headline_metric(bench, single[names[0]])
+        best = max(v[metric] for v in single.values())
+        mean = evaluate_fused(baseline_model(tables["test"]), tables["test"])[metric] - best
+        gains = []
+        for seed in range(args.seeds):
+            cfg = FusionConfig(min_steps=args.min_steps, holdout=args.holdout, val_metric=metric, seed=seed)
+            model, _ = fuse(tables["val"], None, cfg)
+            gains.append(evaluate_fused(model, tables["test"])[metric] - best)
+        print(f"{bench} ({metric}, {tables['test'].num_queries} test queries): gain of the full fusion over the best "
+              f"single model per seed " + ", ".join(f"{g:+.2f}" for g in gains)
+              + f"; min {min(gains):+.2f}, mean {np.mean(gains):+.2f}; mean of normalised scores {mean:+.2f}", flush=True)
+        figures[bench] = {"metric": metric, "best_single": best, "gains": gains, "min": min(gains),
+                          "mean": float(np.mean(gains)), "mean_normalised_gain": mean}
+    figures["wall_s"] = time.perf_counter() - t0
+    print(json.dumps(figures, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
