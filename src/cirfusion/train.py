@@ -288,8 +288,9 @@ class Examples:
     from (``source``) ``"neighbours"``: the ``pool`` images most similar to its reference (frozen global features), or
     ``"subset"``: its annotated subset (CIRR's ``img_set``, the synthetic benchmark's one-detail variants -- the
     reference included), falling back to the neighbours for a query without one. In-batch negatives are mostly
-    unrelated images, so a model trained on them alone learns to find the right scene but never the detail that
-    separates the target from its near-duplicates (measured on the synthetic benchmark: Rsubset@1 stays at chance).
+    unrelated images, so a model trained on them alone learns to find the right scene rather than the detail that
+    separates the target from its near-duplicates. (On the synthetic benchmark neither source has lifted held-out
+    Rsubset@1 above chance yet: the models fit the subsets of their training queries and do not generalise.)
     """
 
     SOURCES = ("neighbours", "subset")
