@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-POOL = ("clip4cir", "blip4cir-bi", "tg-cir", "sprc")
 
 
 def main() -> int:
@@ -53,7 +52,7 @@ def main() -> int:
                    help="train this pool method on another backbone when the pool must be trained (repeatable; "
                         "default: the quickstart's, tg-cir=colour sprc=colour; 'none': all on embedded)")
     args = p.parse_args()
-    from cirfusion.quickstart import parse_pool_backbones
+    from cirfusion.quickstart import POOL, parse_pool_backbones
 
     try:
         pool_backbones = parse_pool_backbones(args.pool_backbone, POOL)
@@ -62,13 +61,10 @@ def main() -> int:
 
     import torch
 
-    from cirfusion.api import load
-    from cirfusion.data.registry import load_dataset
-    from cirfusion.features import FeatureCache
-    from cirfusion.fusion import (FusionConfig, SplitTable, baseline_model, evaluate_base, evaluate_fused, fuse,
-                                  fusion_backbone, incremental_analysis, plot_incremental)
+    from cirfusion.fusion import (FusionConfig, baseline_model, evaluate_base, evaluate_fused, fuse, incremental_analysis,
+                                  plot_incremental)
     from cirfusion.io import atomic_write_json
-    from cirfusion.quickstart import QuickstartConfig, headline_metric, run_quickstart
+    from cirfusion.quickstart import QuickstartConfig, headline_metric, pool_tables, run_quickstart
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
@@ -81,21 +77,10 @@ def main() -> int:
                                         catalog_epochs=args.catalog_epochs, pool_backbones=pool_backbones,
                                         progress=False))
     man = json.loads(manifest.read_text(encoding="utf-8"))
-    cache_dir = man["config"]["cache_dir"] or str(args.dir / "cache")
     all_figures: dict[str, object] = {"dir": str(args.dir), "quickstart_config": man["config"]}
-    for bench, ckpts in man["checkpoints"].items():
-        names = [m for m in POOL if m in ckpts]
-        models = [load(ckpts[m]) for m in names]
-        # Bases on several backbones: the fusion reads their multi: composite (the parts' cached features).
-        cache = FeatureCache(fusion_backbone([m.backbone for m in models]), cache_dir)
-        root = args.dir / "data" / bench
-        tables = {}
-        for split in ("val", "test"):
-            from cirfusion.train import load_split_data
-
-            ds = load_dataset(bench, root, split)
-            tables[split] = SplitTable.build([m.method for m in models], names, load_split_data(cache, ds))
+    for bench, (models, tables) in pool_tables(args.dir).items():
         fit, test = tables["val"], tables["test"]
+        names = fit.names
         single = {n: evaluate_base(test, k) for k, n in enumerate(names)}
         metric = headline_metric(bench, single[names[0]])
         print(f"\n{bench}: pool " + ", ".join(f"{n} on {m.backbone.backbone_id}" for n, m in zip(names, models)), flush=True)

@@ -28,26 +28,14 @@ def main() -> int:
     import numpy as np
     import torch
 
-    from cirfusion.api import load
-    from cirfusion.data.registry import load_dataset
-    from cirfusion.features import FeatureCache
-    from cirfusion.fusion import (FusionConfig, SplitTable, baseline_model, evaluate_base, evaluate_fused, fuse,
-                                  fusion_backbone)
-    from cirfusion.quickstart import POOL, headline_metric
-    from cirfusion.train import load_split_data
+    from cirfusion.fusion import FusionConfig, baseline_model, evaluate_base, evaluate_fused, fuse
+    from cirfusion.quickstart import headline_metric, pool_tables
 
     torch.set_num_threads(2)
     t0 = time.perf_counter()
-    man = json.loads((args.dir / "manifest.json").read_text(encoding="utf-8"))
-    cache_dir = man["config"]["cache_dir"] or str(args.dir / "cache")
     figures: dict[str, object] = {"dir": str(args.dir), "seeds": args.seeds}
-    for bench, ckpts in man["checkpoints"].items():
-        names = [m for m in POOL if m in ckpts]
-        models = [load(ckpts[m]) for m in names]
-        cache = FeatureCache(fusion_backbone([m.backbone for m in models]), cache_dir)
-        tables = {s: SplitTable.build([m.method for m in models], names,
-                                      load_split_data(cache, load_dataset(bench, args.dir / "data" / bench, s)))
-                  for s in ("val", "test")}
+    for bench, (_, tables) in pool_tables(args.dir).items():
+        names = tables["val"].names
         single = {n: evaluate_base(tables["test"], k) for k, n in enumerate(names)}
         metric = headline_metric(bench, single[names[0]])
         best = max(v[metric] for v in single.values())

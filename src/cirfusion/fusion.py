@@ -207,17 +207,10 @@ def feature_parts(bases: Sequence[CIRMethod]) -> tuple[list[Any], list[int]] | N
 def composite_dims(parts: Sequence[Any]) -> Any:
     """The :class:`MethodDims` of the ``multi:`` backbone over ``parts`` (what :class:`~cirfusion.backbones.multi.
     MultiBackbone` reports, computed without building it)."""
-    from .backbones._util import short_hash
-    from .backbones.multi import SEP, multi_id
+    from .backbones.multi import composite_fields
     from .methods.base import MethodDims
 
-    return MethodDims(image_dim=sum(p.image_dim for p in parts), image_token_dim=max(p.image_token_dim for p in parts),
-                      num_image_tokens=sum(p.num_image_tokens for p in parts), text_dim=sum(p.text_dim for p in parts),
-                      text_token_dim=max(p.text_token_dim for p in parts),
-                      max_text_tokens=sum(p.max_text_tokens for p in parts), aligned=False,
-                      backbone_id=multi_id([p.backbone_id for p in parts]),
-                      weights_hash=short_hash(SEP.join(p.weights_hash for p in parts), 32),
-                      preprocess_id="multi[" + SEP.join(p.preprocess_id for p in parts) + "]")
+    return MethodDims(**composite_fields(parts), aligned=False)
 
 
 def fusion_backbone(backbones: Sequence[Any]) -> Any:
@@ -619,11 +612,11 @@ class SplitTable:
             parts, part_of = fp
             sl = part_slices(parts)
             cut = [sl[i] for i in part_of]
-            want = composite_dims(parts).image_dim
-            if int(view.img_global.shape[1]) != want:
-                raise FusionError(f"the base models read {len(parts)} backbones ({composite_dims(parts).backbone_id}): "
-                                  f"their features must come from that multi: backbone ({want}-d global image "
-                                  f"features), got {int(view.img_global.shape[1])}-d")
+            want = composite_dims(parts)
+            if int(view.img_global.shape[1]) != want.image_dim:
+                raise FusionError(f"the base models read {len(parts)} backbones ({want.backbone_id}): their features "
+                                  f"must come from that multi: backbone ({want.image_dim}-d global image features), "
+                                  f"got {int(view.img_global.shape[1])}-d")
         for b in bases:
             b.eval()
         g_rows = np.array([view.image_row(i) for i in ds.gallery.ids], dtype=np.int64)

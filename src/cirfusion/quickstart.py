@@ -353,6 +353,31 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backb
     return run
 
 
+def pool_tables(out: str | Path, splits: Sequence[str] = ("val", "test")) -> dict[str, tuple[list[Any], dict[str, Any]]]:
+    """For a finished quickstart in ``out``: per benchmark, its trained pool (loaded checkpoints, in :data:`POOL`
+    order) and the fusion tables of ``splits``, read from the run's feature cache (bases on several backbones through
+    their multi: composite)."""
+    from .api import load
+    from .data.registry import load_dataset
+    from .features import FeatureCache
+    from .fusion import SplitTable, fusion_backbone
+    from .train import load_split_data
+
+    out = Path(out)
+    man = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+    cache_dir = man["config"]["cache_dir"] or str(out / "cache")
+    result = {}
+    for bench, ckpts in man["checkpoints"].items():
+        names = [m for m in POOL if m in ckpts]
+        models = [load(ckpts[m]) for m in names]
+        cache = FeatureCache(fusion_backbone([m.backbone for m in models]), cache_dir)
+        tables = {s: SplitTable.build([m.method for m in models], names,
+                                      load_split_data(cache, load_dataset(bench, out / "data" / bench, s)))
+                  for s in splits}
+        result[bench] = (models, tables)
+    return result
+
+
 def headline_metric(benchmark: str, metrics: dict[str, float]) -> str:
     """The metric a benchmark is judged on: mAP@10 on the catalog (most of its queries have several positives),
     else Rmean where there are subsets, else mAP@10, else R@10."""

@@ -71,16 +71,30 @@ def part_slices(parts: Sequence[Any]) -> list[PartSlice]:
     return out
 
 
-def split_multi_id(backbone_id: str) -> list[str] | None:
-    """The part ids of a ``multi:`` id, or None for any other id."""
-    family, sep, rest = backbone_id.partition(":")
-    if family.strip() != "multi":
-        return None
-    return [p.strip() for p in rest.split(SEP)]
-
-
 def multi_id(part_ids: Sequence[str]) -> str:
     return "multi:" + SEP.join(part_ids)
+
+
+def composite_fields(parts: Sequence[Any]) -> dict[str, Any]:
+    """Dimensions and identity of the composite of ``parts``: backbones, or their :class:`MethodDims` records (whose
+    ``weights_hash`` / ``preprocess_id`` are strings rather than methods). One definition for the backbone itself and
+    for a fused model that checks its bases against it without building it."""
+
+    def value(p: Any, name: str) -> str:
+        v = getattr(p, name)
+        return str(v() if callable(v) else v)
+
+    return {
+        "image_dim": sum(p.image_dim for p in parts),
+        "image_token_dim": max(p.image_token_dim for p in parts),
+        "num_image_tokens": sum(p.num_image_tokens for p in parts),
+        "text_dim": sum(p.text_dim for p in parts),
+        "text_token_dim": max(p.text_token_dim for p in parts),
+        "max_text_tokens": sum(p.max_text_tokens for p in parts),
+        "backbone_id": multi_id([p.backbone_id for p in parts]),
+        "weights_hash": short_hash(SEP.join(value(p, "weights_hash") for p in parts), 32),
+        "preprocess_id": "multi[" + SEP.join(value(p, "preprocess_id") for p in parts) + "]",
+    }
 
 
 class MultiBackbone(Backbone):
@@ -95,15 +109,11 @@ class MultiBackbone(Backbone):
             if SEP in i or i.startswith("multi:"):
                 raise ValueError(f"multi backbone: part id {i!r} cannot contain {SEP!r} or be a multi backbone itself")
         self.parts = nn.ModuleList(parts)
-        self.backbone_id = multi_id(ids)
-        self.image_dim = sum(p.image_dim for p in parts)
-        self.num_image_tokens = sum(p.num_image_tokens for p in parts)
-        self.image_token_dim = max(p.image_token_dim for p in parts)
-        self.text_dim = sum(p.text_dim for p in parts)
-        self.max_text_tokens = sum(p.max_text_tokens for p in parts)
-        self.text_token_dim = max(p.text_token_dim for p in parts)
+        fields = composite_fields(parts)
+        self._weights_hash, self._preprocess_id = fields.pop("weights_hash"), fields.pop("preprocess_id")
+        for k, v in fields.items():  # backbone_id and the dimensions
+            setattr(self, k, v)
         self.aligned = False  # the concatenated global spaces are not one space
-        self.slices = part_slices(parts)
         # Each part's pixel tensor shape, to split the concatenated preprocess output back.
         probe = Image.new("RGB", (64, 48))
         self._pixel_shapes = [tuple(p.preprocess(probe).shape) for p in parts]
@@ -112,10 +122,10 @@ class MultiBackbone(Backbone):
             p.requires_grad_(False)
 
     def weights_hash(self) -> str:
-        return short_hash(SEP.join(p.weights_hash() for p in self.parts), 32)
+        return self._weights_hash
 
     def preprocess_id(self) -> str:
-        return "multi[" + SEP.join(p.preprocess_id() for p in self.parts) + "]"
+        return self._preprocess_id
 
     def text_preprocess_id(self) -> str:
         return "multi[" + SEP.join(p.text_preprocess_id() for p in self.parts) + "]"
@@ -158,4 +168,4 @@ def create_multi(location: str, **kw: Any) -> MultiBackbone:
     return MultiBackbone([create_backbone(i) for i in ids])
 
 
-__all__ = ["MultiBackbone", "PartSlice", "create_multi", "multi_id", "part_slices", "split_multi_id"]
+__all__ = ["MultiBackbone", "PartSlice", "composite_fields", "create_multi", "multi_id", "part_slices"]
