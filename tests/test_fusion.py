@@ -20,7 +20,9 @@ from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
 from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.methods import CIRMethod, MethodDims, create_method
 from cirfusion.methods.dafm import DAFM
-from cirfusion.train import SplitData, evaluate, seed_everything
+from cirfusion.views import SplitData
+from cirfusion.evaluation import evaluate
+from cirfusion.seeding import seed_everything
 from test_train import ToyImages, ToyTexts, make_custom_dataset, make_toy, toy_dims
 
 
@@ -520,7 +522,7 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     from cirfusion.backbones import create_backbone
     from cirfusion.cli import main
     from cirfusion.features import FeatureCache
-    from cirfusion.train import load_split_data
+    from cirfusion.views import load_split_data
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_custom_dataset(data)

@@ -18,7 +18,7 @@ from cirfusion.cli import main
 from cirfusion.index import brute_force_search
 from cirfusion.methods import create_method
 from cirfusion.methods.dafm import DAFM
-from cirfusion.train import seed_everything
+from cirfusion.seeding import seed_everything
 
 TEXT = "make it green and move it to the left"
 

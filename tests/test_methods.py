@@ -24,7 +24,9 @@ from cirfusion.methods import (
     register_method,
     stage_parameters,
 )
-from cirfusion.train import Examples, FeatureView, seed_everything
+from cirfusion.examples import Examples
+from cirfusion.views import FeatureView
+from cirfusion.seeding import seed_everything
 from test_train import make_toy, toy_dims
 
 

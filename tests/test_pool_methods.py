@@ -19,7 +19,11 @@ from cirfusion.backbones.base import ImageFeatures, TextFeatures
 from cirfusion.checkpoint import load_checkpoint, read_config, save_checkpoint
 from cirfusion.methods import MethodDims, create_method, list_methods
 from cirfusion.methods.base import Batch
-from cirfusion.train import Examples, FeatureView, TrainConfig, evaluate, seed_everything, train
+from cirfusion.examples import Examples
+from cirfusion.views import FeatureView
+from cirfusion.train import TrainConfig, train
+from cirfusion.evaluation import evaluate
+from cirfusion.seeding import seed_everything
 from test_train import make_toy, toy_dims
 
 POOL = ["blip4cir", "blip4cir-bi", "tg-cir", "sprc"]

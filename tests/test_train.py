@@ -21,19 +21,12 @@ from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.methods import MethodDims, Stage, create_method
 from cirfusion.methods.clip4cir import CLIP4CIR
 from cirfusion.metrics import evaluate_scores
-from cirfusion.train import (
-    Examples,
-    FeatureView,
-    SplitData,
-    TrainConfig,
-    evaluate,
-    lr_at,
-    reference_neighbours,
-    score_blocks,
-    seed_everything,
-    shard_batches,
-    train,
-)
+from cirfusion.examples import Examples, reference_neighbours, shard_batches
+from cirfusion.views import FeatureView, SplitData
+from cirfusion.train import TrainConfig, train
+from cirfusion.evaluation import evaluate, score_blocks
+from cirfusion.optim import lr_at
+from cirfusion.seeding import seed_everything
 
 N_ATTR, N_VAL = 3, 4
 

@@ -98,7 +98,7 @@ from .metrics import RetrievalMetrics
 
 if TYPE_CHECKING:  # pragma: no cover
     from .methods.dafm import DAFM
-    from .train import SplitData
+    from .views import SplitData
 
 STAT_NAMES = ("top1", "margin", "topk_gap", "topk_entropy", "log_std")
 NUM_STATS = len(STAT_NAMES)
@@ -596,7 +596,7 @@ class SplitTable:
         """Encode a split's queries (their evaluation text) and gallery with every base model, from cached features."""
         from tqdm.auto import tqdm
 
-        from .train import FeatureView
+        from .views import FeatureView
 
         view = FeatureView(data.images, data.texts)
         ds = data.dataset
@@ -965,7 +965,7 @@ class FitResult:
 
 
 def _step_generator(seed: int, step: int) -> torch.Generator:
-    from .train import step_seed
+    from .seeding import step_seed
 
     return torch.Generator().manual_seed(step_seed(seed, 7, step))
 
@@ -1022,7 +1022,8 @@ def fit(model: "DAFM", train: SplitTable, val: SplitTable | None = None, cfg: Fu
     the best validation metric (the last one without ``val``). The bases stay frozen."""
     from tqdm.auto import tqdm
 
-    from .train import lr_at, make_optimizer, pick_val_metric
+    from .optim import lr_at, make_optimizer
+    from .evaluation import pick_val_metric
 
     cfg = cfg or FusionConfig()
     if train.num_models != model.num_models:
@@ -1174,7 +1175,7 @@ def incremental_analysis(train: SplitTable, val: SplitTable, evaluate_on: SplitT
     """For every order of adding the other models to ``start``: the metric of the fusion of each prefix on
     ``evaluate_on`` (one fusion trained per distinct subset, reused across orders; ``trained`` may pre-fill subsets
     already measured). Returns the figures as JSON-ready data."""
-    from .train import pick_val_metric
+    from .evaluation import pick_val_metric
 
     names = train.names
     orders = incremental_orders(names, start, seed=cfg.seed)

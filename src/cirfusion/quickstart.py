@@ -180,7 +180,8 @@ def _exclusion_mask(dataset: Any, rows: Sequence[int]) -> torch.Tensor:
 
 def top_results(method: Any, data: Any, rows: Sequence[int], k: int = 5) -> list[list[tuple[int, float]]]:
     """The ``k`` best gallery columns ``(column, score)`` of the given query rows, reference left out."""
-    from .train import FeatureView, encode_gallery
+    from .views import FeatureView
+    from .evaluation import encode_gallery
 
     view = FeatureView(data.images, data.texts)
     ds = data.dataset
@@ -257,7 +258,10 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backb
     from .io import atomic_write_json
     from .manifest import dataset_record
     from .methods.registry import create_method
-    from .train import TrainConfig, evaluate, load_split_data, seed_everything, train
+    from .train import TrainConfig, train
+    from .evaluation import evaluate
+    from .views import load_split_data
+    from .seeding import seed_everything
 
     run = BenchmarkRun(name, root)
     t0 = time.perf_counter()
@@ -361,7 +365,7 @@ def pool_tables(out: str | Path, splits: Sequence[str] = ("val", "test")) -> dic
     from .data.registry import load_dataset
     from .features import FeatureCache
     from .fusion import SplitTable, fusion_backbone
-    from .train import load_split_data
+    from .views import load_split_data
 
     out = Path(out)
     man = json.loads((out / "manifest.json").read_text(encoding="utf-8"))

@@ -27,13 +27,9 @@ rank 0 alone validates and writes.
 from __future__ import annotations
 
 import json
-import math
-import os
-import random
-import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 import torch
@@ -41,7 +37,6 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .backbones.base import ImageFeatures, TextFeatures
 from .checkpoint import (
     CheckpointError,
     atomic_directory,
@@ -54,10 +49,15 @@ from .checkpoint import (
     set_rng_state,
     write_checkpoint_files,
 )
-from .data.schema import CIRDataset, DataError, Query
+from .distributed import allreduce_gradients, distributed_context
+from .evaluation import evaluate, pick_val_metric
+from .examples import Examples, shard_batches
+from .io import atomic_write_text
 from .manifest import build_manifest, write_manifest
-from .methods.base import Batch, CIRMethod, Embedding, Stage, cat_embeddings, stage_parameters
-from .metrics import RetrievalMetrics
+from .methods.base import CIRMethod, stage_parameters
+from .optim import lr_at, make_optimizer
+from .seeding import seed_everything, step_seed
+from .views import FeatureView, SplitData
 
 STATE_FILE = "state.json"
 METRICS_FILE = "metrics.jsonl"
@@ -102,16 +102,6 @@ class TrainConfig:
 
 
 @dataclass
-class SplitData:
-    """A split with its cached features: ``images`` covers every image the split names, ``texts`` every text it
-    can use (query texts, and for training every text ``training_text`` can return)."""
-
-    dataset: CIRDataset
-    images: Any  # ImageFeatureTable: .ids, .global_ [N,D], .tokens [N,T,Dt], .index(id)
-    texts: Any  # TextFeatureTable: .global_ [M,D], .tokens [M,L,Dt], .mask [M,L], .index(text)
-
-
-@dataclass
 class TrainResult:
     run_dir: Path
     best_dir: Path
@@ -122,335 +112,6 @@ class TrainResult:
     completed: bool  # False when stopped early by ``stop_after_steps``
     global_step: int
 
-
-def load_split_data(cache: Any, dataset: CIRDataset, training: bool = False, progress: bool = False,
-                    all_texts: bool = False) -> SplitData:
-    """A split's cached features (computed on first use): its gallery and the texts its queries use; with
-    ``training`` also every text a training step can draw (:func:`training_texts`). ``all_texts`` adds every caption
-    variant and fine-grained text the annotations carry (:func:`cirfusion.features.dataset_texts`), for methods that
-    read them; encoding only what is used keeps text encoding (the slow part on CPU) to one text per query."""
-    from .features import dataset_texts
-
-    images = cache.image_features(dataset.gallery.ids, dataset.gallery.paths, progress=progress)
-    texts = list(dict.fromkeys(q.text for q in dataset.queries))
-    if all_texts:
-        texts += dataset_texts(dataset)
-    if training:
-        texts += training_texts(dataset)
-    return SplitData(dataset, images, cache.text_features(texts, progress=progress))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Features -> tensors
-# ---------------------------------------------------------------------------------------------------------------------
-class FeatureView:
-    """Fast row gathering from a split's feature tables. Global vectors are held as float32 tensors. Tokens are
-    only read when the method uses them: the first such read loads that table's tokens into memory (fp16; random
-    row gathers from a memory map are slow), e.g. 64 x 112 per image is 14 KB, 10k images 140 MB."""
-
-    def __init__(self, images: Any, texts: Any) -> None:
-        self.images, self.texts = images, texts
-        self.img_global = torch.from_numpy(np.asarray(images.global_, dtype=np.float32))
-        self.txt_global = torch.from_numpy(np.asarray(texts.global_, dtype=np.float32))
-        self._img_tokens: np.ndarray | None = None
-        self._txt_tokens: tuple[np.ndarray, np.ndarray] | None = None
-
-    def image_row(self, image_id: str) -> int:
-        try:
-            return int(self.images.index(image_id))
-        except (KeyError, ValueError, IndexError, DataError):
-            raise DataError(None, image_id, "image id has no cached features (not in the split's image table)") from None
-
-    def text_row(self, text: str) -> int:
-        try:
-            return int(self.texts.index(text))
-        except (KeyError, ValueError, IndexError, DataError):
-            raise DataError(None, text, "text has no cached features (not in the split's text table)") from None
-
-    def image(self, rows: np.ndarray, tokens: bool) -> ImageFeatures:
-        rows = np.asarray(rows, dtype=np.int64)
-        g = self.img_global[torch.from_numpy(rows)]
-        if tokens:
-            if self._img_tokens is None:
-                self._img_tokens = np.ascontiguousarray(self.images.tokens)
-            t = torch.from_numpy(self._img_tokens[rows].astype(np.float32))
-        else:
-            t = torch.zeros(len(rows), 0, self.images.tokens.shape[-1])
-        return ImageFeatures(global_=g, tokens=t)
-
-    def text(self, rows: np.ndarray, tokens: bool) -> TextFeatures:
-        rows = np.asarray(rows, dtype=np.int64)
-        g = self.txt_global[torch.from_numpy(rows)]
-        if tokens:
-            if self._txt_tokens is None:
-                self._txt_tokens = np.ascontiguousarray(self.texts.tokens), np.ascontiguousarray(self.texts.mask, dtype=bool)
-            t = torch.from_numpy(self._txt_tokens[0][rows].astype(np.float32))
-            m = torch.from_numpy(self._txt_tokens[1][rows])
-        else:
-            t = torch.zeros(len(rows), 0, self.texts.tokens.shape[-1])
-            m = torch.zeros(len(rows), 0, dtype=torch.bool)
-        return TextFeatures(global_=g, tokens=t, mask=m)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Evaluation: full-gallery scores in query chunks
-# ---------------------------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def encode_gallery(method: CIRMethod, view: FeatureView, ids: list[str], chunk: int = 1024) -> Embedding:
-    rows = np.array([view.image_row(i) for i in ids], dtype=np.int64)
-    parts = [method.encode_gallery(view.image(rows[s : s + chunk], method.uses_image_tokens)) for s in range(0, len(rows), chunk)]
-    return cat_embeddings(parts)
-
-
-@torch.no_grad()
-def score_blocks(
-    method: CIRMethod, view: FeatureView, dataset: CIRDataset, chunk: int = 512, progress: bool = False
-) -> Iterator[tuple[int, torch.Tensor]]:
-    """Yield ``(row_start, scores [rows, N])`` over every query of ``dataset`` against its whole gallery."""
-    was_training = method.training
-    method.eval()
-    try:
-        g = encode_gallery(method, view, dataset.gallery.ids)
-        queries = dataset.queries
-        bar = tqdm(range(0, len(queries), chunk), desc=f"scoring {dataset.key}", disable=not progress, leave=False)
-        for s in bar:
-            qs = queries[s : s + chunk]
-            ref = view.image(np.array([view.image_row(q.reference) for q in qs]), method.uses_image_tokens)
-            text = view.text(np.array([view.text_row(q.text) for q in qs]), method.uses_text_tokens)
-            yield s, method.similarity(method.encode_query(ref, text), g).float()
-    finally:
-        method.train(was_training)
-
-
-def evaluate(method: CIRMethod, data: SplitData, chunk: int = 512, progress: bool = False, view: FeatureView | None = None) -> dict[str, float]:
-    """Retrieval metrics (percent) of ``method`` on a split, computed block by block."""
-    view = view or FeatureView(data.images, data.texts)
-    metrics = RetrievalMetrics(data.dataset)
-    for start, block in score_blocks(method, view, data.dataset, chunk, progress):
-        metrics.update(start, block.numpy())
-    return metrics.compute()
-
-
-def pick_val_metric(name: str, metrics: Mapping[str, float], dataset: CIRDataset) -> str:
-    if name != "auto":
-        if name not in metrics:
-            raise KeyError(f"validation metric {name!r} is not computed on {dataset.key}; available: {sorted(metrics)}")
-        return name
-    if "Rmean" in metrics:
-        return "Rmean"
-    if any(len(set(q.targets)) > 1 for q in dataset.queries) and "mAP@10" in metrics:
-        return "mAP@10"
-    return "R@10"
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Training examples and batches
-# ---------------------------------------------------------------------------------------------------------------------
-def candidate_training_texts(dataset: CIRDataset, q: Query) -> list[str]:
-    """Every text ``dataset.training_text(q, rng)`` can return (so they can all be encoded up front)."""
-    from .data.schema import join_fashioniq
-
-    if dataset.text_policy == "fashioniq" and len(q.captions) >= 2:
-        c1, c2 = q.captions[0], q.captions[1]
-        return list(dict.fromkeys([join_fashioniq(c1, c2), join_fashioniq(c2, c1), join_fashioniq(c1, ""), join_fashioniq(c2, "")]))
-    if dataset.text_policy == "random" and q.captions:
-        return list(dict.fromkeys(q.captions))
-    return [q.text]
-
-
-def training_texts(dataset: CIRDataset) -> list[str]:
-    """The union of every query's candidate training texts, in a stable order."""
-    out: dict[str, None] = {}
-    for q in dataset.queries:
-        if q.targets:
-            out.update(dict.fromkeys(candidate_training_texts(dataset, q)))
-    return list(out)
-
-
-def reference_neighbours(global_: torch.Tensor, rows: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """``[len(rows), k]``: for each image row, its ``k`` most similar other images (cosine of the frozen global
-    features), most similar first."""
-    g = torch.nn.functional.normalize(global_.float(), dim=-1)
-    k = min(k, g.shape[0] - 1)
-    out = []
-    for s in range(0, len(rows), chunk):
-        r = torch.from_numpy(rows[s : s + chunk])
-        sims = g[r] @ g.T
-        sims[torch.arange(len(r)), r] = float("-inf")  # not itself
-        out.append(sims.topk(k, dim=1).indices.numpy())
-    return np.concatenate(out) if out else np.zeros((0, k), dtype=np.int64)
-
-
-class Examples:
-    """The trainable queries of a split (those with targets) as image-table rows.
-
-    ``hard_negatives=k > 0``: each example also gets ``k`` hard negatives per epoch, its positives excluded, drawn
-    from (``source``) ``"neighbours"``: the ``pool`` images most similar to its reference (frozen global features), or
-    ``"subset"``: its annotated subset (CIRR's ``img_set``, the synthetic benchmark's one-detail variants -- the
-    reference included), falling back to the neighbours for a query without one. In-batch negatives are mostly
-    unrelated images, so a model trained on them alone learns to find the right scene rather than the detail that
-    separates the target from its near-duplicates. (On the synthetic benchmark neither source has lifted held-out
-    Rsubset@1 above chance yet: the models fit the subsets of their training queries and do not generalise.)
-    """
-
-    SOURCES = ("neighbours", "subset")
-
-    def __init__(self, data: SplitData, view: FeatureView, hard_negatives: int = 0, pool: int = 32,
-                 source: str = "neighbours") -> None:
-        if source not in self.SOURCES:
-            raise ValueError(f"hard_negative_source must be one of {self.SOURCES}, got {source!r}")
-        self.data, self.view = data, view
-        self.queries = [q for q in data.dataset.queries if q.targets]
-        if not self.queries:
-            raise DataError(data.dataset.files[0] if data.dataset.files else None, None,
-                            f"split {data.dataset.key} has no query with a target: nothing to train on")
-        self.ref_rows = np.array([view.image_row(q.reference) for q in self.queries], dtype=np.int64)
-        self.positives = [np.unique(np.array([view.image_row(t) for t in q.targets], dtype=np.int64)) for q in self.queries]
-        self.hard_negatives = int(hard_negatives)
-        self.candidates: np.ndarray | None = None
-        if self.hard_negatives > 0:
-            refs, inv = np.unique(self.ref_rows, return_inverse=True)
-            cand = reference_neighbours(view.img_global, refs, max(pool, self.hard_negatives))[inv]
-            if source == "subset":
-                cand = self._subset_candidates(cand)
-            for i, p in enumerate(self.positives):
-                cand[i, np.isin(cand[i], p)] = -1
-            self.candidates = cand
-
-    def _subset_candidates(self, neighbours: np.ndarray) -> np.ndarray:
-        """Per example, its subset members' image rows (padded with -1), or its reference's neighbours without one."""
-        rows = []
-        for i, q in enumerate(self.queries):
-            if q.subset:
-                rows.append(np.array([self.view.image_row(m) for m in dict.fromkeys(q.subset)], dtype=np.int64))
-            else:
-                rows.append(neighbours[i])
-        width = max(len(r) for r in rows)
-        out = np.full((len(rows), width), -1, dtype=np.int64)
-        for i, r in enumerate(rows):
-            out[i, : len(r)] = r
-        return out
-
-    def __len__(self) -> int:
-        return len(self.queries)
-
-    def epoch_plan(self, seed: int, stage: int, epoch: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """(order, target row per example, text per example) for one epoch; a pure function of its arguments
-        (what makes a resumed run identical to an uninterrupted one)."""
-        rng = np.random.default_rng([seed, stage, epoch])
-        order = rng.permutation(len(self.queries))
-        targets = np.array([p[rng.integers(len(p))] if len(p) > 1 else p[0] for p in self.positives], dtype=np.int64)
-        text_rng = random.Random(f"{seed}/{stage}/{epoch}")
-        texts = [self.data.dataset.training_text(q, text_rng) for q in self.queries]
-        return order, targets, texts
-
-    def epoch_negatives(self, seed: int, stage: int, epoch: int) -> np.ndarray | None:
-        """``[n, k]`` image rows of this epoch's mined hard negatives per example (-1 = none), or ``None``."""
-        if self.candidates is None:
-            return None
-        rng = np.random.default_rng([seed, stage, epoch, 1])
-        keys = rng.random(self.candidates.shape)
-        keys[self.candidates < 0] = np.inf  # excluded candidates sort last
-        pick = np.argsort(keys, axis=1)[:, : self.hard_negatives]
-        return np.take_along_axis(self.candidates, pick, axis=1)
-
-    def batch(self, idx: np.ndarray, targets: np.ndarray, texts: list[str], method: CIRMethod,
-              negatives: np.ndarray | None = None) -> Batch:
-        """The batch of examples ``idx`` given an epoch's plan (and mined negatives)."""
-        t = [texts[i] for i in idx]
-        ref_rows, tgt_rows = self.ref_rows[idx], targets[idx]
-        neg_feats = neg_rows = None
-        if negatives is not None:
-            neg = np.unique(negatives[idx])
-            neg = neg[neg >= 0]
-            neg_feats, neg_rows = self.view.image(neg, method.uses_image_tokens), torch.from_numpy(neg)
-        return Batch(
-            ref=self.view.image(ref_rows, method.uses_image_tokens),
-            text=self.view.text(np.array([self.view.text_row(x) for x in t]), method.uses_text_tokens),
-            target=self.view.image(tgt_rows, method.uses_image_tokens),
-            ref_rows=torch.from_numpy(ref_rows),
-            target_rows=torch.from_numpy(tgt_rows),
-            positives=[self.positives[i] for i in idx],
-            texts=t,
-            queries=[self.queries[i] for i in idx],
-            negatives=neg_feats,
-            negative_rows=neg_rows,
-        )
-
-
-def shard_batches(order: np.ndarray, batch_size: int, rank: int, world: int) -> list[np.ndarray]:
-    """This rank's batches of an epoch: an equal share of ``order`` per rank, cut into full batches (the last
-    partial batch is dropped: a tiny batch gives InfoNCE almost no negatives) -- unless the split is smaller than
-    one batch, then it is one batch."""
-    n = (len(order) // world) * world
-    mine = order[:n][rank::world]
-    if len(mine) < batch_size:
-        return [mine] if len(mine) > 1 else []
-    return [mine[s : s + batch_size] for s in range(0, len(mine) - batch_size + 1, batch_size)]
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Optimisation helpers
-# ---------------------------------------------------------------------------------------------------------------------
-def lr_at(step: int, total: int, base: float, warmup: float, min_ratio: float) -> float:
-    """Linear warm-up over ``warmup * total`` steps, then cosine from ``base`` to ``base * min_ratio``."""
-    w = max(1, int(round(warmup * total)))
-    if step < w:
-        return base * (step + 1) / w
-    progress = min(1.0, (step - w) / max(1, total - w))
-    return base * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float) -> torch.optim.AdamW:
-    # No weight decay on biases, norms, embeddings-like vectors and the logit scale (any tensor with < 2 dims).
-    decay = [p for _, p in named if p.dim() >= 2]
-    no_decay = [p for _, p in named if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, betas=(0.9, 0.98), eps=1e-6)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed torch, numpy and python's global generators (call before building a method: its initial weights)."""
-    torch.manual_seed(seed)
-    np.random.seed(seed % 2**32)
-    random.seed(seed)
-
-
-def step_seed(seed: int, rank: int, step: int) -> int:
-    """A well-mixed 63-bit seed for (seed, rank, step) (splitmix64)."""
-    x = (seed * 0x9E3779B97F4A7C15 + rank * 0xBF58476D1CE4E5B9 + step * 0x94D049BB133111EB + 1) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 30
-    x = (x * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 27
-    x = (x * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
-    x ^= x >> 31
-    return x & 0x7FFFFFFFFFFFFFFF
-
-
-def allreduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over ranks with a single all-reduce. A missing gradient counts as zeros so every rank
-    makes the same call; it stays missing when no rank had one (the optimizer then skips it, as on one process)."""
-    had = [p.grad is not None for p in params]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
-    flat /= world
-    off = 0
-    for p, h in zip(params, had):
-        g = flat[off : off + p.numel()].view_as(p)
-        off += p.numel()
-        p.grad = g.clone() if (h or bool(g.any())) else None
-
-
-def distributed_context() -> tuple[int, int, bool]:
-    """(rank, world size, whether this call initialised the process group). Starts gloo under torchrun."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
-        return 0, 1, False
-    created = False
-    if not dist.is_initialized():
-        dist.init_process_group("gloo")
-        created = True
-    return dist.get_rank(), dist.get_world_size(), created
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -492,9 +153,7 @@ def _truncate_log(path: Path, global_step: int) -> None:
             rec = json.loads(line)
             if rec.get("global_step", 0) <= global_step:
                 keep.append(line)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in keep), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, "".join(k + "\n" for k in keep))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -56,7 +56,8 @@ def run(args: argparse.Namespace) -> int:
     from ..data.schema import DataError
     from ..metrics import fashioniq_summary
     from ..submission import write_circo_submission, write_cirr_submission
-    from ..train import FeatureView, evaluate, score_blocks
+    from ..views import FeatureView
+    from ..evaluation import evaluate, score_blocks
 
     if args.threads:
         torch.set_num_threads(args.threads)

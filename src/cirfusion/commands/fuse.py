@@ -160,7 +160,7 @@ def run(args: argparse.Namespace) -> int:
         plot_incremental,
     )
     from ..io import atomic_write_json
-    from ..train import pick_val_metric
+    from ..evaluation import pick_val_metric
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -149,10 +149,11 @@ def indexable(model: "CIRModel") -> bool:
 
 def gallery_embedding(model: "CIRModel", args: argparse.Namespace, ids: Sequence[str], paths: Sequence[Path]) -> "Embedding":
     """The gallery's embeddings: backbone features through the feature cache (computed once per image), then the
-    method's ``encode_gallery`` exactly as ``cirfusion eval`` does (:func:`cirfusion.train.encode_gallery`)."""
+    method's ``encode_gallery`` exactly as ``cirfusion eval`` does (:func:`cirfusion.evaluation.encode_gallery`)."""
     import numpy as np
 
-    from ..train import FeatureView, encode_gallery
+    from ..views import FeatureView
+    from ..evaluation import encode_gallery
 
     bb = model.backbone
     cache = make_cache(args, bb)

@@ -112,8 +112,8 @@ def make_cache(args: argparse.Namespace, backbone: Any) -> Any:
 
 
 def split_data(cache: Any, dataset: Any, training: bool, progress: bool) -> Any:
-    """Cached features of a split (see :func:`cirfusion.train.load_split_data`)."""
-    from ..train import load_split_data
+    """Cached features of a split (see :func:`cirfusion.views.load_split_data`)."""
+    from ..views import load_split_data
 
     return load_split_data(cache, dataset, training=training, progress=progress)
 
@@ -148,7 +148,8 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones import create_backbone
     from ..data.registry import load_dataset
     from ..methods.registry import create_method, get_method_class
-    from ..train import load_state, seed_everything, train
+    from ..train import load_state, train
+    from ..seeding import seed_everything
 
     try:
         get_method_class(args.method)
