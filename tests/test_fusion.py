@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 import cirfusion
 from cirfusion import fusion as FU
+from cirfusion.embeddings import take_embeddings
 from cirfusion.backbones.base import ImageFeatures, TextFeatures
 from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
 from cirfusion.data.schema import CIRDataset, Gallery, Query
@@ -153,7 +154,7 @@ def test_permutation_equivariance_is_exact(tmp_path, score_dtype):
     s = m.similarity(q, g)
     for seed in range(3):
         perm = torch.randperm(t.num_gallery, generator=torch.Generator().manual_seed(seed))
-        gp = {"g": tuple(FU.take_embeddings(x, perm) for x in g["g"]), "fp": g["fp"][perm]}
+        gp = {"g": tuple(take_embeddings(x, perm) for x in g["g"]), "fp": g["fp"][perm]}
         assert torch.equal(m.similarity(q, gp), s[:, perm])
         assert torch.equal(m.explain(q, gp), m.explain(q, g))
     # the reference is in every row's gallery and was excluded from the statistics

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config, recover_directory
+from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
+from cirfusion.io import recover_directory
 from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.methods import MethodDims, Stage, create_method
 from cirfusion.methods.clip4cir import CLIP4CIR

@@ -23,7 +23,8 @@ from PIL import Image
 
 from .backbones.base import Backbone, ImageFeatures, TextFeatures
 from .checkpoint import CheckpointError, load_checkpoint, read_config
-from .methods.base import CIRMethod, Embedding, cat_embeddings
+from .embeddings import Embedding, cat_embeddings
+from .methods.base import CIRMethod
 
 ImageLike = Image.Image | str | Path
 

@@ -6,8 +6,8 @@ Loading rebuilds the method from the config and requires the stored tensors to m
 exactly (names and shapes): a mismatch is a :class:`CheckpointError`, never a partial load.
 
 Directories are written atomically: into a temporary sibling, then swapped in with renames
-(:func:`atomic_directory`). A crash between the two renames leaves the previous version as ``.NAME.old.*``,
-which :func:`recover_directory` (called by every loader) puts back.
+(:func:`cirfusion.io.atomic_directory`). A crash between the two renames leaves the previous version as
+``.NAME.old.*``, which :func:`cirfusion.io.recover_directory` (called by every loader) puts back.
 
 The training state (optimizer moments, RNG states) uses the same convention: tensors in safetensors, scalars in
 JSON (:func:`optimizer_state_to_safe` / :func:`optimizer_state_from_safe`, :func:`rng_state` / :func:`set_rng_state`).
@@ -16,19 +16,17 @@ JSON (:func:`optimizer_state_to_safe` / :func:`optimizer_state_from_safe`, :func
 from __future__ import annotations
 
 import json
-import os
 import random
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
 from . import __version__
-from .io import atomic_directory as _io_atomic_directory
-from .io import atomic_write_json, atomic_write_text  # noqa: F401  (re-exported for callers of this module)
+from .errors import CirfusionError
+from .io import atomic_directory, recover_directory
 
 FORMAT = "cirfusion.checkpoint"
 FORMAT_VERSION = 1
@@ -36,28 +34,8 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(CirfusionError, ValueError):
     """A checkpoint that cannot be used as asked (missing files, wrong format, key or shape mismatch)."""
-
-
-# ---- atomic writes (cirfusion.io) --------------------------------------------------------------------------------
-def recover_directory(target: str | Path) -> None:
-    """If an atomic swap of ``target`` (``cirfusion.io.atomic_directory``) was interrupted after moving the old
-    version aside and before moving the new one in, move the old version back."""
-    target = Path(target)
-    if target.exists():
-        return
-    olds = sorted(target.parent.glob(f".{target.name}.old.*"), key=lambda p: p.stat().st_mtime)
-    if olds:
-        os.replace(olds[-1], target)
-
-
-@contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
-    """``cirfusion.io.atomic_directory`` after recovering an interrupted earlier swap of ``target``."""
-    recover_directory(target)
-    with _io_atomic_directory(target) as tmp:
-        yield tmp
 
 
 # ---- model checkpoints --------------------------------------------------------------------------------------------

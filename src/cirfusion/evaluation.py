@@ -10,7 +10,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.schema import CIRDataset
-from .methods.base import CIRMethod, Embedding, cat_embeddings
+from .embeddings import Embedding, cat_embeddings
+from .methods.base import CIRMethod
 from .metrics import RetrievalMetrics
 from .views import FeatureView, SplitData
 

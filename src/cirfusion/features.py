@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 from .backbones.base import Backbone, ImageFeatures, TextFeatures
 from .data.images import ImageLoadError, load_image
 from .data.schema import CIRDataset
+from .errors import CirfusionError
 
 FORMAT_VERSION = 1
 # A shard is committed when its buffered arrays reach this size (or at the end of a call): bounds memory and the work
@@ -49,7 +50,7 @@ SHARD_MAX_ROWS = 16384
 RowsLike = Sequence[int] | np.ndarray | torch.Tensor | slice | None
 
 
-class FeatureCacheError(RuntimeError):
+class FeatureCacheError(CirfusionError, RuntimeError):
     """A cache directory that cannot be used (unreadable or inconsistent shard). The message names the file."""
 
 

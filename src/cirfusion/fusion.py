@@ -93,7 +93,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .data.schema import CIRDataset, DataError
-from .methods.base import CIRMethod, Embedding, cat_embeddings, embedding_len, slice_embeddings
+from .embeddings import (
+    Embedding,
+    cat_embeddings,
+    embedding_len,
+    rows_of,
+    take_embeddings,
+)
+from .errors import CirfusionError
+from .methods.base import CIRMethod
 from .metrics import RetrievalMetrics
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -125,7 +133,7 @@ def single_thread_if_small(numel: int) -> Iterator[None]:
         torch.set_num_threads(n)
 
 
-class FusionError(ValueError):
+class FusionError(CirfusionError, ValueError):
     """Base models that cannot be fused (different datasets, galleries or backbones; fewer than two; ...)."""
 
 
@@ -166,23 +174,6 @@ def block_rows(n_cols: int, width: int, limit: int, block_elems: int | None = No
 # ---------------------------------------------------------------------------------------------------------------------
 # Embeddings
 # ---------------------------------------------------------------------------------------------------------------------
-def take_embeddings(emb: Embedding, index: torch.Tensor) -> Embedding:
-    """Rows ``index`` (1-D int tensor) of an embedding (tensor or tuple/list/dict of tensors)."""
-    if isinstance(emb, torch.Tensor):
-        return emb.index_select(0, index)
-    if isinstance(emb, (tuple, list)):
-        return type(emb)(take_embeddings(e, index) for e in emb)
-    if isinstance(emb, dict):
-        return {k: take_embeddings(v, index) for k, v in emb.items()}
-    raise TypeError(f"cannot index embeddings of type {type(emb).__name__}")
-
-
-def rows_of(emb: Embedding, rows: slice | torch.Tensor) -> Embedding:
-    if isinstance(rows, slice):
-        return slice_embeddings(emb, rows.start or 0, rows.stop)
-    return take_embeddings(emb, rows)
-
-
 def feature_parts(bases: Sequence[CIRMethod]) -> tuple[list[Any], list[int]] | None:
     """Base models on more than one backbone: ``(parts, part_of)``, the distinct backbones' :class:`MethodDims` in
     order of first appearance and each base's index into them; ``None`` when every base reads one backbone."""
@@ -1022,8 +1013,8 @@ def fit(model: "DAFM", train: SplitTable, val: SplitTable | None = None, cfg: Fu
     the best validation metric (the last one without ``val``). The bases stay frozen."""
     from tqdm.auto import tqdm
 
-    from .optim import lr_at, make_optimizer
     from .evaluation import pick_val_metric
+    from .optim import lr_at, make_optimizer
 
     cfg = cfg or FusionConfig()
     if train.num_models != model.num_models:

@@ -49,6 +49,7 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
+from .errors import CirfusionError
 from .io import atomic_directory
 
 __all__ = [
@@ -94,7 +95,7 @@ _SCORE_CHUNK = 1 << 22  # float64 products per brute-force step (32 MiB)
 _SCORE_BLOCK = 1 << 24  # float32 query x gallery scores held at once by brute force (64 MiB)
 
 
-class CIRIndexError(ValueError):
+class CIRIndexError(CirfusionError, ValueError):
     """Bad index input or a bad index directory. The message names the file (when there is one) and the problem."""
 
     def __init__(self, problem: str, file: str | Path | None = None) -> None:

@@ -35,13 +35,30 @@ def atomic_write_json(path: str | Path, obj: Any, indent: int | None = 2) -> Non
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
 
 
+def recover_directory(path: str | Path) -> None:
+    """Finish or undo an interrupted :func:`atomic_directory` swap of ``path``.
+
+    A swap moves the old version aside (``.NAME.old.PID``) and then the new one in. A crash between the two renames
+    leaves no ``path``: the newest old version is moved back. Old versions left beside a complete ``path`` (a crash
+    after both renames, before the clean-up) and orphan temporary directories of dead writers are removed."""
+    path = Path(path)
+    olds = sorted(path.parent.glob(f".{path.name}.old.*"), key=lambda p: p.stat().st_mtime)
+    if olds and not path.exists():
+        os.replace(olds.pop(), path)
+    for old in olds:
+        shutil.rmtree(old, ignore_errors=True)
+
+
 @contextlib.contextmanager
 def atomic_directory(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling directory; on success it replaces ``path`` in one rename.
+    """Yield a temporary sibling directory; on success it replaces ``path`` (two renames, see
+    :func:`recover_directory`, which runs first so an earlier interrupted swap is never lost).
 
     On an exception the temporary directory is removed and ``path`` is left as it was.
     """
     path = Path(path)
+    if path.parent.exists():
+        recover_directory(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")

@@ -36,6 +36,7 @@ from typing import Any, Iterable, Mapping, Sequence
 import numpy as np
 
 from .data.schema import CIRDataset, DataError, Query
+from .errors import CirfusionError
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 50)
 DEFAULT_SUBSET_KS: tuple[int, ...] = (1, 2, 3)
@@ -50,7 +51,7 @@ _NO_TARGET = -1
 _EXACT_COUNT_MAX = 8
 
 
-class ScoresError(ValueError):
+class ScoresError(CirfusionError, ValueError):
     """A score matrix or block that cannot be evaluated (wrong shape, NaN/inf, rows given twice or missing)."""
 
 

@@ -180,8 +180,8 @@ def _exclusion_mask(dataset: Any, rows: Sequence[int]) -> torch.Tensor:
 
 def top_results(method: Any, data: Any, rows: Sequence[int], k: int = 5) -> list[list[tuple[int, float]]]:
     """The ``k`` best gallery columns ``(column, score)`` of the given query rows, reference left out."""
-    from .views import FeatureView
     from .evaluation import encode_gallery
+    from .views import FeatureView
 
     view = FeatureView(data.images, data.texts)
     ds = data.dataset
@@ -252,16 +252,24 @@ class Backbones:
 def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backbones, out: Path,
                   samples: list[Any]) -> BenchmarkRun:
     """Train the pool on one benchmark, fuse it, evaluate everything on ``test``."""
-    from .checkpoint import atomic_directory, load_checkpoint, write_checkpoint_files
+    from .checkpoint import load_checkpoint, write_checkpoint_files
     from .data.registry import load_dataset
-    from .fusion import FusionConfig, SplitTable, baseline_model, evaluate_base, evaluate_fused, explain, fuse
-    from .io import atomic_write_json
+    from .evaluation import evaluate
+    from .fusion import (
+        FusionConfig,
+        SplitTable,
+        baseline_model,
+        evaluate_base,
+        evaluate_fused,
+        explain,
+        fuse,
+    )
+    from .io import atomic_directory, atomic_write_json
     from .manifest import dataset_record
     from .methods.registry import create_method
-    from .train import TrainConfig, train
-    from .evaluation import evaluate
-    from .views import load_split_data
     from .seeding import seed_everything
+    from .train import TrainConfig, train
+    from .views import load_split_data
 
     run = BenchmarkRun(name, root)
     t0 = time.perf_counter()

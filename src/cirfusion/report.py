@@ -8,6 +8,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
 from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import __version__

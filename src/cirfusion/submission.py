@@ -24,6 +24,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from .data.schema import CIRDataset
+from .errors import CirfusionError
 from .io import atomic_write_json
 from .metrics import ScoresError, as_score_array, iter_row_blocks, topk_ids
 
@@ -34,7 +35,7 @@ CIRCO_TOP_K = 50
 _MAX_LISTED = 20
 
 
-class SubmissionError(ValueError):
+class SubmissionError(CirfusionError, ValueError):
     """A submission that the test server would reject; the message lists the problems found."""
 
     def __init__(self, what: str, problems: list[str]) -> None:

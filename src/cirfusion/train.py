@@ -39,11 +39,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import (
     CheckpointError,
-    atomic_directory,
     load_state_strict,
     optimizer_state_from_safe,
     optimizer_state_to_safe,
-    recover_directory,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -52,7 +50,7 @@ from .checkpoint import (
 from .distributed import allreduce_gradients, distributed_context
 from .evaluation import evaluate, pick_val_metric
 from .examples import Examples, shard_batches
-from .io import atomic_write_text
+from .io import atomic_directory, atomic_write_text, recover_directory
 from .manifest import build_manifest, write_manifest
 from .methods.base import CIRMethod, stage_parameters
 from .optim import lr_at, make_optimizer

@@ -55,7 +55,14 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from . import register_backbone
 from ._hf import quiet_transformers
-from ._util import file_sha256, files_sha256, format_options, resize_center_crop, short_hash, to_normalised_tensor
+from ._util import (
+    file_sha256,
+    files_sha256,
+    format_options,
+    resize_center_crop,
+    short_hash,
+    to_normalised_tensor,
+)
 from .base import Backbone, ImageFeatures, TextFeatures
 
 TOKEN_LAYERS = ("stride16", "stride32", "head")

@@ -31,8 +31,8 @@ from ._hf import (
     canonical_location,
     load_image_processor,
     load_pretrained,
-    quiet_transformers,
     processor_id,
+    quiet_transformers,
     run_image_processor,
     tokenizer_id,
     weights_hash,
@@ -153,7 +153,11 @@ def create_hf_blip2(location: str, **kw: Any) -> HFBlip2Backbone:
 def save_tiny_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 4) -> Path:
     """Write a tiny random BLIP-2 retrieval checkpoint (model, tokenizer, image processor) with ``save_pretrained``,
     for tests and demos of ``hf-blip2:<path>``."""
-    from transformers import Blip2Config, Blip2ForImageTextRetrieval, BlipImageProcessorPil
+    from transformers import (
+        Blip2Config,
+        Blip2ForImageTextRetrieval,
+        BlipImageProcessorPil,
+    )
 
     path = Path(path)
     tok = build_word_tokenizer(64)

@@ -26,8 +26,8 @@ from ._hf import (
     canonical_location,
     load_image_processor,
     load_pretrained,
-    quiet_transformers,
     processor_id,
+    quiet_transformers,
     run_image_processor,
     tokenizer_id,
     weights_hash,
@@ -160,7 +160,14 @@ def save_tiny_clip(path: str | Path, family: str = "clip", seed: int = 0) -> Pat
 
     For tests and demos: ``create_backbone(f"hf-clip:{path}")`` then runs the exact code a real checkpoint runs.
     """
-    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, SiglipConfig, SiglipImageProcessorPil, SiglipModel
+    from transformers import (
+        CLIPConfig,
+        CLIPImageProcessorPil,
+        CLIPModel,
+        SiglipConfig,
+        SiglipImageProcessorPil,
+        SiglipModel,
+    )
 
     if family not in FAMILIES:
         raise ValueError(f"family={family!r}; expected one of {FAMILIES}")

@@ -7,7 +7,14 @@ import json
 import sys
 import time
 
-from ..data.catalog import EDIT_KINDS, QUERY_KINDS, CatalogConfig, benchmark_stats, build_catalog, format_stats
+from ..data.catalog import (
+    EDIT_KINDS,
+    QUERY_KINDS,
+    CatalogConfig,
+    benchmark_stats,
+    build_catalog,
+    format_stats,
+)
 
 
 def _kinds(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:

@@ -54,10 +54,10 @@ def run(args: argparse.Namespace) -> int:
     from ..checkpoint import CheckpointError
     from ..data.registry import load_dataset
     from ..data.schema import DataError
+    from ..evaluation import evaluate, score_blocks
     from ..metrics import fashioniq_summary
     from ..submission import write_circo_submission, write_cirr_submission
     from ..views import FeatureView
-    from ..evaluation import evaluate, score_blocks
 
     if args.threads:
         torch.set_num_threads(args.threads)

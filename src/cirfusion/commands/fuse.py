@@ -142,8 +142,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..api import load
-    from ..checkpoint import CheckpointError, atomic_directory, write_checkpoint_files
+    from ..checkpoint import CheckpointError, write_checkpoint_files
     from ..data.registry import load_dataset
+    from ..evaluation import pick_val_metric
     from ..fusion import (
         FusionConfig,
         FusionError,
@@ -159,8 +160,7 @@ def run(args: argparse.Namespace) -> int:
         incremental_analysis,
         plot_incremental,
     )
-    from ..io import atomic_write_json
-    from ..evaluation import pick_val_metric
+    from ..io import atomic_directory, atomic_write_json
 
     if args.threads:
         torch.set_num_threads(args.threads)

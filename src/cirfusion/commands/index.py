@@ -33,18 +33,19 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Sequence
 
+from ..errors import CirfusionError
 from ._common import add_dataset_args, dataset_kwargs
 from .train import add_feature_args, make_cache
 
 if TYPE_CHECKING:
     from ..api import CIRModel
-    from ..methods.base import Embedding
+    from ..embeddings import Embedding
 
 # Recorded in the index meta; `cirfusion search` recognises its indexes by it.
 META_CREATOR = "cirfusion index build"
 
 
-class CommandError(Exception):
+class CommandError(CirfusionError):
     """A user-facing error of `index build` / `search`: printed as ``cirfusion VERB: error: MESSAGE``, exit 2."""
 
 
@@ -152,8 +153,8 @@ def gallery_embedding(model: "CIRModel", args: argparse.Namespace, ids: Sequence
     method's ``encode_gallery`` exactly as ``cirfusion eval`` does (:func:`cirfusion.evaluation.encode_gallery`)."""
     import numpy as np
 
-    from ..views import FeatureView
     from ..evaluation import encode_gallery
+    from ..views import FeatureView
 
     bb = model.backbone
     cache = make_cache(args, bb)

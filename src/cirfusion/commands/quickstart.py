@@ -55,7 +55,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from ..quickstart import QuickstartConfig, format_results, parse_pool_backbones, run_quickstart
+    from ..quickstart import (
+        QuickstartConfig,
+        format_results,
+        parse_pool_backbones,
+        run_quickstart,
+    )
 
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     try:

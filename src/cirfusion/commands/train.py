@@ -148,8 +148,8 @@ def run(args: argparse.Namespace) -> int:
     from ..backbones import create_backbone
     from ..data.registry import load_dataset
     from ..methods.registry import create_method, get_method_class
-    from ..train import load_state, train
     from ..seeding import seed_everything
+    from ..train import load_state, train
 
     try:
         get_method_class(args.method)

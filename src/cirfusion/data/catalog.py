@@ -57,19 +57,19 @@ import numpy as np
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 from tqdm import tqdm
 
+from ._jsonio import read_jsonl, require_file
 from .colors import (
     COLOUR_NAMES,
     PALETTE,
     REPRESENTATIVE,
+    _small,
     estimate_colour,
     foreground_mask,
     lab_to_srgb,
     srgb_to_lab,
-    _small,
 )
 from .images import ImageLoadError, load_image
 from .registry import register_dataset
-from ._jsonio import read_jsonl, require_file
 from .schema import CIRDataset, DataError, Gallery, Query, sha256_file
 
 FORMAT_VERSION = 1
@@ -1182,7 +1182,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     lines = [
         f"catalog benchmark at {stats['root']} (seed {stats['seed']}, {stats['photos']} photos, "
         f"{len(stats['categories'])} categories, built in {stats['build_seconds']} s)",
-        f"photo colours: " + ", ".join(f"{c} {n}" for c, n in stats["colour_distribution"].items()),
+        "photo colours: " + ", ".join(f"{c} {n}" for c, n in stats["colour_distribution"].items()),
     ]
     for split, s in stats["splits"].items():
         lines.append(f"[{split}] gallery {s['gallery']} = {s['photos']} photos + {s['edits']} edits; queries {s['queries']['total']}: "

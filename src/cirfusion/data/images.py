@@ -8,11 +8,13 @@ from pathlib import Path
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from ..errors import CirfusionError
+
 # Pillow warns above MAX_IMAGE_PIXELS and raises above twice that; we raise at the limit itself.
 MAX_IMAGE_PIXELS = 64_000_000
 
 
-class ImageLoadError(OSError):
+class ImageLoadError(CirfusionError, OSError):
     """An image file that cannot be used. The message names the file and the problem."""
 
     def __init__(self, path: str | Path, problem: str) -> None:

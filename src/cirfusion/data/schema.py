@@ -12,8 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
+import numpy as np
 
-class DataError(ValueError):
+from ..errors import CirfusionError
+
+
+class DataError(CirfusionError, ValueError):
     """Malformed dataset input. The message names the file, the entry and the problem."""
 
     def __init__(self, file: str | Path | None, entry: Any, problem: str) -> None:
@@ -240,6 +244,29 @@ class CIRDataset:
     def files_digest(self) -> dict[str, str]:
         """sha256 of each annotation file (for run manifests)."""
         return {str(f): sha256_file(f) for f in self.files}
+
+
+def reference_columns(dataset: "CIRDataset", rows: Sequence[int] | None = None, exclude: bool | None = None) -> np.ndarray:
+    """The one reference mask: per query row (all rows by default), the gallery column of its reference image when
+    the reference is left out of the ranking (``exclude``, default ``dataset.exclude_reference``) and is in the
+    gallery, else -1. ``reference_mask`` turns it into a boolean ``[rows, N]`` matrix."""
+    rows = range(len(dataset.queries)) if rows is None else rows
+    excl = dataset.exclude_reference if exclude is None else bool(exclude)
+    out = np.full(len(rows), -1, dtype=np.int64)
+    if excl:
+        for i, r in enumerate(rows):
+            ref = dataset.queries[int(r)].reference
+            if ref in dataset.gallery:
+                out[i] = dataset.gallery.index(ref)
+    return out
+
+
+def reference_mask(columns: np.ndarray, n: int) -> np.ndarray:
+    """``[len(columns), n]`` boolean, True at each row's excluded column (``-1`` = none)."""
+    mask = np.zeros((len(columns), n), dtype=bool)
+    hit = columns >= 0
+    mask[np.flatnonzero(hit), columns[hit]] = True
+    return mask
 
 
 def query_problems(q: Query, gallery: Gallery) -> list[str]:

@@ -30,7 +30,16 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ._jsonio import entry_name, expect_list, expect_object, id_field, read_json, read_name_list, resolve_dir, str_field
+from ._jsonio import (
+    entry_name,
+    expect_list,
+    expect_object,
+    id_field,
+    read_json,
+    read_name_list,
+    resolve_dir,
+    str_field,
+)
 from .registry import register_dataset
 from .schema import CIRDataset, DataError, Gallery, Query
 
@@ -53,7 +62,7 @@ def load_shoes(root: Path, split: str, *, image_dir: str | Path = "images", stra
     for k, ns in names.items():
         for n in ns:
             if n in where:
-                raise DataError(list_paths[k], n, f"image is listed in both train_im_names.txt and eval_im_names.txt")
+                raise DataError(list_paths[k], n, "image is listed in both train_im_names.txt and eval_im_names.txt")
             where[n] = k
     mine = SPLIT_LISTS[split]
     raw = expect_list(read_json(cap_path, "Shoes relative-captions file"), cap_path)

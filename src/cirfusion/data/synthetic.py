@@ -52,15 +52,15 @@ import random
 import shutil
 from collections import Counter
 from dataclasses import dataclass
-from pathlib import Path
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Iterable, NamedTuple, Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from .registry import register_dataset
 from ._jsonio import read_jsonl
+from .registry import register_dataset
 from .schema import CIRDataset, DataError, Entity, Gallery, Query, Relation, SceneGraph
 
 GENERATOR_VERSION = "1.0"

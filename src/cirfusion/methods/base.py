@@ -11,7 +11,7 @@ A method is an ``nn.Module`` that works on *cached backbone features* (:class:`I
 - ``stages()``                -> the training stages the shared loop runs in order (one by default).
 
 Evaluation, indexing and fusion only call ``encode_query`` / ``encode_gallery`` / ``similarity`` and treat the
-embeddings as opaque (a tensor, or a tuple/list/dict of tensors, see :func:`cat_embeddings`), so a method whose
+embeddings as opaque (a tensor, or a tuple/list/dict of tensors, see :mod:`cirfusion.embeddings`), so a method whose
 "embedding" is a bundle of several models' embeddings (score fusion) fits the same contract.
 """
 
@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -28,8 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
-
-Embedding = Any  # a Tensor, or a tuple/list/dict of Tensors whose first dimension is the batch
+from ..embeddings import Embedding
 
 
 @dataclass(frozen=True)
@@ -168,39 +167,6 @@ def trim_text_padding(text: TextFeatures) -> TextFeatures:
     if length == text.mask.shape[1]:
         return text
     return TextFeatures(global_=text.global_, tokens=text.tokens[:, :length], mask=text.mask[:, :length])
-
-
-def cat_embeddings(chunks: Sequence[Embedding]) -> Embedding:
-    """Concatenate embedding chunks along the batch dimension; recurses into tuples, lists and dicts."""
-    first = chunks[0]
-    if isinstance(first, torch.Tensor):
-        return torch.cat(list(chunks), dim=0)
-    if isinstance(first, (tuple, list)):
-        return type(first)(cat_embeddings([c[i] for c in chunks]) for i in range(len(first)))
-    if isinstance(first, dict):
-        return {k: cat_embeddings([c[k] for c in chunks]) for k in first}
-    raise TypeError(f"cannot concatenate embeddings of type {type(first).__name__}")
-
-
-def slice_embeddings(emb: Embedding, start: int, stop: int) -> Embedding:
-    """Rows ``start:stop`` of an embedding (tensor or tuple/list/dict of tensors)."""
-    if isinstance(emb, torch.Tensor):
-        return emb[start:stop]
-    if isinstance(emb, (tuple, list)):
-        return type(emb)(slice_embeddings(e, start, stop) for e in emb)
-    if isinstance(emb, dict):
-        return {k: slice_embeddings(v, start, stop) for k, v in emb.items()}
-    raise TypeError(f"cannot slice embeddings of type {type(emb).__name__}")
-
-
-def embedding_len(emb: Embedding) -> int:
-    if isinstance(emb, torch.Tensor):
-        return int(emb.shape[0])
-    if isinstance(emb, (tuple, list)):
-        return embedding_len(emb[0])
-    if isinstance(emb, dict):
-        return embedding_len(next(iter(emb.values())))
-    raise TypeError(f"not an embedding: {type(emb).__name__}")
 
 
 def cosine_or_maxsim(q: torch.Tensor, g: torch.Tensor, max_elems: int = 1 << 24) -> torch.Tensor:

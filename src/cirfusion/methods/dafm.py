@@ -216,7 +216,13 @@ class DAFM(CIRMethod):
 
     def _tiles(self, q: Mapping[str, Any], g: Mapping[str, Any]):
         """Yield (normalised scores) for tiles of queries."""
-        from ..fusion import base_scores, block_rows, normalise_scores, rows_of, single_thread_if_small
+        from ..embeddings import rows_of
+        from ..fusion import (
+            base_scores,
+            block_rows,
+            normalise_scores,
+            single_thread_if_small,
+        )
 
         if len(q["q"]) != self.num_models or len(g["g"]) != self.num_models:
             raise ValueError(f"dafm: embeddings hold {len(q['q'])}/{len(g['g'])} models, the fused model {self.num_models}")
@@ -272,7 +278,12 @@ class DAFM(CIRMethod):
         """Load each base model's weights from its sub-directory; its config must match the fused model's record."""
         from safetensors.torch import load_file
 
-        from ..checkpoint import MODEL_FILE, CheckpointError, load_state_strict, read_config
+        from ..checkpoint import (
+            MODEL_FILE,
+            CheckpointError,
+            load_state_strict,
+            read_config,
+        )
 
         for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases):
             d = Path(directory) / sub
