@@ -61,8 +61,15 @@ def main() -> int:
 
     import torch
 
-    from cirfusion.fusion import (FusionConfig, baseline_model, evaluate_base, evaluate_fused, fuse, incremental_analysis,
-                                  plot_incremental)
+    from cirfusion.fusion import (
+        FusionConfig,
+        baseline_model,
+        evaluate_base,
+        evaluate_fused,
+        fuse,
+        incremental_analysis,
+        plot_incremental,
+    )
     from cirfusion.io import atomic_write_json
     from cirfusion.quickstart import QuickstartConfig, headline_metric, pool_tables, run_quickstart
 

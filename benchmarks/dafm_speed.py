@@ -185,7 +185,7 @@ def phase_latency() -> dict:
         top = model.similarity(table.query_bundle(rows), gb).topk(10, dim=1).indices
         top_exact = exact.similarity(table.query_bundle(rows), table.gallery_bundle(torch.float32)).topk(10, dim=1).indices
         overlap = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top, top_exact)]))
-    ms = lambda xs, p: float(np.percentile(np.array(xs) * 1000, p))  # noqa: E731
+    ms = lambda xs, p: float(np.percentile(np.array(xs) * 1000, p))
     gallery_mb = sum(x.numel() * x.element_size() for x in table.gallery) / 2**20
     return {"p50_ms": ms(times, 50), "p95_ms": ms(times, 95), "base_scores_p50_ms": ms(base_only, 50),
             "fusion_only_p50_ms": ms(fuse_only, 50), "per_model_p50_ms": {k: ms(v, 50) for k, v in per_model.items()},

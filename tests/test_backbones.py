@@ -96,7 +96,7 @@ def test_every_backbone_forward(family: str, hf_dirs: dict[str, Path], request: 
         assert not b.training and not any(p.requires_grad for p in b.parameters())
         pix = torch.stack([b.preprocess(im) for im in images(2)])
         parts = len(getattr(b, "parts", [])) or 1  # a multi: backbone: its parts' unit vectors side by side
-        assert pix.dtype == torch.float32 and (pix.dim() == 4 and pix.shape[1] == 3 or parts > 1 and pix.dim() == 2)
+        assert pix.dtype == torch.float32 and ((pix.dim() == 4 and pix.shape[1] == 3) or (parts > 1 and pix.dim() == 2))
         f = b.encode_image(pix)
         assert f.global_.shape == (2, b.image_dim)
         assert f.tokens.shape == (2, b.num_image_tokens, b.image_token_dim)

@@ -15,17 +15,16 @@ import torch.nn.functional as F
 
 import cirfusion
 from cirfusion import fusion as FU
-from cirfusion.embeddings import take_embeddings
 from cirfusion.backbones.base import ImageFeatures, TextFeatures
 from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
 from cirfusion.data.schema import CIRDataset, Gallery, Query
+from cirfusion.embeddings import take_embeddings
+from cirfusion.evaluation import evaluate
 from cirfusion.methods import CIRMethod, MethodDims, create_method
 from cirfusion.methods.dafm import DAFM
-from cirfusion.views import SplitData
-from cirfusion.evaluation import evaluate
 from cirfusion.seeding import seed_everything
+from cirfusion.views import SplitData
 from test_train import ToyImages, ToyTexts, make_custom_dataset, make_toy, toy_dims
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

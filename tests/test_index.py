@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from cirfusion.index import (
-    CIRIndexError,
     INDEX_KINDS,
+    CIRIndexError,
     brute_force_search,
     build_index,
     load_index,

@@ -13,6 +13,7 @@ from safetensors.torch import load_file, save_file
 import cirfusion
 from cirfusion.backbones.base import ImageFeatures, TextFeatures
 from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
+from cirfusion.examples import Examples
 from cirfusion.methods import (
     CIRMethod,
     MethodDims,
@@ -24,11 +25,9 @@ from cirfusion.methods import (
     register_method,
     stage_parameters,
 )
-from cirfusion.examples import Examples
-from cirfusion.views import FeatureView
 from cirfusion.seeding import seed_everything
+from cirfusion.views import FeatureView
 from test_train import make_toy, toy_dims
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

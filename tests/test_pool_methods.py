@@ -17,13 +17,13 @@ import torch.nn.functional as F
 
 from cirfusion.backbones.base import ImageFeatures, TextFeatures
 from cirfusion.checkpoint import load_checkpoint, read_config, save_checkpoint
+from cirfusion.evaluation import evaluate
+from cirfusion.examples import Examples
 from cirfusion.methods import MethodDims, create_method, list_methods
 from cirfusion.methods.base import Batch
-from cirfusion.examples import Examples
-from cirfusion.views import FeatureView
-from cirfusion.train import TrainConfig, train
-from cirfusion.evaluation import evaluate
 from cirfusion.seeding import seed_everything
+from cirfusion.train import TrainConfig, train
+from cirfusion.views import FeatureView
 from test_train import make_toy, toy_dims
 
 POOL = ["blip4cir", "blip4cir-bi", "tg-cir", "sprc"]

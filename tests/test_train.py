@@ -17,17 +17,17 @@ import pytest
 import torch
 
 from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
-from cirfusion.io import recover_directory
 from cirfusion.data.schema import CIRDataset, Gallery, Query
+from cirfusion.evaluation import evaluate, score_blocks
+from cirfusion.examples import Examples, reference_neighbours, shard_batches
+from cirfusion.io import recover_directory
 from cirfusion.methods import MethodDims, Stage, create_method
 from cirfusion.methods.clip4cir import CLIP4CIR
 from cirfusion.metrics import evaluate_scores
-from cirfusion.examples import Examples, reference_neighbours, shard_batches
-from cirfusion.views import FeatureView, SplitData
-from cirfusion.train import TrainConfig, train
-from cirfusion.evaluation import evaluate, score_blocks
 from cirfusion.optim import lr_at
 from cirfusion.seeding import seed_everything
+from cirfusion.train import TrainConfig, train
+from cirfusion.views import FeatureView, SplitData
 
 N_ATTR, N_VAL = 3, 4
 

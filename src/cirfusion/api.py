@@ -15,8 +15,9 @@ the scores of ``cirfusion eval`` on the same images.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image

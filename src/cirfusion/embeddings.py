@@ -4,7 +4,8 @@ structure; batching helpers are one-liners on top of it."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 

@@ -3,7 +3,7 @@ validation metric selects the best epoch."""
 
 from __future__ import annotations
 
-from typing import Iterator, Mapping
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 import torch

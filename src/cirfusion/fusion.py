@@ -83,9 +83,10 @@ import itertools
 import math
 import time
 import weakref
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -250,7 +251,7 @@ def storage_dtype(score_dtype: torch.dtype) -> torch.dtype:
 
 
 class _Int8Copy:
-    __slots__ = ("ref", "version", "values", "scale")
+    __slots__ = ("ref", "scale", "values", "version")
 
     def __init__(self, g: torch.Tensor) -> None:
         self.ref, self.version = weakref.ref(g), g._version
@@ -1294,40 +1295,38 @@ def check_compatible(bases: Sequence[Mapping[str, Any]], dataset: CIRDataset | N
 
 __all__ = [
     "BLOCK_ELEMS",
+    "SCORE_DTYPES",
+    "STAT_NAMES",
     "FitResult",
     "FusionConfig",
     "FusionError",
     "FusionNet",
     "Normalised",
-    "STAT_NAMES",
     "Shortlists",
-    "SCORE_DTYPES",
-    "composite_dims",
-    "feature_parts",
-    "fusion_backbone",
-    "single_thread_if_small",
-    "int8_copy",
-    "storage_dtype",
     "SplitTable",
     "base_scores",
     "baseline_model",
     "block_rows",
     "check_compatible",
+    "composite_dims",
     "count_parameters",
-    "dot_or_maxsim",
     "dataset_family",
+    "dot_or_maxsim",
     "evaluate_base",
     "evaluate_fused",
-    "fixed_point",
-    "integer_sum",
     "explain",
     "explain_all",
     "explanation_summary",
+    "feature_parts",
     "fit",
+    "fixed_point",
     "fuse",
+    "fusion_backbone",
     "image_fingerprint",
     "incremental_analysis",
     "incremental_orders",
+    "int8_copy",
+    "integer_sum",
     "multi_positive_nce",
     "next_tau",
     "normalise_scores",
@@ -1335,6 +1334,8 @@ __all__ = [
     "plot_incremental",
     "prepare_shortlists",
     "score_stats",
+    "single_thread_if_small",
     "standardise",
+    "storage_dtype",
     "take_embeddings",
 ]

@@ -43,8 +43,9 @@ import hashlib
 import json
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -53,11 +54,11 @@ from .errors import CirfusionError
 from .io import atomic_directory
 
 __all__ = [
-    "CIRIndex",
-    "CIRIndexError",
     "INDEX_KINDS",
     "METRICS",
     "NORM_TOLERANCE",
+    "CIRIndex",
+    "CIRIndexError",
     "brute_force_search",
     "build_index",
     "load_index",
@@ -275,7 +276,7 @@ def brute_force_search(
 
 
 def _check_ids(ids: Sequence[str], n: int, file: str | Path | None = None) -> list[str]:
-    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) and not isinstance(ids, np.ndarray):
+    if isinstance(ids, (str, bytes)) or (not isinstance(ids, Sequence) and not isinstance(ids, np.ndarray)):
         raise CIRIndexError(f"ids must be a list of strings, got {type(ids).__name__}", file)
     ids = list(ids)
     if len(ids) != n:

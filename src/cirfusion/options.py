@@ -15,8 +15,9 @@ import json
 import sys
 import types
 import typing
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Literal, Mapping, Union
+from typing import Any, Literal, Union
 
 from .errors import CirfusionError
 
@@ -69,7 +70,7 @@ def _resolve(annotation: Any, module: str | None) -> Any:
     namespace = dict(vars(typing))
     namespace.update(vars(sys.modules[module]) if module in sys.modules else {})
     try:
-        return eval(annotation, namespace)  # noqa: S307 -- annotations of our own code, never user input
+        return eval(annotation, namespace)
     except Exception:  # a TYPE_CHECKING-only name: unknown, so unchecked
         return Any
 

@@ -8,7 +8,8 @@ imports them on first look-up, so ``import cirfusion`` stays light and a plug-in
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable, Generic, Iterator, Sequence, TypeVar
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
 

@@ -17,7 +17,8 @@ canonical (defaults omitted), so ``create_backbone(b.backbone_id)`` rebuilds it 
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from ._util import parse_options
 from .base import Backbone, ImageFeatures, TextFeatures

@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import torch

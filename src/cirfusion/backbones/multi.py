@@ -22,8 +22,9 @@ weights hash and preprocessing ids combine the parts', so the feature cache keys
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F

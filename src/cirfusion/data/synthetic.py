@@ -51,10 +51,11 @@ import os
 import random
 import shutil
 from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Iterable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -1301,8 +1302,8 @@ __all__ = [
     "load_scene_records",
     "load_synthetic",
     "render_scene",
-    "shape_extent",
     "scene_graph_of",
+    "shape_extent",
 ]
 
 

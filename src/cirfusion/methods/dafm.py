@@ -29,8 +29,9 @@ their own sub-directories (written and read through the ``save_components`` / ``
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 

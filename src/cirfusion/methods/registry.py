@@ -8,7 +8,8 @@ stays light.
 from __future__ import annotations
 
 import importlib
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 if TYPE_CHECKING:  # pragma: no cover
     from .base import CIRMethod, MethodDims
