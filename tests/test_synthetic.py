@@ -3,6 +3,7 @@ held-out combinations, texts, edit pairs, loader round trip, atomic writing and 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from collections import Counter
@@ -15,6 +16,7 @@ from PIL import Image
 from cirfusion.data import load_dataset
 from cirfusion.data import synthetic as S
 from cirfusion.data.schema import DataError, Query
+from cirfusion.data.synthetic import language, rendering
 
 N_IMAGES = 240
 
@@ -192,7 +194,7 @@ def test_texts_fine_and_coarse(bench: Path) -> None:
     coarse = load_dataset("synthetic", bench, "train", text="coarse")
     fine = load_dataset("synthetic", bench, "train", text="fine")
     assert [q.qid for q in coarse.queries] == [q.qid for q in fine.queries]
-    for qc, qf in zip(coarse.queries, fine.queries):
+    for qc, qf in zip(coarse.queries, fine.queries, strict=True):
         assert qc.captions == qf.captions and len(qc.captions) == 2
         assert qc.text == qc.captions[0] and qf.text == qf.captions[1] == "; ".join(qf.finemt)
         assert qc.text and qc.text != qf.text
@@ -202,14 +204,14 @@ def test_texts_fine_and_coarse(bench: Path) -> None:
     assert any(q.meta["coarse_omitted"] for q in coarse.queries)  # the coarse text is partly incomplete
 
 
-_SIZE = {w: k for k, ws in S._SIZE_WORDS.items() for w in ws}
-_COLOUR = {w: k for k, ws in S._COLOUR_WORDS.items() for w in ws}
-_SHAPE = {w: k for k, ws in S._SHAPE_WORDS.items() for w in ws}
-_CELL = {p: cell for cell, ps in S._CELL_PHRASES.items() for p in ps}
+_SIZE = {w: k for k, ws in language._SIZE_WORDS.items() for w in ws}
+_COLOUR = {w: k for k, ws in language._COLOUR_WORDS.items() for w in ws}
+_SHAPE = {w: k for k, ws in language._SHAPE_WORDS.items() for w in ws}
+_CELL = {p: cell for cell, ps in language._CELL_PHRASES.items() for p in ps}
 
 
 def _resolve(phrase: str, scene: dict) -> list[int]:
-    """Which objects of ``scene`` a referring expression made by ``S._refer`` can denote (an independent reader)."""
+    """Which objects of ``scene`` a referring expression made by ``language._refer`` can denote (an independent reader)."""
     assert phrase.startswith("the ")
     body = phrase[4:]
     for word, holds in (
@@ -262,7 +264,7 @@ def test_fine_referring_expressions_are_exact() -> None:
         scene = {i: S.Obj(rng.choice(S.SHAPES[:2]), rng.choice(["red", "blue"]), rng.choice(S.SIZES), *divmod(c, 3))
                  for i, c in enumerate(cells)}  # fmt: skip
         key = rng.choice(list(scene))
-        phrase, rels = S._refer(scene, key, rng)
+        phrase, rels = language._refer(scene, key, rng)
         assert _resolve(phrase, scene) == [key], (phrase, scene)
         n_land += bool(rels)
         n_loc += any(w in phrase for w in (" in ", " at ", " on the "))
@@ -332,7 +334,7 @@ def test_loader_round_trip_and_errors(bench: Path, tmp_path: Path) -> None:
     with pytest.raises(DataError, match="unknown synthetic dataset option"):
         load_dataset("synthetic", bench, "test", category="dress")
     assert len(load_dataset("synthetic", bench, "test", category=None).queries) == len(ds.queries)
-    with pytest.raises(DataError, match="manifest.json is missing"):
+    with pytest.raises(DataError, match=r"manifest\.json is missing"):
         load_dataset("synthetic", tmp_path, "test")
     # A malformed line is reported with its file and line number.
     broken = tmp_path / "broken"
@@ -375,7 +377,7 @@ def test_reference_similarity_alone_cannot_find_the_target(bench: Path) -> None:
 def test_atomic_output(bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     out = tmp_path / "out"
     calls = {"n": 0}
-    real = S._render_task
+    real = rendering._render_task
 
     def flaky(task):
         calls["n"] += 1
@@ -383,11 +385,11 @@ def test_atomic_output(bench: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPa
             raise OSError("disk full")
         real(task)
 
-    monkeypatch.setattr(S, "_render_task", flaky)
+    monkeypatch.setattr(rendering, "_render_task", flaky)
     with pytest.raises(OSError, match="disk full"):
         S.generate(out, seed=1, n_images=120, workers=1)
     assert not out.exists() and list(tmp_path.iterdir()) == []  # nothing that looks like a benchmark
-    monkeypatch.setattr(S, "_render_task", real)
+    monkeypatch.setattr(rendering, "_render_task", real)
     S.generate(out, seed=1, n_images=120, workers=1)
     with pytest.raises(DataError, match="--overwrite"):
         S.generate(out, seed=2, n_images=120, workers=1)
@@ -443,8 +445,73 @@ def test_render_worker_failure_is_reported(tmp_path: Path) -> None:
             "objects": [{"shape": "circle", "colour": "red", "center": [10, 10], "radius": 5.0, "rotation": 0}]}  # fmt: skip
     bad = {**spec, "objects": [{**spec["objects"][0], "shape": "hexagon"}]}
     tasks = [(str(tmp_path / f"{i}.png"), spec if i != 150 else bad) for i in range(200)]
-    r = S._Renderer(tasks, workers=2, progress=False)
+    r = rendering._Renderer(tasks, workers=2, progress=False)
     r.start()
     with pytest.raises(RuntimeError, match=r"render worker 0 failed \(exit 1\): .*150\.png: ValueError: unknown shape 'hexagon'"):
         r.finish()
     assert (tmp_path / "0.png").is_file() and (tmp_path / "1.png").is_file()
+
+
+# Hashes of seed 0, 120 images at 64 px, made by the generator before it was split into a package. They pin the
+# split: queries, galleries, scenes and edit pairs must never change for a given seed (results on the test split
+# are compared across versions). Pixels are hashed decoded, so a different zlib (PNG bytes) does not matter.
+PINNED_FILES = {
+    "edit_pairs.test.jsonl": "c207e1a86a0e0c310a3d80ca635c6c55565b7e9d377aecfb4c1b0f7ec9661f53",
+    "edit_pairs.train.jsonl": "6a9fbaf13a23a9590c3d5e379b8d085628cb0529c4336b4db5fe512ebf5d21ca",
+    "edit_pairs.val.jsonl": "5c53586a99968b564afa67a6abfe1eb8511407e2420ec7ba6e937d3be93b5ae0",
+    "gallery.test.json": "c9ec58b2fbee57fe00389a07286dc59eacbc2e3800e2a91845ef51fc8ca08546",
+    "gallery.train.json": "c778ffb36038807af778e6ff4b00c1c960d57803aa20a4608edc6b4d17631ce1",
+    "gallery.val.json": "39269ef21db7ac42d2783dfaa3128335f27ea71c777fdcd1e4fd50ac0ae71701",
+    "manifest.json": "80e731f21a2392eafee88dfb6e211a217f4dd4f7c05cd6d1c30003caf7b73b2c",
+    "queries.test.jsonl": "8291ef0dc1fdb1e87d8cd7a07b1ac68ba48acac3497ba724941c34b237ed506c",
+    "queries.train.jsonl": "8fc6c0797ffdde9e9dc5e480d7d342cf9c57951e3d5f2d5ff14dc033123d90a6",
+    "queries.val.jsonl": "080de450830920b74d7fe9909001797c3a571d8f8e63bb35457201b94c90ce27",
+    "scenes.test.jsonl": "e09b1be3ad2a82192e27187e3587ae67fe40d90eb50c90eddb19a2e6e284b1b0",
+    "scenes.train.jsonl": "fac261920b12dccba5f3ef633ebce2fcf1dfc81a921da8216510bff1466cfe19",
+    "scenes.val.jsonl": "8f3720c10ef18e4c0bfd96606d6333d5a29c2b7e050f17ef9f078e63e7ae3477",
+}
+PINNED_PIXELS = "c9afdfe127b6fda6dac288b2639821852abb0d884e29a5597b95600485c20e36"
+
+
+def test_generation_is_pinned(tmp_path: Path) -> None:
+    root = tmp_path / "pinned"
+    S.generate(root, seed=0, n_images=120, image_size=64, workers=1)
+    got = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in root.iterdir() if p.is_file()}
+    assert got == PINNED_FILES
+    h = hashlib.sha256()
+    pngs = sorted(root.glob("images/*/*.png"))
+    assert len(pngs) == 120
+    for p in pngs:
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + np.asarray(Image.open(p).convert("RGB")).tobytes())
+    assert h.hexdigest() == PINNED_PIXELS
+
+
+def test_overwrite_replaces_only_a_make_synthetic_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cirfusion.cli import main
+
+    # A folder of the user's: refused with a clear error, and left exactly as it was.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("four years of work")
+    args = ["data", "make-synthetic", "--n-images", "120", "--workers", "1", "--no-progress", "--overwrite"]
+    assert main([*args, "--out", str(mine)]) == 2
+    err = capsys.readouterr().err
+    assert str(mine) in err and "does not look like a make-synthetic output" in err
+    assert [p.name for p in mine.iterdir()] == ["thesis.txt"] and (mine / "thesis.txt").read_text() == "four years of work"
+    # A manifest that is not a make-synthetic one is no pass either.
+    (mine / "manifest.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(DataError, match="does not look like a make-synthetic output"):
+        S.generate(mine, n_images=120, workers=1, overwrite=True)
+    assert (mine / "thesis.txt").is_file()
+
+    # A previous output is replaced.
+    out = tmp_path / "bench"
+    S.generate(out, seed=1, n_images=120, workers=1)
+    assert main([*args, "--out", str(out), "--seed", "2"]) == 0
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 2
+    # ... but not when the user put something of theirs into it.
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"notes\.txt"):
+        S.generate(out, seed=3, n_images=120, workers=1, overwrite=True)
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 2 and (out / "notes.txt").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench", "mine"]  # no temporary directory left behind

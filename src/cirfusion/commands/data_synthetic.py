@@ -8,13 +8,15 @@ import sys
 import time
 from typing import Any
 
+from ..data.synthetic import generate
+
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     p = sub.add_parser(
         "make-synthetic",
         help="generate the synthetic scene-graph CIR benchmark (rendered scenes, fine/coarse texts, subsets, edit pairs)",
         description="Render the synthetic scene-graph CIR benchmark into --out. Deterministic given --seed and the "
-        "size options. Read it back with `--dataset synthetic --root OUT` (text: coarse by default, or fine).",
+        "size options. Read it back with --dataset synthetic --root OUT (text: coarse by default, or fine).",
     )
     p.add_argument("--out", required=True, help="output directory (must be absent or empty unless --overwrite)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -28,7 +30,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--held-out-test-share", type=float, default=0.4,
                    help="share of test clusters built around a held-out combination (default 0.4)")  # fmt: skip
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: min(2, CPUs))")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (only one written by make-synthetic)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the statistics as one JSON object only")
     p.set_defaults(func=handler)
@@ -43,8 +45,6 @@ def _fractions(text: str) -> list[float]:
 
 
 def handler(args: argparse.Namespace) -> int:
-    from ..data.synthetic import generate
-
     try:
         fr = _fractions(args.splits)
         t0 = time.perf_counter()
@@ -78,7 +78,7 @@ def handler(args: argparse.Namespace) -> int:
 
 
 def format_stats(stats: dict[str, Any]) -> str:
-    """A readable summary of :func:`cirfusion.data.synthetic.benchmark_stats`."""
+    """A readable summary of cirfusion.data.synthetic.benchmark_stats."""
     lines = [f"synthetic benchmark v{stats['generator_version']}  seed={stats['seed']}  image_size={stats['image_size']}"]
     lines.append("held-out colour x shape: " + ", ".join(f"{c} {s}" for c, s in stats["held_out_combos"]))
     for split, s in stats["splits"].items():
