@@ -264,7 +264,7 @@ def test_cache_is_reused_not_rewritten(built, tmp_path):
 def test_failed_write_keeps_the_previous_build(built, tmp_path, monkeypatch):
     import shutil
 
-    from cirfusion.data import catalog
+    from cirfusion.data.catalog import generation
 
     out = tmp_path / "keep"
     shutil.copytree(built["out"], out)
@@ -273,11 +273,40 @@ def test_failed_write_keeps_the_previous_build(built, tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(catalog, "_write_annotations", boom)
+    monkeypatch.setattr(generation, "_write_annotations", boom)
     with pytest.raises(OSError, match="disk full"):
         build_catalog(out, photos=built["photos"], config=built["cfg"], workers=1, progress=False)
     assert (out / "annotations" / "queries.train.jsonl").read_bytes() == before
     assert sorted(p.name for p in out.iterdir()) == ["annotations", "cache"]  # no temp dir left behind
+
+
+def test_rebuild_replaces_only_a_make_catalog_annotations_folder(built, tmp_path):
+    import shutil
+
+    # An annotations/ folder of the user's in the output directory: refused with a clear error, left intact.
+    out = tmp_path / "mine"
+    (out / "annotations").mkdir(parents=True)
+    (out / "annotations" / "thesis.txt").write_text("four years of work")
+    with pytest.raises(DataError, match="does not look like a make-catalog output") as exc:
+        build_catalog(out, photos=built["photos"], config=built["cfg"], workers=1, progress=False)
+    assert str(out / "annotations") in str(exc.value)
+    assert [p.name for p in (out / "annotations").iterdir()] == ["thesis.txt"]
+    assert (out / "annotations" / "thesis.txt").read_text() == "four years of work"
+    assert sorted(p.name for p in out.iterdir()) == ["annotations"]  # refused before any work (no cache/)
+
+    # A previous build is replaced (here with another seed).
+    prev = tmp_path / "prev"
+    shutil.copytree(built["out"], prev)
+    m = build_catalog(prev, photos=built["photos"], config=CatalogConfig(**{**built["cfg"].__dict__, "seed": 4}),
+                      workers=1, progress=False)
+    assert m["config"]["seed"] == 4
+    assert json.loads((prev / "annotations" / "manifest.json").read_text())["config"]["seed"] == 4
+    # ... but not once the user put a file of theirs into it.
+    (prev / "annotations" / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"notes\.txt"):
+        build_catalog(prev, photos=built["photos"], config=built["cfg"], workers=1, progress=False)
+    assert (prev / "annotations" / "notes.txt").is_file()
+    assert json.loads((prev / "annotations" / "manifest.json").read_text())["config"]["seed"] == 4
 
 
 # ------------------------------------------------------------------------------------------------ reading back
@@ -322,7 +351,7 @@ def test_loader_rejects_tampered_or_missing_files(built, tmp_path):
     q.write_text(q.read_text().replace('"text": "', '"text": "x', 1))
     with pytest.raises(DataError, match="changed since the build"):
         load_catalog(out, "test")
-    with pytest.raises(DataError, match="manifest.json"):
+    with pytest.raises(DataError, match=r"manifest\.json"):
         load_catalog(tmp_path / "nowhere", "test")
     (out / "annotations" / "manifest.json").write_text("{not json")
     with pytest.raises(DataError, match="invalid JSON"):
@@ -359,7 +388,7 @@ def test_malformed_folders_and_csv(tmp_path):
     # an image directly under a split folder
     (tmp_path / "b" / "test").mkdir(parents=True)
     item_photo("red", 0).save(tmp_path / "b" / "test" / "x.jpg")
-    with pytest.raises(DataError, match="x.jpg"):
+    with pytest.raises(DataError, match=r"x\.jpg"):
         scan_photo_folder(tmp_path / "b")
     with pytest.raises(DataError, match="no images"):
         (tmp_path / "c").mkdir()

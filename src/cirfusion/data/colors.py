@@ -240,10 +240,10 @@ def foreground_mask(img: Image.Image) -> tuple[np.ndarray, bool]:
 def dominant_colour_of(lab_pixels: np.ndarray, weights: np.ndarray, k: int = 4) -> tuple[str, np.ndarray, float]:
     """Name, CIELAB centre and weighted share of the dominant named colour among ``lab_pixels`` (N, 3)."""
     centres, labels = kmeans(lab_pixels, k, weights=weights, seed=0)
-    names = [name_lab(c) for c in centres]
+    names = [str(name_lab(c)) for c in centres]  # one colour each: a str
     mass = np.bincount(labels, weights=weights, minlength=len(centres))
     per_name: dict[str, float] = {}
-    for n, m in zip(names, mass):
+    for n, m in zip(names, mass, strict=True):
         per_name[n] = per_name.get(n, 0.0) + float(m)
     # Ties resolved by palette order so the result never depends on cluster numbering.
     best = max(COLOUR_NAMES, key=lambda n: (per_name.get(n, -1.0), -COLOUR_NAMES.index(n)))
