@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..data.colors import srgb_to_lab
 from . import register_backbone
 from ._util import format_options, resize_center_crop, short_hash
 from .base import Backbone, ImageFeatures, TextFeatures
@@ -31,21 +32,20 @@ from .embedded import MiniLMText
 DEFAULTS: dict[str, Any] = {"resolution": 128, "grid": 8, "max_text_tokens": 48}
 CELL = 4  # thumbnail pixels per cell side
 HIST_BINS = 4  # per Lab axis
-VERSION = 1  # bump when the descriptor changes: it is part of the weights hash (so of every cache key)
-
-# sRGB (D65) -> XYZ, and the D65 white point.
-_RGB2XYZ = torch.tensor([[0.4124564, 0.3575761, 0.1804375], [0.2126729, 0.7151522, 0.0721750],
-                         [0.0193339, 0.1191920, 0.9503041]])
-_WHITE = torch.tensor([0.95047, 1.0, 1.08883])
-
+# Bump when the descriptor changes: it is part of the weights hash (so of every cache key). v2: Lab from
+# cirfusion.data.colors (float64) and greys binned as a = b = 0; v1 binned greys by float32 rounding noise.
+VERSION = 2
+_GREY_AB = 1e-4  # |a|, |b| below this is a grey's rounding error, not colour (one 8-bit step moves them >= 0.1)
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
-    """``[B, 3, H, W]`` sRGB in [0, 1] -> CIELab (L in [0, 100], a/b about [-128, 127])."""
-    lin = torch.where(rgb <= 0.04045, rgb / 12.92, ((rgb + 0.055) / 1.055) ** 2.4)
-    xyz = torch.einsum("ij,bjhw->bihw", _RGB2XYZ, lin) / _WHITE[None, :, None, None]
-    d = 6.0 / 29.0
-    f = torch.where(xyz > d**3, xyz.clamp(min=1e-12) ** (1.0 / 3.0), xyz / (3 * d * d) + 4.0 / 29.0)
-    return torch.stack([116.0 * f[:, 1] - 16.0, 500.0 * (f[:, 0] - f[:, 1]), 200.0 * (f[:, 1] - f[:, 2])], 1)
+    """``[B, 3, H, W]`` sRGB in [0, 1] -> CIELab (L in [0, 100], a/b about [-128, 127]), float32 on ``rgb``'s device.
+
+    The conversion is ``cirfusion.data.colors.srgb_to_lab`` (the one sRGB -> Lab of the package, in float64 on the
+    CPU): thumbnails are small (32 x 32 by default), so the round trip costs nothing next to the text encoder.
+    """
+    pixels = rgb.detach().permute(0, 2, 3, 1).to("cpu", torch.float64).numpy() * 255.0
+    lab = torch.from_numpy(srgb_to_lab(pixels)).permute(0, 3, 1, 2)
+    return lab.to(rgb.device, torch.float32).contiguous()
 
 
 class ColourBackbone(Backbone):
@@ -86,7 +86,7 @@ class ColourBackbone(Backbone):
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         crop = resize_center_crop(image.convert("RGB"), self.resolution)
         side = self.grid * CELL
-        thumb = crop.resize((side, side), Image.BOX)  # area average
+        thumb = crop.resize((side, side), Image.Resampling.BOX)  # area average
         return torch.frombuffer(bytearray(thumb.tobytes()), dtype=torch.uint8).view(side, side, 3).permute(2, 0, 1).float() / 255.0
 
     @torch.inference_mode()
@@ -102,9 +102,12 @@ class ColourBackbone(Backbone):
         tokens = scaled.view(b, 3, g, CELL, g, CELL).permute(0, 2, 4, 1, 3, 5).reshape(b, g * g, 3 * CELL * CELL)
         layout = F.adaptive_avg_pool2d(scaled, 4).flatten(1)  # [B, 48]
         # Joint Lab histogram of the thumbnail (L in [0, 100], a/b clamped to [-100, 100]).
+        # A grey (R = G = B) has a = b = 0 up to rounding (|a|, |b| < 1e-4), right on the middle bin edge: count it
+        # as exactly 0, so its bin never depends on how the arithmetic rounded (float32 vs float64, CPU vs GPU).
+        ab = torch.where(lab[:, 1:].abs() < _GREY_AB, torch.zeros_like(lab[:, 1:]), lab[:, 1:])
         li = (lab[:, 0] / 100.0 * HIST_BINS).long().clamp(0, HIST_BINS - 1)
-        ai = ((lab[:, 1] + 100.0) / 200.0 * HIST_BINS).long().clamp(0, HIST_BINS - 1)
-        bi = ((lab[:, 2] + 100.0) / 200.0 * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+        ai = ((ab[:, 0] + 100.0) / 200.0 * HIST_BINS).long().clamp(0, HIST_BINS - 1)
+        bi = ((ab[:, 1] + 100.0) / 200.0 * HIST_BINS).long().clamp(0, HIST_BINS - 1)
         idx = ((li * HIST_BINS + ai) * HIST_BINS + bi).flatten(1)
         hist = torch.zeros(b, HIST_BINS**3, device=x.device).scatter_add_(1, idx, torch.ones_like(idx, dtype=torch.float32))
         hist = (hist / idx.shape[1]).sqrt()
