@@ -1,7 +1,7 @@
 """Data layer: one triplet schema, loaders for the real formats, two embedded benchmarks."""
 
 from .images import ImageLoadError, load_image
-from .registry import list_datasets, load_dataset, register_dataset
+from .registry import dataset_loader, list_datasets, load_dataset, register_dataset
 from .schema import CIRDataset, DataError, Entity, Gallery, Query, Relation, SceneGraph
 
 __all__ = [
@@ -13,6 +13,7 @@ __all__ = [
     "Query",
     "Relation",
     "SceneGraph",
+    "dataset_loader",
     "list_datasets",
     "load_dataset",
     "load_image",

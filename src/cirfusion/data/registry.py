@@ -1,18 +1,19 @@
-"""Dataset loaders by name: ``load_dataset("cirr", root, "val")``."""
+"""Dataset loaders by name: ``load_dataset("cirr", root, "val")``, on the package's one ``Registry``."""
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from ..registry import Registry
 from .schema import CIRDataset
 
-_LOADERS: dict[str, Callable[..., CIRDataset]] = {}
+Loader = Callable[..., CIRDataset]  # loader(root, split, **options) -> CIRDataset
 
-# Modules whose import registers loaders. Imported on first use so `import cirfusion` stays light.
-_LOADER_MODULES = [
+# The built-in loaders register themselves when their module is imported, on the first look-up (so that
+# `import cirfusion` stays light).
+DATASETS: Registry[Loader] = Registry("dataset", [
     "cirfusion.data.cirr",
     "cirfusion.data.fashioniq",
     "cirfusion.data.shoes",
@@ -21,39 +22,25 @@ _LOADER_MODULES = [
     "cirfusion.data.custom",
     "cirfusion.data.synthetic",
     "cirfusion.data.catalog",
-]
-_imported = False
+])  # fmt: skip
 
 
-def register_dataset(name: str) -> Callable[[Callable[..., CIRDataset]], Callable[..., CIRDataset]]:
-    """Decorator: register ``fn(root, split, **kwargs) -> CIRDataset`` under ``name``."""
-
-    def deco(fn: Callable[..., CIRDataset]) -> Callable[..., CIRDataset]:
-        if name in _LOADERS and _LOADERS[name] is not fn:
-            raise ValueError(f"dataset loader {name!r} is registered twice")
-        _LOADERS[name] = fn
-        return fn
-
-    return deco
-
-
-def _import_all() -> None:
-    global _imported
-    if not _imported:
-        for m in _LOADER_MODULES:
-            importlib.import_module(m)
-        _imported = True
+def register_dataset(name: str) -> Callable[[Loader], Loader]:
+    """Decorator: register ``fn(root, split, **options) -> CIRDataset`` under ``name``."""
+    return DATASETS.register(name)
 
 
 def list_datasets() -> list[str]:
-    _import_all()
-    return sorted(_LOADERS)
+    return DATASETS.names()
+
+
+def dataset_loader(name: str) -> Loader:
+    """The loader registered under ``name`` (``KeyError`` listing the known names otherwise): its signature says
+    which options (``--option KEY=VALUE``) it accepts, for ``cirfusion.options.check_options``."""
+    return DATASETS.get(name)
 
 
 def load_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> CIRDataset:
     """Load split ``split`` of dataset ``name`` stored under ``root``. Extra kwargs go to the loader
     (e.g. ``category="dress"`` for FashionIQ)."""
-    _import_all()
-    if name not in _LOADERS:
-        raise KeyError(f"unknown dataset {name!r}; known: {', '.join(sorted(_LOADERS))}")
-    return _LOADERS[name](Path(root), split, **kwargs)
+    return dataset_loader(name)(Path(root), split, **kwargs)
