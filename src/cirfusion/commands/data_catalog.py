@@ -35,7 +35,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
         "programmatic edits to a reusable cache, and writes queries of four kinds: category change, colour "
         "change, both, and edit (target = an edit of the reference; subset = reference + its edits). "
         "Kinds category/colour/both list every matching gallery image as a target. Read it back with "
-        "dataset name 'catalog' (--root OUT).",
+        "dataset name 'catalog' (--root OUT). Building again into the same --out replaces its annotations/ folder, "
+        "but only one that make-catalog wrote; the photo and edit cache is reused.",
     )
     p.add_argument("--photos", help="photo folder (or the base folder for relative paths in --csv)")
     p.add_argument("--csv", help="CSV listing path,category[,split] (optional header row)")
