@@ -35,8 +35,6 @@ def toy_dataset(root, split, category=None, **kwargs):
 def run_cli(monkeypatch):
     # A private loader table with the toy registered through the public decorator; only our verb in the parser
     # (the other verbs are other modules' business).
-    monkeypatch.setattr(registry, "_LOADERS", dict(registry._LOADERS))
-    monkeypatch.setattr(registry, "_imported", True)
     registry.register_dataset("toy-eval")(toy_dataset)
     monkeypatch.setattr(cli, "COMMAND_MODULES", ["cirfusion.commands.eval_scores"])
     CALLS.clear()
@@ -44,7 +42,8 @@ def run_cli(monkeypatch):
     def run(*args):
         return cli.main(["eval-scores", *map(str, args)])
 
-    return run
+    yield run
+    registry.DATASETS.unregister("toy-eval")
 
 
 def scores_for(category=None, seed=0, split="val"):

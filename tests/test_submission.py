@@ -310,7 +310,7 @@ def test_cirr_test1_submission_on_the_real_annotations(tmp_path):
     pytest.importorskip("cirfusion.data.cirr")  # importing it registers the "cirr" loader
     from cirfusion.data import registry
 
-    ds = registry._LOADERS["cirr"](SHARED / "cirr", "test1")
+    ds = registry.dataset_loader("cirr")(SHARED / "cirr", "test1")
     assert (len(ds.queries), len(ds.gallery)) == (4148, 2315)
     scores = np.random.default_rng(0).standard_normal((4148, 2315)).astype(np.float32)
     p_rec, p_sub = write_cirr_submission(scores, ds, tmp_path, "random")
