@@ -299,7 +299,7 @@ def _ivf_params(n_vectors: int, nlist: int | None, nprobe: int | None) -> tuple[
     """nlist defaults to ~4*sqrt(#vectors), capped so every list gets >= 39 training vectors (at least 1 list);
     nprobe defaults to nlist/8 (at least 8, at most nlist)."""
     if nlist is None:
-        nlist = int(round(4 * math.sqrt(n_vectors)))
+        nlist = round(4 * math.sqrt(n_vectors))
         nlist = max(1, min(nlist, n_vectors // _MIN_POINTS_PER_LIST, _MAX_NLIST))
     elif isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= n_vectors:
         raise CIRIndexError(f"ivf nlist must be an integer in [1, {n_vectors}] (the number of vectors), got {nlist!r}")
