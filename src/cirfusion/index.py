@@ -34,7 +34,9 @@ costs far more in thread synchronisation than it saves (see ``benchmarks/index_s
 On disk an index is a directory: ``index.faiss`` (faiss's own format), ``ids.json`` (the gallery ids in row
 order) and ``meta.json`` (kind, metric, sizes, parameters, sha256 of the other two files and the caller's ``meta``
 dict, e.g. checkpoint path and hash, backbone id). No pickle anywhere. Written to a temporary sibling directory
-and renamed into place, so a crash never leaves a half-written index.
+and swapped into place with two renames (:func:`cirfusion.io.atomic_directory`), so a crash never leaves a
+half-written index; a crash between the two renames leaves the previous index aside, and every save and load first
+puts it back (:func:`cirfusion.io.recover_directory`), as checkpoints do.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import faiss
 import numpy as np
 
 from .errors import CirfusionError
-from .io import atomic_directory
+from .io import atomic_directory, recover_directory
 
 __all__ = [
     "INDEX_KINDS",
@@ -476,6 +478,8 @@ class CIRIndex:
         """Write the index directory atomically (temporary sibling + rename). Replaces an existing index directory;
         refuses to replace anything else. Returns the path."""
         path = Path(path)
+        if path.parent.is_dir():
+            recover_directory(path)  # an earlier save interrupted between its renames: its old index is back first
         if path.exists() and not (path.is_dir() and ((path / META_FILE).is_file() or not any(path.iterdir()))):
             raise CIRIndexError("exists and is not an index directory; refusing to overwrite it", path)
         index_bytes = faiss.serialize_index(self.index).tobytes()
@@ -601,6 +605,8 @@ def load_index(path: str | Path, threads: int | None = None) -> CIRIndex:
     """Load an index directory written by :meth:`CIRIndex.save`, checking every file against ``meta.json``.
     ``threads``: faiss threads for searches, as in :func:`build_index`."""
     path = Path(path)
+    if path.parent.is_dir():
+        recover_directory(path)  # a save interrupted between its two renames left the previous index aside
     if not path.is_dir():
         raise CIRIndexError("is not a directory (expected an index directory)", path)
     meta_path = path / META_FILE
