@@ -308,7 +308,7 @@ def optimizer_state_from_safe(tensors: dict[str, torch.Tensor], meta: dict[str, 
 
 def rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """torch / numpy / python global RNG states as (tensors, JSON)."""
-    np_state = np.random.get_state()
+    np_state: Any = np.random.get_state()  # the legacy tuple (numpy's stubs also allow a dict)
     py_state = random.getstate()
     return (
         {"torch": torch.get_rng_state().clone()},

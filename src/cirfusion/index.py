@@ -361,20 +361,21 @@ class CIRIndex:
 
     def _gallery_vectors(self) -> np.ndarray:
         """The stored vectors as ``[N, M, D]``; a zero-copy view for flat storage, reconstructed for IVF."""
-        idx = self.index
+        idx: Any = self.index  # the concrete faiss class for self.kind (faiss's stubs only know the base Index)
         if self.kind == "ivf":
             idx.make_direct_map()
             flat = idx.reconstruct_n(0, idx.ntotal)
         else:
-            storage = faiss.downcast_index(idx.storage) if self.kind == "hnsw" else idx
+            storage: Any = faiss.downcast_index(idx.storage) if self.kind == "hnsw" else idx
             flat = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d)
         return flat.reshape(len(self.ids), self.vectors_per_item, self.dim)
 
     def _apply_search_params(self) -> None:
+        idx: Any = self.index  # IndexIVFFlat / IndexHNSWFlat, typed as the base Index
         if self.kind == "ivf":
-            self.index.nprobe = self.params["nprobe"]
+            idx.nprobe = self.params["nprobe"]
         elif self.kind == "hnsw":
-            self.index.hnsw.efSearch = self.params["ef_search"]
+            idx.hnsw.efSearch = self.params["ef_search"]
 
     def set_search_params(self, **opts: int) -> None:
         """Change search-time knobs: ``nprobe`` (ivf), ``ef_search`` (hnsw). Saved with the index."""
@@ -435,7 +436,8 @@ class CIRIndex:
             fs, fl = self._faiss_search(q[pending].reshape(-1, d), k_cand)
             fs, fl = fs.reshape(pending.size, mq, k_cand), fl.reshape(pending.size, mq, k_cand)
             complete = k_cand >= n_vectors  # faiss returned every vector (exact kind)
-            retry, fallback = [], []
+            retry: list[Any] = []  # query positions (numpy ints)
+            fallback: list[Any] = []
             for j, b in enumerate(pending):
                 labels = fl[j][fl[j] >= 0]
                 cand = np.setdiff1d(labels // m, excl[b], assume_unique=False)  # unique, sorted rows
@@ -559,6 +561,7 @@ def build_index(
     set_threads(threads)
     params = {**_DEFAULT_OPTS[kind], **opts}
     flat = x.reshape(n * m, d)
+    index: Any
     if kind == "exact":
         index = faiss.IndexFlatIP(d)
         index.add(flat)

@@ -67,7 +67,7 @@ def short_hash(text: str, n: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def resize_center_crop(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+def resize_center_crop(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize the shorter side to ``size`` then centre-crop ``size`` x ``size`` (the ImageNet evaluation transform)."""
     w, h = image.size
     scale = size / min(w, h)

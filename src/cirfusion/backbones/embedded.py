@@ -107,7 +107,8 @@ def _fold_batchnorms(net: nn.Module) -> None:
 
     fold(net, "_conv_stem", "_bn0")
     fold(net, "_conv_head", "_bn1")
-    for block in net._blocks:
+    blocks: Any = net._blocks  # an nn.ModuleList (typed as Tensor | Module through nn.Module.__getattr__)
+    for block in blocks:
         if hasattr(block, "_expand_conv"):
             fold(block, "_expand_conv", "_bn0")
         fold(block, "_depthwise_conv", "_bn1")

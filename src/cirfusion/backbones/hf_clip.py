@@ -178,6 +178,9 @@ def save_tiny_clip(path: str | Path, family: str = "clip", seed: int = 0) -> Pat
     common_text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, max_position_embeddings=positions, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     common_vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    cfg: Any
+    model: Any
+    proc: Any
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if family == "clip":

@@ -77,7 +77,7 @@ class TinyBackbone(Backbone):
         return f"hashed-words:{self.VOCAB}|max_text_tokens:{self.max_text_tokens}"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        im = image.convert("RGB").resize((self.resolution, self.resolution), Image.BILINEAR)
+        im = image.convert("RGB").resize((self.resolution, self.resolution), Image.Resampling.BILINEAR)
         return to_normalised_tensor(im, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
     @torch.inference_mode()
