@@ -74,7 +74,7 @@ def quiet_transformers() -> Iterator[None]:
 def load_pretrained(model_cls: Any, location: str, what: str, required_prefixes: Iterable[str] | None = None) -> Any:
     """``model_cls.from_pretrained`` in float32, refusing a checkpoint that lacks weights we use (never a silent
     random init). ``required_prefixes``: only missing keys under these prefixes are errors (None: any)."""
-    with quiet_transformers():
+    with quiet_transformers(), hub_errors(location, what):
         model, info = model_cls.from_pretrained(location, dtype=torch.float32, output_loading_info=True, **hub_kwargs())
     prefixes = tuple(required_prefixes) if required_prefixes is not None else None
     missing = [k for k in info.get("missing_keys", []) if prefixes is None or k.startswith(prefixes)]
@@ -111,7 +111,8 @@ def load_image_processor(location: str, fallback: Any) -> Any:
     p = Path(location)
     if p.is_dir() and not (p / "preprocessor_config.json").is_file():
         return fallback()
-    return AutoImageProcessor.from_pretrained(location, backend="pil", **hub_kwargs())
+    with hub_errors(location, "image processor of the"):
+        return AutoImageProcessor.from_pretrained(location, backend="pil", **hub_kwargs())
 
 
 def processor_id(processor: Any) -> str:

@@ -76,7 +76,8 @@ class HFBlip2Backbone(Backbone):
                 f"{exc}. hf-blip2 needs an image-text retrieval checkpoint with the Q-Former text side "
                 "(Blip2ForImageTextRetrieval, e.g. Salesforce/blip2-itm-vit-g)"
             ) from exc
-        self.tokenizer = AutoTokenizer.from_pretrained(self.location, **hub_kwargs())
+        with hub_errors(self.location, "hf-blip2"):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.location, **hub_kwargs())
         self.processor = load_image_processor(self.location, self._default_processor)
         self.token_mode = tokens
         self.eval()

@@ -62,7 +62,8 @@ class HFClipBackbone(Backbone):
             raise ValueError("hf-clip backbone: tokens=projected needs CLIP (SigLIP has no per-token projection)")
         cls = CLIPModel if self.family == "clip" else SiglipModel
         self.model = load_pretrained(cls, self.location, "hf-clip")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.location, **hub_kwargs())
+        with hub_errors(self.location, "hf-clip"):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.location, **hub_kwargs())
         self.processor = load_image_processor(self.location, self._default_processor)
         self.token_mode = tokens
         self.eval()
