@@ -16,7 +16,7 @@ from cirfusion.backbones import create_backbone
 from cirfusion.backbones.base import Backbone
 from cirfusion.data.images import ImageLoadError
 from cirfusion.data.schema import CIRDataset, Gallery, Query
-from cirfusion.features import FeatureCache, FeatureCacheError, dataset_features, dataset_texts
+from cirfusion.features import FeatureCache, FeatureCacheError, FeatureCacheWarning, dataset_features, dataset_texts
 
 
 class Counting:
@@ -104,7 +104,7 @@ def test_content_hash_keys_rows(tiny: Backbone, imgs: tuple[list[str], list[Path
     copy = tmp_path / "copy.png"
     shutil.copy(paths[1], copy)
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(paths[4])
-    t = cache.image_features(ids + ["copy"], paths + [copy], progress=False)
+    t = cache.image_features([*ids, "copy"], [*paths, copy], progress=False)
     assert count.images == 1
     np.testing.assert_array_equal(t.global_[t.index("copy")], t.global_[1])
     assert t.hashes[t.index("copy")] == t.hashes[1]
@@ -168,7 +168,7 @@ def test_bad_image_named_and_good_work_kept(tiny: Backbone, imgs: tuple[list[str
     count = Counting(tiny)
     cache = FeatureCache(tiny, tmp_path / "cache", batch_size=4)
     with pytest.raises(ImageLoadError) as err:
-        cache.image_features(ids[:5] + ["bad"] + ids[5:] + ["empty"], paths[:5] + [bad] + paths[5:] + [empty], progress=False)
+        cache.image_features([*ids[:5], "bad", *ids[5:], "empty"], [*paths[:5], bad, *paths[5:], empty], progress=False)
     assert err.value.path == str(bad) and "1 more" in str(err.value) and "empty.png" in str(err.value)
     assert count.images == 10  # every good image was still computed ...
     count.images = 0
@@ -206,14 +206,23 @@ def test_two_caches_share_a_directory(tiny: Backbone, imgs: tuple[list[str], lis
     assert count.images == 0
 
 
-def test_corrupt_shard_and_shape_mismatch_are_clear_errors(tiny: Backbone, imgs: tuple[list[str], list[Path]], tmp_path: Path) -> None:
+def test_truncated_shard_is_rebuilt_and_shape_mismatch_is_an_error(
+    tiny: Backbone, imgs: tuple[list[str], list[Path]], tmp_path: Path
+) -> None:
     ids, paths = imgs
     cache = FeatureCache(tiny, tmp_path / "cache")
-    cache.image_features(ids, paths, progress=False)
+    ref = np.array(cache.image_features(ids, paths, progress=False).tokens)
     tok = next((cache.image_dir / "shards").glob("*.tokens.npy"))
-    tok.write_bytes(tok.read_bytes()[:100])
-    with pytest.raises(FeatureCacheError, match=tok.name):
-        FeatureCache(tiny, tmp_path / "cache").image_features(ids, paths, progress=False)
+    for cut in (100, tok.stat().st_size - 7):  # inside the .npy header, then inside the data
+        tok = next((cache.image_dir / "shards").glob("*.tokens.npy"))
+        tok.write_bytes(tok.read_bytes()[:cut])
+        count = Counting(tiny)
+        with pytest.warns(FeatureCacheWarning, match=f"{tok.name}: truncated.*recomputed"):
+            got = FeatureCache(tiny, tmp_path / "cache").image_features(ids, paths, progress=False)
+        assert count.images == len(ids)  # the damaged shard's rows were computed again ...
+        np.testing.assert_array_equal(np.asarray(got.tokens), ref)  # ... to the same values
+        assert not tok.exists() and len(list((cache.image_dir / "shards").glob("*.keys.json"))) == 1
+        tiny = create_backbone("tiny")
     # Same key, different declared shapes: refuse rather than mix.
     other = create_backbone("tiny")
     other.image_token_dim = 7

@@ -518,3 +518,37 @@ def test_threads_from_argument_and_environment(monkeypatch):
         set_threads()
     with pytest.raises(CIRIndexError, match="threads must be a positive integer"):
         set_threads(0)
+
+
+def test_load_recovers_an_interrupted_swap(tmp_path, monkeypatch):
+    """A save interrupted between its two renames leaves no index at the path: load (and the next save) put the
+    previous index back instead of losing it."""
+    import cirfusion.io as cio
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    ids = [f"i{i}" for i in range(30)]
+    path = build_index(x, ids).save(tmp_path / "idx")
+    real_replace = cio.os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        calls.append(1)
+        if len(calls) == 2:
+            raise OSError("simulated crash between the renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cio.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="simulated"):
+        build_index(x[:10], ids[:10]).save(path)
+    monkeypatch.setattr(cio.os, "replace", real_replace)
+    assert not path.exists()
+    assert load_index(path).ids == ids  # the previous index, whole
+    calls.clear()
+    monkeypatch.setattr(cio.os, "replace", crash_on_second)
+    with pytest.raises(OSError, match="simulated"):
+        build_index(x[:10], ids[:10]).save(path)
+    monkeypatch.setattr(cio.os, "replace", real_replace)
+    assert build_index(x[:5], ids[:5]).save(path) == path and load_index(path).ids == ids[:5]
+    assert not list(tmp_path.glob(".idx.old.*"))  # no previous version left aside

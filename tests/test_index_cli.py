@@ -238,3 +238,63 @@ def test_errors_exit_2_and_name_the_file(world, exact_index, capsys):
     # a tampered index is caught by index.py's checksums
     (moved / "ids.json").write_text(json.dumps(json.loads((moved / "ids.json").read_text())[::-1]))
     fails(cli(world, "search", str(moved), *search, "--checkpoint", str(ck["clip"])), str(moved / "ids.json"), "sha256")
+
+
+def test_overwrite_crash_between_renames_keeps_the_index(world, exact_index, capsys, monkeypatch):
+    """`index build --overwrite` swaps directories with two renames; a crash between them used to lose the index.
+    Now the previous index is put back by the next build, search or load."""
+    import cirfusion.io as cio
+
+    out = world["root"] / "idx-crash"
+    shutil.copytree(exact_index, out)
+    before = (out / "ids.json").read_text()
+    real_replace = cio.os.replace
+    calls = []
+
+    def crash_on_second(src, dst):
+        if Path(dst).parent == out.parent and out.name in Path(dst).name:  # the index swap's renames only
+            calls.append((src, dst))
+            if len(calls) == 2:  # the old index is aside, the new one not yet in place
+                raise KeyboardInterrupt("simulated crash between the two renames")
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(cio.os, "replace", crash_on_second)
+    assert main(cli(world, "index", "build", str(world["ckpt"]["clip_other"]), "--images", str(world["gallery"]),
+                    "--out", str(out), "--overwrite")) == 130
+    monkeypatch.setattr(cio.os, "replace", real_replace)
+    assert not out.exists() and list(out.parent.glob(f".{out.name}.old.*"))  # the crash state
+    # loading recovers it (load_index puts the old index back), and it answers as the original index does
+    from cirfusion.index import load_index
+
+    assert load_index(out).ids == load_index(exact_index).ids
+    search = ["--image", str(world["ref"]), "--text", TEXT]
+    assert run_json(capsys, cli(world, "search", str(out), *search)) == run_json(capsys, cli(world, "search", str(exact_index), *search))
+    assert (out / "ids.json").read_text() == before and not list(out.parent.glob(f".{out.name}.old.*"))
+
+
+def test_build_after_a_crash_recovers_before_checking_overwrite(world, exact_index, capsys):
+    out = world["root"] / "idx-crash2"
+    shutil.copytree(exact_index, out.parent / f".{out.name}.old.12345")  # what the crash left, no `out`
+    capsys.readouterr()
+    assert main(cli(world, "index", "build", str(world["ckpt"]["clip"]), "--images", str(world["gallery"]),
+                    "--out", str(out))) == 2  # the recovered index is not silently replaced without --overwrite
+    assert "already holds an index" in capsys.readouterr().err and (out / "meta.json").is_file()
+
+
+def test_checkpoint_backbone_outside_allowed_dirs_is_refused(world, capsys, tmp_path):
+    """A checkpoint whose config names an hf backbone directory the user did not give: exit 2, nothing read."""
+    ck = tmp_path / "ck"
+    shutil.copytree(world["ckpt"]["clip"], ck)
+    cfg = json.loads((ck / "config.json").read_text())
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    cfg["backbone"]["id"] = f"hf-clip:{elsewhere}"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    argv = cli(world, "index", "build", str(ck), "--images", str(world["gallery"]), "--out", str(tmp_path / "i"))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--backbone-dir" in err and str(elsewhere) in err and str(ck / "config.json") in err
+    cfg["backbone"]["id"] = "hf-clip:someone/model"
+    (ck / "config.json").write_text(json.dumps(cfg))
+    assert main(argv) == 2 and "--allow-download" in capsys.readouterr().err

@@ -16,15 +16,19 @@ file is a cache hit and an edited file a miss. Changing the backbone, its weight
 directory. Shards are only ever added (each under a unique name, every file written to a temp name then renamed),
 so an interrupted run keeps every committed shard and two processes filling one cache cannot corrupt it (at worst
 they compute a row twice).
+
+Interruptions. Work is committed at least every ``FLUSH_SECONDS`` (30 s) of computing, and whenever the computation
+stops - an error, Ctrl-C, or SIGTERM, which is treated like Ctrl-C while features are computed (a signal that arrives
+while a shard is being written waits until it is committed). A writer killed outright (``kill -9``) leaves temporary
+or uncommitted files; they are removed when a cache is opened once their writer is dead (shard names carry the
+writer's host and process id; a file whose writer cannot be checked is removed after ``feature_store.ORPHAN_AGE_S``). A committed
+shard whose files are truncated or unreadable is dropped with a :class:`FeatureCacheWarning` and its rows recomputed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
-import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Sequence
@@ -40,19 +44,18 @@ from tqdm.auto import tqdm
 from .backbones.base import Backbone, ImageFeatures, TextFeatures
 from .data.images import ImageLoadError, load_image
 from .data.schema import CIRDataset
-from .errors import CirfusionError
+from .feature_store import FeatureCacheError, FeatureCacheWarning, InterruptGuard, ShardStore
 
-FORMAT_VERSION = 1
 # A shard is committed when its buffered arrays reach this size (or at the end of a call): bounds memory and the work
 # an interruption can lose.
 SHARD_BYTES = 256 << 20
 SHARD_MAX_ROWS = 16384
+# ... and at least this often (seconds of computing), so a run killed outright loses at most this much work.
+FLUSH_SECONDS = 30.0
 
 RowsLike = Sequence[int] | np.ndarray | torch.Tensor | slice | None
 
 
-class FeatureCacheError(CirfusionError, RuntimeError):
-    """A cache directory that cannot be used (unreadable or inconsistent shard). The message names the file."""
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -177,130 +180,16 @@ def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
     return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
 
 
-def _atomic_write_bytes(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
-    try:
-        with open(tmp, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _atomic_write_json(path: Path, obj: Any) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(json.dumps(obj, indent=1, sort_keys=True).encode()))
-
-
-class _ShardStore:
-    """One cache namespace: append-only shards of fixed-shape rows, looked up by row key."""
-
-    def __init__(self, root: Path, meta: dict[str, Any], shapes: dict[str, tuple[tuple[int, ...], str]]) -> None:
-        self.root = root
-        self.shapes = shapes  # array name -> (per-row shape, dtype)
-        self.shard_dir = root / "shards"
-        self.shard_dir.mkdir(parents=True, exist_ok=True)
-        meta = {**meta, "format": FORMAT_VERSION, "arrays": {k: [list(s), d] for k, (s, d) in shapes.items()}}
-        meta_path = root / "meta.json"
-        if meta_path.is_file():
-            try:
-                old = json.loads(meta_path.read_text())
-            except (OSError, ValueError) as exc:
-                raise FeatureCacheError(f"{meta_path}: unreadable cache metadata ({exc}); delete {root} to rebuild") from exc
-            for k in ("format", "arrays"):
-                if old.get(k) != meta[k]:
-                    raise FeatureCacheError(
-                        f"{meta_path}: cache was written with {k}={old.get(k)!r} but this backbone gives {meta[k]!r} "
-                        f"under the same key; delete {root} to rebuild"
-                    )
-        else:
-            _atomic_write_json(meta_path, meta)
-        self.lookup: dict[str, tuple[str, int]] = {}
-        self.shard_len: dict[str, int] = {}
-        self._arrays: dict[tuple[str, str], np.ndarray] = {}
-        self._lock = threading.Lock()
-
-    def refresh(self) -> None:
-        """Pick up shards committed since the last look (by this or another process)."""
-        for keys_file in sorted(self.shard_dir.glob("*.keys.json")):
-            shard = keys_file.name[: -len(".keys.json")]
-            if shard in self.shard_len:
-                continue
-            try:
-                keys = json.loads(keys_file.read_text())
-            except (OSError, ValueError) as exc:
-                raise FeatureCacheError(f"{keys_file}: unreadable shard index ({exc}); delete it and its .npy files") from exc
-            for row, k in enumerate(keys):
-                self.lookup.setdefault(k, (shard, row))
-            self.shard_len[shard] = len(keys)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self.lookup
-
-    def _array(self, shard: str, name: str) -> np.ndarray:
-        with self._lock:
-            arr = self._arrays.get((shard, name))
-            if arr is None:
-                path = self.shard_dir / f"{shard}.{name}.npy"
-                try:
-                    arr = np.load(path, mmap_mode="r")
-                except (OSError, ValueError) as exc:
-                    raise FeatureCacheError(f"{path}: unreadable cache shard ({exc}); delete {self.root} to rebuild") from exc
-                shape, dtype = self.shapes[name]
-                if arr.shape != (self.shard_len[shard], *shape) or arr.dtype != np.dtype(dtype):
-                    raise FeatureCacheError(
-                        f"{path}: shard holds {arr.shape} {arr.dtype}, expected {(self.shard_len[shard], *shape)} {dtype}; "
-                        f"delete {self.root} to rebuild"
-                    )
-                self._arrays[(shard, name)] = arr
-            return arr
-
-    def write(self, keys: list[str], arrays: dict[str, np.ndarray]) -> None:
-        """Commit one shard: the arrays first, the key list last (readers only see committed shards)."""
-        if not keys:
-            return
-        shard = f"{time.time_ns():016x}-{os.getpid()}-{secrets.token_hex(3)}"
-        for name, (shape, dtype) in self.shapes.items():
-            arr = np.ascontiguousarray(arrays[name], dtype=dtype)
-            assert arr.shape == (len(keys), *shape), (name, arr.shape, shape)
-            _atomic_write_bytes(self.shard_dir / f"{shard}.{name}.npy", lambda f, a=arr: np.save(f, a, allow_pickle=False))
-        _atomic_write_json(self.shard_dir / f"{shard}.keys.json", keys)
-        for row, k in enumerate(keys):
-            self.lookup.setdefault(k, (shard, row))
-        self.shard_len[shard] = len(keys)
-
-    def gather(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
-        """Rows for ``keys`` in order. Zero-copy memmaps when the request is exactly one whole shard."""
-        locs = [self.lookup[k] for k in keys]
-        shards = {s for s, _ in locs}
-        if len(shards) == 1:
-            (shard,) = shards
-            if len(locs) == self.shard_len[shard] and all(r == i for i, (_, r) in enumerate(locs)):
-                return {name: self._array(shard, name) for name in self.shapes}
-        out = {name: np.empty((len(keys), *shape), dtype=dtype) for name, (shape, dtype) in self.shapes.items()}
-        by_shard: dict[str, tuple[list[int], list[int]]] = {}
-        for pos, (shard, row) in enumerate(locs):
-            dst, src = by_shard.setdefault(shard, ([], []))
-            dst.append(pos)
-            src.append(row)
-        for shard, (dst, src) in by_shard.items():
-            d, s = np.asarray(dst), np.asarray(src)
-            order = np.argsort(s, kind="stable")  # read the memmap front to back
-            d, s = d[order], s[order]
-            for name in self.shapes:
-                out[name][d] = self._array(shard, name)[s]
-        return out
-
-
 class FeatureCache:
     """Frozen-backbone features for images and texts, computed once and read back memory-mapped.
 
     ``num_workers`` threads read, hash, decode and preprocess images while the backbone encodes the previous batch
     (0, the default: all in the calling thread — on 2 cores decoding is <15% of the time and extra threads only
     compete with torch's; worth it with more cores or slow storage). ``device``: where the backbone runs (it is
-    moved there). Rows are computed in batches of ``batch_size`` and committed in shards of up to ~256 MB.
+    moved there). Rows are computed in batches of ``batch_size`` and committed in shards of up to ~256 MB, and at
+    least every ``flush_seconds`` of computing.
+
+    A composite backbone (one with a ``parts`` list of backbones, e.g. ``multi:``) is served from its parts' caches.
     """
 
     def __init__(
@@ -310,6 +199,7 @@ class FeatureCache:
         batch_size: int = 64,
         num_workers: int = 0,
         device: str | torch.device = "cpu",
+        flush_seconds: float | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -320,15 +210,16 @@ class FeatureCache:
         self.batch_size = batch_size
         self.num_workers = num_workers
         self.device = torch.device(device)
+        self.flush_seconds = FLUSH_SECONDS if flush_seconds is None else float(flush_seconds)
         self.backbone.to(self.device).eval()
-        self._image_store: _ShardStore | None = None
-        self._text_store: _ShardStore | None = None
+        self._image_store: ShardStore | None = None
+        self._text_store: ShardStore | None = None
         # A multi: backbone's features are its parts' cached features side by side (never computed twice, and
-        # exactly what base models trained on each part read).
-        from .backbones.multi import MultiBackbone
-
-        self._parts = ([FeatureCache(p, cache_dir, batch_size, num_workers, device) for p in backbone.parts]
-                       if isinstance(backbone, MultiBackbone) else None)
+        # exactly what base models trained on each part read). Duck-typed on `parts`: the cache sits below the
+        # composite backbone's module and must not import it.
+        parts = getattr(backbone, "parts", None)
+        self._parts = ([FeatureCache(p, cache_dir, batch_size, num_workers, device, flush_seconds) for p in parts]
+                       if parts is not None else None)
 
     # --- namespaces ---
 
@@ -354,18 +245,18 @@ class FeatureCache:
     def text_dir(self) -> Path:
         return self._namespace("text", self.text_key())
 
-    def _images(self) -> _ShardStore:
+    def _images(self) -> ShardStore:
         if self._image_store is None:
             b = self.backbone
             shapes = {
                 "global": ((b.image_dim,), "float16"),
                 "tokens": ((b.num_image_tokens, b.image_token_dim), "float16"),
             }
-            self._image_store = _ShardStore(self.image_dir, {"kind": "image", **self.image_key()}, shapes)
+            self._image_store = ShardStore(self.image_dir, {"kind": "image", **self.image_key()}, shapes)
         self._image_store.refresh()
         return self._image_store
 
-    def _texts(self) -> _ShardStore:
+    def _texts(self) -> ShardStore:
         if self._text_store is None:
             b = self.backbone
             shapes = {
@@ -373,13 +264,13 @@ class FeatureCache:
                 "tokens": ((b.max_text_tokens, b.text_token_dim), "float16"),
                 "mask": ((b.max_text_tokens,), "bool"),
             }
-            self._text_store = _ShardStore(self.text_dir, {"kind": "text", **self.text_key()}, shapes)
+            self._text_store = ShardStore(self.text_dir, {"kind": "text", **self.text_key()}, shapes)
         self._text_store.refresh()
         return self._text_store
 
     # --- images ---
 
-    def _read_one(self, store: _ShardStore, path: Path) -> tuple[str, torch.Tensor | None] | ImageLoadError:
+    def _read_one(self, store: ShardStore, path: Path) -> tuple[str, torch.Tensor | None] | ImageLoadError:
         """Read the bytes once: hash them, and decode those same bytes only on a cache miss."""
         try:
             with open(path, "rb") as f:
@@ -410,15 +301,15 @@ class FeatureCache:
                 ids=list(tables[0].ids), global_=np.concatenate([np.asarray(t.global_) for t in tables], 1),
                 tokens=np.concatenate([_pad_last(np.asarray(t.tokens), d) for t in tables], 1), hashes=list(tables[0].hashes))
         ids = [str(i) for i in ids]
-        paths = [Path(p) for p in paths]
-        if len(ids) != len(paths):
-            raise ValueError(f"image_features: {len(ids)} ids but {len(paths)} paths")
+        files = [Path(p) for p in paths]
+        if len(ids) != len(files):
+            raise ValueError(f"image_features: {len(ids)} ids but {len(files)} paths")
         if len(set(ids)) != len(ids):
             dup = next(i for i in ids if ids.count(i) > 1)
             raise ValueError(f"image_features: duplicate image id {dup!r}")
         store = self._images()
         b = self.backbone
-        keys: list[str | None] = [None] * len(paths)
+        keys: list[str | None] = [None] * len(files)
         errors: list[ImageLoadError] = []
         batch_x: list[torch.Tensor] = []
         batch_k: list[str] = []
@@ -444,7 +335,7 @@ class FeatureCache:
             bad = ~(np.isfinite(g).all(1) & np.isfinite(t).all((1, 2)))
             if bad.any():
                 k = batch_k[int(np.argmax(bad))]
-                where = paths[keys.index(k)]
+                where = files[keys.index(k)]
                 raise FeatureCacheError(f"{where}: backbone {b.backbone_id!r} gives non-finite features (in fp16)")
             buf_k.extend(batch_k)
             buf["global"].append(g)
@@ -454,18 +345,24 @@ class FeatureCache:
             batch_x.clear()
             batch_k.clear()
 
-        def commit() -> None:
-            nonlocal buf_bytes
-            if buf_k:
-                store.write(list(buf_k), {n: np.concatenate(v) for n, v in buf.items()})
-            buf_k.clear()
-            buf_bytes = 0
-            for v in buf.values():
-                v.clear()
+        last_commit = time.monotonic()
 
-        bar = tqdm(total=len(paths), desc=f"image features [{b.backbone_id}]", unit="img", disable=not progress)
+        def commit() -> None:
+            nonlocal buf_bytes, last_commit
+            with interrupts.critical():  # a signal now waits until the shard is written
+                if buf_k:
+                    store.write(list(buf_k), {n: np.concatenate(v) for n, v in buf.items()})
+                buf_k.clear()
+                buf_bytes = 0
+                for v in buf.values():
+                    v.clear()
+                last_commit = time.monotonic()
+
+        bar = tqdm(total=len(files), desc=f"image features [{b.backbone_id}]", unit="img", disable=not progress)
+        interrupts = InterruptGuard()
         try:
-            for i, res in enumerate(self._iter_read(store, paths)):
+            interrupts.__enter__()
+            for i, res in enumerate(self._iter_read(store, files)):
                 bar.update(1)
                 if isinstance(res, ImageLoadError):
                     errors.append(res)
@@ -480,15 +377,17 @@ class FeatureCache:
                 if len(batch_x) >= self.batch_size:
                     encode()
                     bar.set_postfix(computed=computed, refresh=False)
-                    if buf_bytes >= SHARD_BYTES or len(buf_k) >= SHARD_MAX_ROWS:
+                    if (buf_bytes >= SHARD_BYTES or len(buf_k) >= SHARD_MAX_ROWS
+                            or time.monotonic() - last_commit >= self.flush_seconds):
                         commit()
             encode()
             bar.set_postfix(computed=computed, refresh=False)
         finally:
-            # Whatever happened (a bad file, Ctrl-C, a backbone error), keep the features already computed.
+            # Whatever happened (a bad file, Ctrl-C or SIGTERM, a backbone error), keep the features already computed.
             try:
                 commit()
             finally:
+                interrupts.__exit__()
                 bar.close()
         if errors:
             first = errors[0]
@@ -499,7 +398,7 @@ class FeatureCache:
         arrays = store.gather([k for k in keys if k is not None])
         return ImageFeatureTable(ids=ids, global_=arrays["global"], tokens=arrays["tokens"], hashes=[str(k) for k in keys])
 
-    def _iter_read(self, store: _ShardStore, paths: list[Path]) -> Iterable[Any]:
+    def _iter_read(self, store: ShardStore, paths: list[Path]) -> Iterable[Any]:
         """``_read_one`` over ``paths`` in order; with workers, a bounded window of reads runs ahead."""
         if self.num_workers == 0:
             for p in paths:
@@ -549,18 +448,23 @@ class FeatureCache:
         buf_k: list[str] = []
         buf: dict[str, list[np.ndarray]] = {"global": [], "tokens": [], "mask": []}
         buf_bytes = 0
+        last_commit = time.monotonic()
 
         def commit() -> None:
-            nonlocal buf_bytes
-            if buf_k:
-                store.write(list(buf_k), {n: np.concatenate(v) for n, v in buf.items()})
-            buf_k.clear()
-            buf_bytes = 0
-            for v in buf.values():
-                v.clear()
+            nonlocal buf_bytes, last_commit
+            with interrupts.critical():
+                if buf_k:
+                    store.write(list(buf_k), {n: np.concatenate(v) for n, v in buf.items()})
+                buf_k.clear()
+                buf_bytes = 0
+                for v in buf.values():
+                    v.clear()
+                last_commit = time.monotonic()
 
         bar = tqdm(total=len(todo), desc=f"text features [{b.backbone_id}]", unit="text", disable=not progress or not todo)
+        interrupts = InterruptGuard()
         try:
+            interrupts.__enter__()
             for start in range(0, len(todo), self.batch_size):
                 idx = todo[start : start + self.batch_size]
                 with torch.inference_mode():
@@ -568,8 +472,8 @@ class FeatureCache:
                 g = f.global_.float().cpu().numpy().astype(np.float16)
                 tok = f.tokens.float().cpu().numpy().astype(np.float16)
                 m = f.mask.cpu().numpy().astype(np.bool_)
-                n, l = m.shape
-                if g.shape != (len(idx), b.text_dim) or tok.shape != (len(idx), l, b.text_token_dim) or l > L:
+                n, width = m.shape
+                if g.shape != (len(idx), b.text_dim) or tok.shape != (len(idx), width, b.text_token_dim) or width > L:
                     raise FeatureCacheError(
                         f"backbone {b.backbone_id!r} returned text features {g.shape}/{tok.shape}; it declares "
                         f"[{b.text_dim}] / [<= {L}, {b.text_token_dim}]"
@@ -578,7 +482,7 @@ class FeatureCache:
                     raise FeatureCacheError(f"backbone {b.backbone_id!r} gives non-finite text features (in fp16)")
                 tokens = np.zeros((n, L, b.text_token_dim), np.float16)
                 mask = np.zeros((n, L), np.bool_)
-                tokens[:, :l], mask[:, :l] = tok, m
+                tokens[:, :width], mask[:, :width] = tok, m
                 tokens[~mask] = 0  # padding rows carry no information; zero them so the bytes are deterministic
                 buf_k.extend(keys[i] for i in idx)
                 buf["global"].append(g)
@@ -586,12 +490,14 @@ class FeatureCache:
                 buf["mask"].append(mask)
                 buf_bytes += g.nbytes + tokens.nbytes + mask.nbytes
                 bar.update(len(idx))
-                if buf_bytes >= SHARD_BYTES or len(buf_k) >= SHARD_MAX_ROWS:
+                if (buf_bytes >= SHARD_BYTES or len(buf_k) >= SHARD_MAX_ROWS
+                        or time.monotonic() - last_commit >= self.flush_seconds):
                     commit()
         finally:
             try:
                 commit()
             finally:
+                interrupts.__exit__()
                 bar.close()
         arrays = store.gather(keys)
         return TextFeatureTable(texts=unique, global_=arrays["global"], tokens=arrays["tokens"], mask=arrays["mask"], hashes=keys)
@@ -621,6 +527,7 @@ def dataset_features(
 __all__ = [
     "FeatureCache",
     "FeatureCacheError",
+    "FeatureCacheWarning",
     "ImageFeatureTable",
     "TextFeatureTable",
     "dataset_features",

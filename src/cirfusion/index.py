@@ -34,7 +34,9 @@ costs far more in thread synchronisation than it saves (see ``benchmarks/index_s
 On disk an index is a directory: ``index.faiss`` (faiss's own format), ``ids.json`` (the gallery ids in row
 order) and ``meta.json`` (kind, metric, sizes, parameters, sha256 of the other two files and the caller's ``meta``
 dict, e.g. checkpoint path and hash, backbone id). No pickle anywhere. Written to a temporary sibling directory
-and renamed into place, so a crash never leaves a half-written index.
+and swapped into place with two renames (:func:`cirfusion.io.atomic_directory`), so a crash never leaves a
+half-written index; a crash between the two renames leaves the previous index aside, and every save and load first
+puts it back (:func:`cirfusion.io.recover_directory`), as checkpoints do.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import faiss
 import numpy as np
 
 from .errors import CirfusionError
-from .io import atomic_directory
+from .io import atomic_directory, recover_directory
 
 __all__ = [
     "INDEX_KINDS",
@@ -299,7 +301,7 @@ def _ivf_params(n_vectors: int, nlist: int | None, nprobe: int | None) -> tuple[
     """nlist defaults to ~4*sqrt(#vectors), capped so every list gets >= 39 training vectors (at least 1 list);
     nprobe defaults to nlist/8 (at least 8, at most nlist)."""
     if nlist is None:
-        nlist = int(round(4 * math.sqrt(n_vectors)))
+        nlist = round(4 * math.sqrt(n_vectors))
         nlist = max(1, min(nlist, n_vectors // _MIN_POINTS_PER_LIST, _MAX_NLIST))
     elif isinstance(nlist, bool) or not isinstance(nlist, (int, np.integer)) or not 1 <= nlist <= n_vectors:
         raise CIRIndexError(f"ivf nlist must be an integer in [1, {n_vectors}] (the number of vectors), got {nlist!r}")
@@ -359,20 +361,21 @@ class CIRIndex:
 
     def _gallery_vectors(self) -> np.ndarray:
         """The stored vectors as ``[N, M, D]``; a zero-copy view for flat storage, reconstructed for IVF."""
-        idx = self.index
+        idx: Any = self.index  # the concrete faiss class for self.kind (faiss's stubs only know the base Index)
         if self.kind == "ivf":
             idx.make_direct_map()
             flat = idx.reconstruct_n(0, idx.ntotal)
         else:
-            storage = faiss.downcast_index(idx.storage) if self.kind == "hnsw" else idx
+            storage: Any = faiss.downcast_index(idx.storage) if self.kind == "hnsw" else idx
             flat = faiss.rev_swig_ptr(storage.get_xb(), storage.ntotal * storage.d)
         return flat.reshape(len(self.ids), self.vectors_per_item, self.dim)
 
     def _apply_search_params(self) -> None:
+        idx: Any = self.index  # IndexIVFFlat / IndexHNSWFlat, typed as the base Index
         if self.kind == "ivf":
-            self.index.nprobe = self.params["nprobe"]
+            idx.nprobe = self.params["nprobe"]
         elif self.kind == "hnsw":
-            self.index.hnsw.efSearch = self.params["ef_search"]
+            idx.hnsw.efSearch = self.params["ef_search"]
 
     def set_search_params(self, **opts: int) -> None:
         """Change search-time knobs: ``nprobe`` (ivf), ``ef_search`` (hnsw). Saved with the index."""
@@ -433,7 +436,8 @@ class CIRIndex:
             fs, fl = self._faiss_search(q[pending].reshape(-1, d), k_cand)
             fs, fl = fs.reshape(pending.size, mq, k_cand), fl.reshape(pending.size, mq, k_cand)
             complete = k_cand >= n_vectors  # faiss returned every vector (exact kind)
-            retry, fallback = [], []
+            retry: list[Any] = []  # query positions (numpy ints)
+            fallback: list[Any] = []
             for j, b in enumerate(pending):
                 labels = fl[j][fl[j] >= 0]
                 cand = np.setdiff1d(labels // m, excl[b], assume_unique=False)  # unique, sorted rows
@@ -476,6 +480,8 @@ class CIRIndex:
         """Write the index directory atomically (temporary sibling + rename). Replaces an existing index directory;
         refuses to replace anything else. Returns the path."""
         path = Path(path)
+        if path.parent.is_dir():
+            recover_directory(path)  # an earlier save interrupted between its renames: its old index is back first
         if path.exists() and not (path.is_dir() and ((path / META_FILE).is_file() or not any(path.iterdir()))):
             raise CIRIndexError("exists and is not an index directory; refusing to overwrite it", path)
         index_bytes = faiss.serialize_index(self.index).tobytes()
@@ -555,6 +561,7 @@ def build_index(
     set_threads(threads)
     params = {**_DEFAULT_OPTS[kind], **opts}
     flat = x.reshape(n * m, d)
+    index: Any
     if kind == "exact":
         index = faiss.IndexFlatIP(d)
         index.add(flat)
@@ -601,6 +608,8 @@ def load_index(path: str | Path, threads: int | None = None) -> CIRIndex:
     """Load an index directory written by :meth:`CIRIndex.save`, checking every file against ``meta.json``.
     ``threads``: faiss threads for searches, as in :func:`build_index`."""
     path = Path(path)
+    if path.parent.is_dir():
+        recover_directory(path)  # a save interrupted between its two renames left the previous index aside
     if not path.is_dir():
         raise CIRIndexError("is not a directory (expected an index directory)", path)
     meta_path = path / META_FILE

@@ -1,7 +1,9 @@
 """Shared plumbing for the transformers-based backbones (``hf-clip``, ``hf-blip2``).
 
-A location is a local directory (written by ``save_pretrained``) or a hub id; a hub id is passed straight to
-transformers, so a connected machine downloads it and an offline one (``HF_HUB_OFFLINE=1``) reads its local cache.
+A location is a local directory (written by ``save_pretrained``) or a hub id. Every transformers load runs with
+``local_files_only=True`` unless downloads were allowed (``create_backbone(..., allow_download=True)``, CLI
+``--allow-download``): a hub id is then read from the local Hugging Face cache only, and one that is not there is a
+clear error rather than a download.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 import torch
 from PIL import Image
 
+from . import BackboneAccessError, downloads_allowed
 from ._util import files_sha256, short_hash, state_dict_sha256
 
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json", "pytorch_model.bin.index.json")
@@ -32,10 +35,30 @@ def canonical_location(location: str | os.PathLike[str]) -> str:
     return str(location)
 
 
+def hub_kwargs() -> dict[str, Any]:
+    """Keyword arguments for every ``from_pretrained`` call: no network unless downloads were allowed."""
+    return {"local_files_only": not downloads_allowed()}
+
+
+@contextlib.contextmanager
+def hub_errors(location: str, what: str) -> Iterator[None]:
+    """Turn transformers' "not found" for a hub id that is not cached (downloads off) into a one-line error."""
+    try:
+        yield
+    except OSError as exc:
+        if downloads_allowed() or Path(location).is_dir():
+            raise
+        raise BackboneAccessError(
+            f"{what} backbone: {location!r} is not a local directory and is not in the local Hugging Face cache; "
+            "downloads are off: pass --allow-download (API: allow_download=True) to fetch it, or give a directory "
+            f"written by save_pretrained ({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__})"
+        ) from None
+
+
 @contextlib.contextmanager
 def quiet_transformers() -> Iterator[None]:
     """No per-tensor "Loading weights" bars or config chatter from transformers inside; restores its settings."""
-    from transformers.utils import logging as hf_logging
+    from transformers.utils import logging as hf_logging  # lazy: heavy, only the hf backbones need it
 
     bars, level = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
     hf_logging.disable_progress_bar()
@@ -51,8 +74,8 @@ def quiet_transformers() -> Iterator[None]:
 def load_pretrained(model_cls: Any, location: str, what: str, required_prefixes: Iterable[str] | None = None) -> Any:
     """``model_cls.from_pretrained`` in float32, refusing a checkpoint that lacks weights we use (never a silent
     random init). ``required_prefixes``: only missing keys under these prefixes are errors (None: any)."""
-    with quiet_transformers():
-        model, info = model_cls.from_pretrained(location, dtype=torch.float32, output_loading_info=True)
+    with quiet_transformers(), hub_errors(location, what):
+        model, info = model_cls.from_pretrained(location, dtype=torch.float32, output_loading_info=True, **hub_kwargs())
     prefixes = tuple(required_prefixes) if required_prefixes is not None else None
     missing = [k for k in info.get("missing_keys", []) if prefixes is None or k.startswith(prefixes)]
     mismatched = list(info.get("mismatched_keys", []))
@@ -83,12 +106,13 @@ def weights_hash(location: str, model: torch.nn.Module) -> str:
 def load_image_processor(location: str, fallback: Any) -> Any:
     """The checkpoint's image processor (Pillow backend: torchvision is not needed); ``fallback()`` builds the
     family's standard one from the model config when the directory has no ``preprocessor_config.json``."""
-    from transformers import AutoImageProcessor
+    from transformers import AutoImageProcessor  # lazy: heavy, only the hf backbones need it
 
     p = Path(location)
     if p.is_dir() and not (p / "preprocessor_config.json").is_file():
         return fallback()
-    return AutoImageProcessor.from_pretrained(location, backend="pil")
+    with hub_errors(location, "image processor of the"):
+        return AutoImageProcessor.from_pretrained(location, backend="pil", **hub_kwargs())
 
 
 def processor_id(processor: Any) -> str:
@@ -121,8 +145,8 @@ TINY_WORDS = (
 
 def build_word_tokenizer(model_max_length: int, words: Iterable[str] = TINY_WORDS) -> Any:
     """A small offline word-level tokenizer, BERT-style specials: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 (+ [MASK]=4)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors  # lazy: as transformers
+    from transformers import PreTrainedTokenizerFast  # lazy: heavy, only the hf backbones need it
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     vocab = {t: i for i, t in enumerate(specials)}

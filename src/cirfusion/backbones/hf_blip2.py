@@ -25,10 +25,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..options import format_options
 from . import register_backbone
 from ._hf import (
     build_word_tokenizer,
     canonical_location,
+    hub_errors,
+    hub_kwargs,
     load_image_processor,
     load_pretrained,
     processor_id,
@@ -37,7 +40,6 @@ from ._hf import (
     tokenizer_id,
     weights_hash,
 )
-from ._util import format_options
 from .base import Backbone, ImageFeatures, TextFeatures
 
 TOKEN_MODES = ("query", "projected", "vision")
@@ -50,12 +52,13 @@ class HFBlip2Backbone(Backbone):
 
     def __init__(self, location: str, tokens: str = "query", max_text_tokens: int = 32) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoTokenizer, Blip2ForImageTextRetrieval
+        from transformers import AutoConfig, AutoTokenizer, Blip2ForImageTextRetrieval  # lazy: heavy, only this backbone needs it
 
         if tokens not in TOKEN_MODES:
             raise ValueError(f"hf-blip2 backbone: tokens={tokens!r}; expected one of {TOKEN_MODES}")
         self.location = canonical_location(location)
-        config = AutoConfig.from_pretrained(self.location)
+        with hub_errors(self.location, "hf-blip2"):
+            config = AutoConfig.from_pretrained(self.location, **hub_kwargs())
         if config.model_type != "blip-2":
             raise ValueError(f"hf-blip2 backbone: {self.location!r} is a {config.model_type!r} checkpoint, not BLIP-2")
         if not getattr(config.qformer_config, "use_qformer_text_input", False):
@@ -73,7 +76,8 @@ class HFBlip2Backbone(Backbone):
                 f"{exc}. hf-blip2 needs an image-text retrieval checkpoint with the Q-Former text side "
                 "(Blip2ForImageTextRetrieval, e.g. Salesforce/blip2-itm-vit-g)"
             ) from exc
-        self.tokenizer = AutoTokenizer.from_pretrained(self.location)
+        with hub_errors(self.location, "hf-blip2"):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.location, **hub_kwargs())
         self.processor = load_image_processor(self.location, self._default_processor)
         self.token_mode = tokens
         self.eval()
@@ -96,7 +100,7 @@ class HFBlip2Backbone(Backbone):
         self._weights_hash: str | None = None
 
     def _default_processor(self) -> Any:
-        from transformers import BlipImageProcessorPil
+        from transformers import BlipImageProcessorPil  # lazy: heavy, only this backbone needs it
 
         size = int(self.model.config.vision_config.image_size)
         return BlipImageProcessorPil(size={"height": size, "width": size})
@@ -142,18 +146,16 @@ class HFBlip2Backbone(Backbone):
         return TextFeatures(global_=global_, tokens=hidden.contiguous(), mask=att.bool())
 
 
-@register_backbone("hf-blip2", located=True)
+@register_backbone("hf-blip2", located=True, options=HFBlip2Backbone)
 def create_hf_blip2(location: str, **kw: Any) -> HFBlip2Backbone:
-    unknown = set(kw) - {"tokens", "max_text_tokens"}
-    if unknown:
-        raise ValueError(f"hf-blip2 backbone: unknown option(s) {sorted(unknown)}; known: ['max_text_tokens', 'tokens']")
+    """``hf-blip2:<location>`` backbone; ``kw`` are :class:`HFBlip2Backbone`'s options (create_backbone checks them)."""
     return HFBlip2Backbone(location, **kw)
 
 
 def save_tiny_blip2(path: str | Path, seed: int = 0, num_query_tokens: int = 4) -> Path:
     """Write a tiny random BLIP-2 retrieval checkpoint (model, tokenizer, image processor) with ``save_pretrained``,
     for tests and demos of ``hf-blip2:<path>``."""
-    from transformers import (
+    from transformers import (  # lazy: heavy, only these helpers need it
         Blip2Config,
         Blip2ForImageTextRetrieval,
         BlipImageProcessorPil,

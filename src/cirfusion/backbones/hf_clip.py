@@ -20,10 +20,13 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..options import format_options
 from . import register_backbone
 from ._hf import (
     build_word_tokenizer,
     canonical_location,
+    hub_errors,
+    hub_kwargs,
     load_image_processor,
     load_pretrained,
     processor_id,
@@ -32,7 +35,6 @@ from ._hf import (
     tokenizer_id,
     weights_hash,
 )
-from ._util import format_options
 from .base import Backbone, ImageFeatures, TextFeatures
 
 FAMILIES = ("clip", "siglip")
@@ -44,12 +46,13 @@ class HFClipBackbone(Backbone):
 
     def __init__(self, location: str, tokens: str = "hidden", max_text_tokens: int | None = None) -> None:
         super().__init__()
-        from transformers import AutoConfig, AutoTokenizer, CLIPModel, SiglipModel
+        from transformers import AutoConfig, AutoTokenizer, CLIPModel, SiglipModel  # lazy: heavy, only this backbone needs it
 
         if tokens not in TOKEN_MODES:
             raise ValueError(f"hf-clip backbone: tokens={tokens!r}; expected one of {TOKEN_MODES}")
         self.location = canonical_location(location)
-        config = AutoConfig.from_pretrained(self.location)
+        with hub_errors(self.location, "hf-clip"):
+            config = AutoConfig.from_pretrained(self.location, **hub_kwargs())
         self.family = config.model_type
         if self.family not in FAMILIES:
             raise ValueError(
@@ -59,7 +62,8 @@ class HFClipBackbone(Backbone):
             raise ValueError("hf-clip backbone: tokens=projected needs CLIP (SigLIP has no per-token projection)")
         cls = CLIPModel if self.family == "clip" else SiglipModel
         self.model = load_pretrained(cls, self.location, "hf-clip")
-        self.tokenizer = AutoTokenizer.from_pretrained(self.location)
+        with hub_errors(self.location, "hf-clip"):
+            self.tokenizer = AutoTokenizer.from_pretrained(self.location, **hub_kwargs())
         self.processor = load_image_processor(self.location, self._default_processor)
         self.token_mode = tokens
         self.eval()
@@ -85,7 +89,7 @@ class HFClipBackbone(Backbone):
         self._weights_hash: str | None = None
 
     def _default_processor(self) -> Any:
-        from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
+        from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil  # lazy: heavy, only this backbone needs it
 
         size = int(self.model.config.vision_config.image_size)
         if self.family == "clip":
@@ -147,11 +151,9 @@ class HFClipBackbone(Backbone):
         )
 
 
-@register_backbone("hf-clip", located=True)
+@register_backbone("hf-clip", located=True, options=HFClipBackbone)
 def create_hf_clip(location: str, **kw: Any) -> HFClipBackbone:
-    unknown = set(kw) - {"tokens", "max_text_tokens"}
-    if unknown:
-        raise ValueError(f"hf-clip backbone: unknown option(s) {sorted(unknown)}; known: ['max_text_tokens', 'tokens']")
+    """``hf-clip:<location>`` backbone; ``kw`` are :class:`HFClipBackbone`'s options (create_backbone checks them)."""
     return HFClipBackbone(location, **kw)
 
 
@@ -160,7 +162,7 @@ def save_tiny_clip(path: str | Path, family: str = "clip", seed: int = 0) -> Pat
 
     For tests and demos: ``create_backbone(f"hf-clip:{path}")`` then runs the exact code a real checkpoint runs.
     """
-    from transformers import (
+    from transformers import (  # lazy: heavy, only these helpers need it
         CLIPConfig,
         CLIPImageProcessorPil,
         CLIPModel,
@@ -177,6 +179,9 @@ def save_tiny_clip(path: str | Path, family: str = "clip", seed: int = 0) -> Pat
     common_text = dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                        num_attention_heads=2, max_position_embeddings=positions, pad_token_id=0, bos_token_id=2, eos_token_id=3)
     common_vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32, patch_size=8)
+    cfg: Any
+    model: Any
+    proc: Any
     with torch.random.fork_rng():
         torch.manual_seed(seed)
         if family == "clip":

@@ -19,8 +19,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..options import format_options
 from . import register_backbone
-from ._util import format_options, state_dict_sha256, to_normalised_tensor
+from ._util import state_dict_sha256, to_normalised_tensor
 from .base import Backbone, ImageFeatures, TextFeatures
 
 DEFAULTS: dict[str, Any] = {"seed": 0, "resolution": 32, "aligned": False, "max_text_tokens": 16}
@@ -55,7 +56,7 @@ class TinyBackbone(Backbone):
         # Initialise from a private generator: identical weights for a seed, whatever the global RNG state is.
         g = torch.Generator().manual_seed(self.seed)
         with torch.no_grad():
-            for name, p in sorted(self.named_parameters()):
+            for _name, p in sorted(self.named_parameters()):
                 fan_in = p[0].numel() if p.dim() > 1 else p.numel()
                 p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(max(1, fan_in)))
             self.word_emb.weight[0].zero_()
@@ -76,7 +77,7 @@ class TinyBackbone(Backbone):
         return f"hashed-words:{self.VOCAB}|max_text_tokens:{self.max_text_tokens}"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        im = image.convert("RGB").resize((self.resolution, self.resolution), Image.BILINEAR)
+        im = image.convert("RGB").resize((self.resolution, self.resolution), Image.Resampling.BILINEAR)
         return to_normalised_tensor(im, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
     @torch.inference_mode()
@@ -106,11 +107,9 @@ class TinyBackbone(Backbone):
         return TextFeatures(global_=F.normalize(self.text_head(pooled), dim=-1), tokens=tokens, mask=mask)
 
 
-@register_backbone("tiny")
+@register_backbone("tiny", options=TinyBackbone)
 def create_tiny(**kw: Any) -> TinyBackbone:
-    unknown = set(kw) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"tiny backbone: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    """``tiny`` backbone; ``kw`` are :class:`TinyBackbone`'s options (create_backbone checks them)."""
     return TinyBackbone(**kw)
 
 

@@ -1,26 +1,31 @@
-"""`cirfusion index build CHECKPOINT --images DIR | --dataset D --root DIR --split S --out INDEX`: a faiss index
-of a gallery, encoded by a checkpoint, for `cirfusion search INDEX ...`.
+"""cirfusion index build CHECKPOINT --images DIR | --dataset D --root DIR --split S --out INDEX: a faiss index
+of a gallery, encoded by a checkpoint, for "cirfusion search INDEX ...".
 
-Gallery. ``--images DIR``: every image file under DIR, recursively (suffixes .jpg .jpeg .png .webp .bmp .gif .tif
+Gallery. --images DIR: every image file under DIR, recursively (suffixes .jpg .jpeg .png .webp .bmp .gif .tif
 .tiff, any case; names starting with "." skipped), sorted by relative path; an image's id is its path relative to
-DIR *without* the suffix (``shirts/red_01``), as for the ``custom`` dataset (two files differing only by suffix are
-an error). ``--dataset D --root DIR --split S``: that split's gallery, with the dataset's own image ids.
-Images are encoded through the feature cache (``--cache-dir``), so building again, or searching the same images
-with `cirfusion search CHECKPOINT --images DIR`, does not run the backbone again.
+DIR without the suffix (shirts/red_01), as for the custom dataset (two files differing only by suffix are an
+error). --dataset D --root DIR --split S: that split's gallery, with the dataset's own image ids.
+Images are encoded through the feature cache (--cache-dir), so building again, or searching the same images
+with "cirfusion search CHECKPOINT --images DIR", does not run the backbone again.
 
-Kinds. ``--kind exact`` (default; faiss IndexFlatIP, results equal brute-force scoring, ties included),
-``ivf`` (``--nlist``, ``--nprobe``) or ``hnsw`` (``--hnsw-m``, ``--ef-construction``, ``--ef-search``); the
-approximate kinds may miss true neighbours. Scores are the checkpoint's own similarity: inner products of the
-L2-normalised embeddings (max over vector pairs for multi-vector methods such as SPRC).
+Kinds. --kind exact (default; faiss IndexFlatIP, results equal brute-force scoring, ties included),
+ivf (--nlist, --nprobe) or hnsw (--hnsw-m, --ef-construction, --ef-search); the approximate kinds may miss true
+neighbours. Scores are the checkpoint's own similarity: inner products of the L2-normalised embeddings (max over
+vector pairs for multi-vector methods such as SPRC).
 
-The index directory (``--out``) holds ``index.faiss``, ``ids.json`` and ``meta.json``; the latter records the
-checkpoint (absolute path, method, sha256 of its files), the backbone (id, weights hash, preprocessing) and the
-gallery (source and every image's absolute path), so `cirfusion search` can check that it encodes queries with
-the same model and print paths. ``--threads`` sets both torch's and faiss's CPU threads.
+The index directory (--out) holds index.faiss, ids.json and meta.json; the latter records the checkpoint
+(absolute path, method, sha256 of its files), the backbone (id, weights hash, preprocessing) and the gallery
+(source and every image's absolute path), so "cirfusion search" can check that it encodes queries with the same
+model and print paths. --threads sets both torch's and faiss's CPU threads. --overwrite replaces an index in one
+swap; a crash in the middle leaves the previous index, which the next build, search or load puts back.
+
+Backbone. The backbone named in the checkpoint is built only from files shipped with cirfusion, from a directory
+inside the checkpoint or under a --backbone-dir, or - with --allow-download - from the Hugging Face hub: a
+checkpoint from elsewhere cannot make cirfusion read other directories or download anything.
 
 Methods whose similarity is not the default cosine / max-sim (a DAFM fusion: its fused scores depend on the whole
 gallery's score distribution) cannot be represented by a faiss index and are refused; search them directly with
-`cirfusion search CHECKPOINT --images DIR` (brute-force scoring through the model).
+"cirfusion search CHECKPOINT --images DIR" (brute-force scoring through the model).
 """
 
 from __future__ import annotations
@@ -32,15 +37,27 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+
+from .. import __version__
+from ..api import CIRModel, load
+from ..backbones import BackboneAccessError, backbone_from_checkpoint
+from ..checkpoint import CONFIG_FILE, CheckpointError, read_config
+from ..data.custom import IMAGE_SUFFIXES, _gallery_from_folder
+from ..data.registry import load_dataset
+from ..data.schema import DataError
+from ..embeddings import Embedding
 from ..errors import CirfusionError
+from ..evaluation import encode_gallery
+from ..fusion import uses_default_similarity
+from ..index import META_FILE, CIRIndexError, build_index
+from ..io import recover_directory
+from ..views import FeatureView
 from ._common import add_dataset_args, dataset_kwargs
 from .train import add_feature_args, make_cache
-
-if TYPE_CHECKING:
-    from ..api import CIRModel
-    from ..embeddings import Embedding
 
 # Recorded in the index meta; `cirfusion search` recognises its indexes by it.
 META_CREATOR = "cirfusion index build"
@@ -72,9 +89,6 @@ def has_gallery_args(args: argparse.Namespace) -> bool:
 
 def folder_gallery(folder: Path) -> tuple[list[str], list[Path]]:
     """Every image file under ``folder`` (the ``custom`` dataset's rules): ids and absolute paths."""
-    from ..data.custom import IMAGE_SUFFIXES, _gallery_from_folder
-    from ..data.schema import DataError
-
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(folder, None, "image folder not found" if not folder.exists() else "not a directory")
@@ -86,9 +100,6 @@ def folder_gallery(folder: Path) -> tuple[list[str], list[Path]]:
 
 def gallery_from_args(args: argparse.Namespace) -> tuple[list[str], list[Path], dict[str, Any]]:
     """The gallery the arguments name: ids, absolute paths and a JSON description of the source."""
-    from ..data.registry import load_dataset
-    from ..data.schema import DataError
-
     if args.images is not None:
         if args.dataset or args.root or args.split:
             raise CommandError("give either --images DIR or --dataset/--root/--split, not both")
@@ -125,38 +136,43 @@ def checkpoint_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def load_model(path: Path) -> "CIRModel":
-    """``cirfusion.load(path)`` with the user-facing errors (missing directory, not a checkpoint)."""
-    from ..api import load
-    from ..checkpoint import CheckpointError
+def add_backbone_access_args(p: argparse.ArgumentParser) -> None:
+    """--backbone-dir DIR (repeatable) and --allow-download: where a checkpoint's backbone may be read from."""
+    p.add_argument("--backbone-dir", action="append", type=Path, default=[], metavar="DIR",
+                   help="directory the checkpoint's backbone may be read from (repeatable; its sub-directories too); "
+                        "a directory inside the checkpoint is always allowed")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let the checkpoint's backbone be fetched from the Hugging Face hub (or its local cache)")
 
+
+def load_model(path: Path, backbone_dirs: Sequence[Path] = (), allow_download: bool = False) -> CIRModel:
+    """``cirfusion.load(path)`` with the user-facing errors (missing directory, not a checkpoint), its backbone built
+    only from where the user allows (:func:`cirfusion.backbones.backbone_from_checkpoint`): files shipped with
+    cirfusion, the checkpoint directory itself, ``backbone_dirs``, or the hub with ``allow_download``."""
     path = Path(path)
     if not path.exists():
         raise CommandError(f"{path}: checkpoint not found (no such directory)")
     if not path.is_dir():
         raise CommandError(f"{path}: not a checkpoint directory")
     try:
-        return load(path)
-    except CheckpointError as exc:
+        cfg = read_config(path)
+        backbone_id = str((cfg.get("backbone") or {}).get("id") or cfg["dims"].get("backbone_id") or "")
+        backbone = (backbone_from_checkpoint(backbone_id, path / CONFIG_FILE, [path, *backbone_dirs], allow_download)
+                    if backbone_id else None)
+        return load(path, backbone=backbone)
+    except (CheckpointError, BackboneAccessError) as exc:
         raise CommandError(str(exc)) from None
 
 
-def indexable(model: "CIRModel") -> bool:
+def indexable(model: CIRModel) -> bool:
     """Whether the method's scores are inner products of its embeddings (the default cosine / max-sim similarity),
     i.e. what a faiss index computes."""
-    from ..fusion import uses_default_similarity
-
     return uses_default_similarity(model.method)
 
 
-def gallery_embedding(model: "CIRModel", args: argparse.Namespace, ids: Sequence[str], paths: Sequence[Path]) -> "Embedding":
+def gallery_embedding(model: CIRModel, args: argparse.Namespace, ids: Sequence[str], paths: Sequence[Path]) -> Embedding:
     """The gallery's embeddings: backbone features through the feature cache (computed once per image), then the
     method's ``encode_gallery`` exactly as ``cirfusion eval`` does (:func:`cirfusion.evaluation.encode_gallery`)."""
-    import numpy as np
-
-    from ..evaluation import encode_gallery
-    from ..views import FeatureView
-
     bb = model.backbone
     cache = make_cache(args, bb)
     table = cache.image_features(list(ids), list(paths), progress=not args.no_progress)
@@ -164,7 +180,7 @@ def gallery_embedding(model: "CIRModel", args: argparse.Namespace, ids: Sequence
     return encode_gallery(model.method, FeatureView(table, no_texts), list(ids))
 
 
-def model_record(model: "CIRModel", path: Path) -> dict[str, Any]:
+def model_record(model: CIRModel, path: Path) -> dict[str, Any]:
     """What the index meta records about the checkpoint and its backbone."""
     bcfg = model.config.get("backbone", {}) or {}
     return {
@@ -175,7 +191,7 @@ def model_record(model: "CIRModel", path: Path) -> dict[str, Any]:
     }
 
 
-def not_indexable_message(model: "CIRModel", path: Path) -> str:
+def not_indexable_message(model: CIRModel, path: Path) -> str:
     return (f"{path}: method {model.config['method']!r} scores with its own similarity (not inner products of its "
             "embeddings), which a faiss index cannot represent; search it directly with "
             f"`cirfusion search {path} --images DIR` (or --dataset D --root DIR --split S), which scores the whole "
@@ -187,7 +203,7 @@ def not_indexable_message(model: "CIRModel", path: Path) -> str:
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    p = sub.add_parser("index", help="build a faiss index of a gallery for `cirfusion search`")
+    p = sub.add_parser("index", help="build a faiss index of a gallery for cirfusion search")
     isub = p.add_subparsers(dest="index_command", required=True, metavar="INDEX_COMMAND")
     b = isub.add_parser("build", help="encode a gallery with a checkpoint and store a faiss index with its ids",
                         description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
@@ -196,6 +212,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_gallery_args(b)
     b.add_argument("--out", type=Path, required=True, help="index directory to write")
     b.add_argument("--overwrite", action="store_true", help="replace an existing index in --out")
+    add_backbone_access_args(b)
     g = b.add_argument_group("index kind")
     g.add_argument("--kind", choices=("exact", "ivf", "hnsw"), default="exact",
                    help="exact (default; equals brute force), ivf or hnsw (approximate)")
@@ -236,19 +253,16 @@ def run_build(args: argparse.Namespace) -> int:
 
 
 def _build(args: argparse.Namespace) -> int:
-    import torch
-
-    from .. import __version__
-    from ..index import META_FILE, CIRIndexError, build_index
-
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = kind_options(args)
     out = Path(args.out)
+    if out.parent.is_dir():
+        recover_directory(out)  # an --overwrite that crashed between its two renames: the old index comes back first
     if out.exists() and not args.overwrite and (not out.is_dir() or any(out.iterdir())):
         what = "an index" if (out / META_FILE).is_file() else "files"
         raise CommandError(f"{out}: already holds {what}; pass --overwrite to replace an index, or choose another --out")
-    model = load_model(args.checkpoint)
+    model = load_model(args.checkpoint, args.backbone_dir, args.allow_download)
     if not indexable(model):
         raise CommandError(not_indexable_message(model, args.checkpoint))
     ids, paths, source = gallery_from_args(args)
