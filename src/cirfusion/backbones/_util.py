@@ -14,7 +14,6 @@ import torch
 from PIL import Image
 
 from ..data.schema import sha256_file
-from ..options import format_options as format_options  # re-exported: colour.py imports it from here
 
 # (realpath, size, mtime_ns) -> sha256. Hashing MiniLM's 90 MB or a multi-GB checkpoint is done once per process.
 _FILE_HASHES: dict[tuple[str, int, int], str] = {}

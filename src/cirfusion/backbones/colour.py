@@ -24,8 +24,9 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..data.colors import srgb_to_lab
+from ..options import format_options
 from . import register_backbone
-from ._util import format_options, resize_center_crop, short_hash
+from ._util import resize_center_crop, short_hash
 from .base import Backbone, ImageFeatures, TextFeatures
 from .embedded import MiniLMText
 
@@ -118,11 +119,9 @@ class ColourBackbone(Backbone):
         return self.text.encode(texts)
 
 
-@register_backbone("colour")
+@register_backbone("colour", options=ColourBackbone)
 def create_colour(**kw: Any) -> ColourBackbone:
-    unknown = set(kw) - set(DEFAULTS)
-    if unknown:
-        raise ValueError(f"colour backbone: unknown option(s) {sorted(unknown)}; known: {sorted(DEFAULTS)}")
+    # options are checked against ColourBackbone's signature by the registry (unknown keys, wrong types)
     return ColourBackbone(**kw)
 
 
