@@ -19,17 +19,24 @@ import torch
 import torch.nn.functional as F
 
 import cirfusion
+from cirfusion import api
 from cirfusion import fusion as FU
+from cirfusion.backbones import create_backbone
 from cirfusion.backbones.base import ImageFeatures, TextFeatures
 from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
+from cirfusion.cli import main
+from cirfusion.commands import fuse as fuse_cmd
+from cirfusion.data.registry import load_dataset
 from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.embeddings import take_embeddings
 from cirfusion.evaluation import evaluate
+from cirfusion.features import FeatureCache
 from cirfusion.fusion import kernels as K
-from cirfusion.methods import CIRMethod, MethodDims, create_method
+from cirfusion.methods import CIRMethod, MethodDims, cosine_or_maxsim, create_method
 from cirfusion.methods.dafm import DAFM
+from cirfusion.quickstart import QuickstartConfig
 from cirfusion.seeding import seed_everything
-from cirfusion.views import SplitData
+from cirfusion.views import SplitData, load_split_data
 from test_train import ToyImages, ToyTexts, make_custom_dataset, make_toy, toy_dims
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -474,7 +481,6 @@ def test_incremental_analysis_and_plot(tmp_path):
 # The CLI end to end: tiny backbone, tiny dataset
 # ---------------------------------------------------------------------------------------------------------------------
 def test_cli_fuse_eval_incremental_and_refusal(tmp_path, capsys):
-    from cirfusion.cli import main
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_custom_dataset(data)
@@ -526,11 +532,6 @@ def test_cli_fuse_eval_incremental_and_refusal(tmp_path, capsys):
 def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     """Base models on different backbones: the fused model reads their multi: composite, each base its own part; its
     scores equal the bases' own on their own backbones' features; eval, load and search work on it."""
-    from cirfusion import api
-    from cirfusion.backbones import create_backbone
-    from cirfusion.cli import main
-    from cirfusion.features import FeatureCache
-    from cirfusion.views import load_split_data
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_custom_dataset(data)
@@ -553,7 +554,6 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     fused = api.load(out / "best")
     assert fused.backbone.backbone_id == "multi:tiny|tiny:resolution=48,seed=1"
     # each base, inside the fused model, scores exactly as it does alone on its own backbone's features
-    from cirfusion.data.registry import load_dataset
 
     ds = load_dataset("custom", data, "val")
     multi = load_split_data(FeatureCache(fused.backbone, cache), ds)
@@ -582,7 +582,6 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
 
 
 def test_fast_maxsim_matches_the_default_similarity():
-    from cirfusion.methods import cosine_or_maxsim
 
     g = torch.Generator().manual_seed(0)
     for qs, gs in [((5, 8), (37, 8)), ((5, 8), (37, 3, 8)), ((5, 2, 8), (37, 8)), ((5, 2, 8), (37, 3, 8))]:
@@ -708,8 +707,6 @@ def test_fit_with_each_positive_loss(tmp_path):
 def test_cli_defaults_are_the_library_defaults():
     """One source of defaults: `cirfusion fuse`'s options default to FusionConfig's and FuseSplits' fields (fit on val,
     a fifth held out, at least 500 steps), and the quickstart's fusion settings to FusionConfig's."""
-    from cirfusion.commands import fuse as fuse_cmd
-    from cirfusion.quickstart import QuickstartConfig
 
     parser = argparse.ArgumentParser()
     fuse_cmd.register(parser.add_subparsers())
