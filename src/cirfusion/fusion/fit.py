@@ -50,7 +50,7 @@ from ..data.schema import DataError, reference_mask
 from ..evaluation import pick_val_metric
 from ..methods.registry import get_method_class
 from ..optim import lr_at, make_optimizer
-from ..seeding import step_seed
+from ..seeding import seed_everything, step_seed
 from .kernels import NUM_STATS, block_rows, normalise_scores, standardise
 from .tables import SplitTable, evaluate_fused
 
@@ -298,7 +298,7 @@ def fit(model: DAFM, train: SplitTable, val: SplitTable | None = None, cfg: Fusi
     if train.num_models != model.num_models:
         raise ValueError(f"fit: the table holds {train.num_models} models, the fused model {model.num_models}")
     t0 = time.perf_counter()
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)  # the training loop's seeding; the draws below use their own seeded generators
     sl = prepare_shortlists(model, train, cfg)
     # Standardise the gate's inputs with the training queries' statistics.
     st = sl.stats.double()
@@ -414,7 +414,7 @@ def fuse(train: SplitTable, val: SplitTable | None, cfg: FusionConfig | None = N
     tr = train.select(members)
     va = None if val is None else val.select(members)
     info = None if base_info is None else [base_info[i] for i in members]
-    torch.manual_seed(cfg.seed)
+    seed_everything(cfg.seed)
     model = fused_model(tr, hparams, info)
     res = fit(model, tr, va, cfg, log)
     return model, res
