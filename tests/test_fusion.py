@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -122,7 +123,7 @@ def randomise(net: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
 
-def tables(tmp: Path, bases: list[CIRMethod], names: list[str]) -> tuple[FU.SplitTable, FU.SplitTable]:
+def tables(tmp: Path, bases: Sequence[CIRMethod], names: list[str]) -> tuple[FU.SplitTable, FU.SplitTable]:
     tr, va = colour_shape_world(tmp)
     return FU.SplitTable.build(bases, names, tr), FU.SplitTable.build(bases, names, va)
 
@@ -218,6 +219,7 @@ def test_untrained_network_is_the_mean_of_normalised_scores(tmp_path):
     assert (expect - exact).abs().max() < 5e-3
     assert t.gallery_bundle(torch.float16)["g"][0].dtype == torch.float16 and t.gallery[0].dtype == torch.float32
     # z-scores over the non-excluded columns have mean 0 and std 1
+    assert norm.valid is not None
     v = norm.valid[:, None, :].expand_as(norm.z)
     zs = norm.z.double().masked_fill(~v, float("nan"))
     assert torch.allclose(zs.nanmean(-1), torch.zeros(20, 2, dtype=torch.float64), atol=1e-5)
@@ -552,12 +554,13 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     assert rep["config"]["holdout"] == FU.FusionConfig().holdout > 0 and set(rep["splits"]) == {"test"}
     assert len(rep["training"]["fused"]["steps"]) >= 20 and rep["training"]["fused"]["epochs"][0]["epoch"] == -1
     fused = api.load(out / "best")
-    assert fused.backbone.backbone_id == "multi:tiny|tiny:resolution=48,seed=1"
+    dafm = fused.method
+    assert isinstance(dafm, DAFM) and fused.backbone.backbone_id == "multi:tiny|tiny:resolution=48,seed=1"
     # each base, inside the fused model, scores exactly as it does alone on its own backbone's features
 
     ds = load_dataset("custom", data, "val")
     multi = load_split_data(FeatureCache(fused.backbone, cache), ds)
-    t = FU.SplitTable.build(fused.method.bases, fused.method.base_names, multi)
+    t = FU.SplitTable.build(dafm.bases, dafm.base_names, multi)
     for k, n in enumerate(runs):
         alone = api.load(tmp_path / n / "best")
         own = FU.SplitTable.build([alone.method], [n], load_split_data(FeatureCache(alone.backbone, cache), ds))
@@ -578,7 +581,7 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     # the composite rebuilds from its id; a DAFM over bases on different backbones built without it is refused
     assert create_backbone(fused.backbone.backbone_id).weights_hash() == fused.method.dims.weights_hash
     with pytest.raises(ValueError, match="multi: composite"):
-        DAFM(fused.method.bases[0].dims, _bases=fused.method.bases, bases=fused.method.hparams["bases"])
+        DAFM(dafm.bases[0].dims, _bases=dafm.bases, bases=dafm.hparams["bases"])
 
 
 def test_fast_maxsim_matches_the_default_similarity():

@@ -14,6 +14,19 @@ from test_catalog import make_folder
 METHODS = "clip4cir,tg-cir"
 
 
+@pytest.fixture(autouse=True)
+def threads_restored():
+    """`--threads 1` must not leak: run_quickstart restores the caller's torch thread count (checked from 2 threads,
+    so that a count left at 1 fails)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+        assert torch.get_num_threads() == 2, "the quickstart left torch's thread count changed"
+    finally:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def quickstart_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("quickstart")

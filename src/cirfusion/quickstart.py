@@ -365,12 +365,22 @@ def _brief(metrics: dict[str, float]) -> str:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    """Run every step (module docstring) and return the summary also written to ``out/manifest.json``."""
+    """Run every step (module docstring) and return the summary also written to ``out/manifest.json``. With
+    ``cfg.threads``, torch runs on that many threads for the duration of the call (the count is process-wide: the
+    caller's is restored)."""
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_quickstart(cfg)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     for m in cfg.methods:
         get_method_class(m)  # an unknown name fails now, not after the benchmarks are built
 
