@@ -27,6 +27,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -45,8 +46,9 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=10, help="base-model epochs when the pool must be trained first")
     p.add_argument("--catalog-epochs", type=int, default=5)
     p.add_argument("--start", default="clip4cir", help="first model of the incremental figure")
-    p.add_argument("--min-steps", type=int, default=500, help="fusion training steps at least")
-    p.add_argument("--holdout", type=float, default=0.2, help="share of the fit (val) queries that picks the epoch")
+    p.add_argument("--min-steps", type=int, default=None, help="fusion training steps at least (default: FusionConfig's)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="share of the fit (val) queries that picks the epoch (default: FusionConfig's)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pool-backbone", action="append", default=None, metavar="METHOD=BACKBONE",
                    help="train this pool method on another backbone when the pool must be trained (repeatable; "
@@ -74,6 +76,8 @@ def main() -> int:
     from cirfusion.quickstart import QuickstartConfig, headline_metric, pool_tables, run_quickstart
 
     torch.set_num_threads(2)
+    # Only what was given on the command line: everything else is FusionConfig's default (cirfusion fuse's too).
+    overrides = {k: v for k, v in (("min_steps", args.min_steps), ("holdout", args.holdout)) if v is not None}
     t0 = time.perf_counter()
     manifest = args.dir / "manifest.json"
     if not manifest.is_file():
@@ -90,9 +94,9 @@ def main() -> int:
         names = fit.names
         single = {n: evaluate_base(test, k) for k, n in enumerate(names)}
         metric = headline_metric(bench, single[names[0]])
-        print(f"\n{bench}: pool " + ", ".join(f"{n} on {m.backbone.backbone_id}" for n, m in zip(names, models)), flush=True)
-        cfg = FusionConfig(min_steps=args.min_steps, holdout=args.holdout, val_metric=metric, seed=args.seed)
-        rows: list[dict[str, object]] = []
+        print(f"\n{bench}: pool " + ", ".join(f"{n} on {m.backbone.backbone_id}" for n, m in zip(names, models, strict=True)), flush=True)
+        cfg = FusionConfig(**overrides, val_metric=metric, seed=args.seed)
+        rows: list[dict[str, Any]] = []
         for n in names:
             rows.append({"models": [n], "kind": "single", metric: single[n][metric], "R@10": single[n]["R@10"]})
         for r in range(2, len(names) + 1):
@@ -112,10 +116,10 @@ def main() -> int:
                       "gain_over_best_single": fixed_m[metric] - full["best_single"]}
         print(f"\n{bench} (test split, fusion fitted on val; metric {metric})")
         print(f"  {'models':<44}{metric:>9}{'R@10':>8}{'mean':>8}{'best1':>8}{'gain':>8}")
-        for r in rows:
-            extra = "" if r["kind"] == "single" else (f"{r['mean_normalised']:>8.2f}{r['best_single']:>8.2f}"
-                                                      f"{r['gain_over_best_single']:>+8.2f}")
-            print(f"  {' + '.join(r['models']):<44}{r[metric]:>9.2f}{r['R@10']:>8.2f}{extra}")
+        for row in rows:
+            extra = "" if row["kind"] == "single" else (f"{row['mean_normalised']:>8.2f}{row['best_single']:>8.2f}"
+                                                        f"{row['gain_over_best_single']:>+8.2f}")
+            print(f"  {' + '.join(row['models']):<44}{row[metric]:>9.2f}{row['R@10']:>8.2f}{extra}")
         print(f"  {'all four, fixed tau':<44}{full_fixed[metric]:>9.2f}{full_fixed['R@10']:>8.2f}{'':>16}"
               f"{full_fixed['gain_over_best_single']:>+8.2f}")
         figs = incremental_analysis(fit, None, test, args.start, cfg, None, metric)
@@ -123,7 +127,7 @@ def main() -> int:
         plot_incremental(figs, args.dir / f"incremental-{bench}.png")
         print(f"  incremental from {args.start}:")
         for o in figs["orders"]:
-            print("    " + " -> ".join(f"{n} {v:.2f}" for n, v in zip(o["order"], o["values"])))
+            print("    " + " -> ".join(f"{n} {v:.2f}" for n, v in zip(o["order"], o["values"], strict=True)))
         all_figures[bench] = {"metric": metric, "rows": rows, "full_fixed_tau": full_fixed, "incremental": figs}
     all_figures["wall_s"] = time.perf_counter() - t0
     atomic_write_json(args.dir / "dafm_accuracy.json", all_figures)

@@ -21,8 +21,9 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("bench-dafm"))
     p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--min-steps", type=int, default=500)
-    p.add_argument("--holdout", type=float, default=0.2)
+    p.add_argument("--min-steps", type=int, default=None, help="fusion training steps at least (default: FusionConfig's)")
+    p.add_argument("--holdout", type=float, default=None,
+                   help="share of the fit (val) queries that picks the epoch (default: FusionConfig's)")
     args = p.parse_args()
 
     import numpy as np
@@ -32,6 +33,8 @@ def main() -> int:
     from cirfusion.quickstart import headline_metric, pool_tables
 
     torch.set_num_threads(2)
+    # Only what was given on the command line: everything else is FusionConfig's default (cirfusion fuse's too).
+    overrides = {k: v for k, v in (("min_steps", args.min_steps), ("holdout", args.holdout)) if v is not None}
     t0 = time.perf_counter()
     figures: dict[str, object] = {"dir": str(args.dir), "seeds": args.seeds}
     for bench, (_, tables) in pool_tables(args.dir).items():
@@ -42,7 +45,7 @@ def main() -> int:
         mean = evaluate_fused(baseline_model(tables["test"]), tables["test"])[metric] - best
         gains = []
         for seed in range(args.seeds):
-            cfg = FusionConfig(min_steps=args.min_steps, holdout=args.holdout, val_metric=metric, seed=seed)
+            cfg = FusionConfig(**overrides, val_metric=metric, seed=seed)
             model, _ = fuse(tables["val"], None, cfg)
             gains.append(evaluate_fused(model, tables["test"])[metric] - best)
         print(f"{bench} ({metric}, {tables['test'].num_queries} test queries): gain of the full fusion over the best "

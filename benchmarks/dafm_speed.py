@@ -133,7 +133,7 @@ def make_table(methods, shapes, n_gallery: int, queries: int, query_seed: int, g
     gal, qry, targets, refs = structured(n_gallery, queries, shapes, gallery_seed, query_seed)
     ids = [f"img{i}" for i in range(n_gallery)]
     gallery = Gallery(ids, ids)
-    qs = [Query(f"q{i}", ids[int(r)], "t", (ids[int(t)],)) for i, (r, t) in enumerate(zip(refs, targets))]
+    qs = [Query(f"q{i}", ids[int(r)], "t", (ids[int(t)],)) for i, (r, t) in enumerate(zip(refs, targets, strict=True))]
     ds = CIRDataset("benchmark", "train", qs, gallery, exclude_reference=True)
     gfp = torch.arange(n_gallery, dtype=torch.int64)
     return FU.SplitTable(ds, methods, list(METHODS), qry, gal, gfp[refs], gfp)
@@ -154,7 +154,7 @@ def phase_latency() -> dict:
     model.eval()
     gb = table.gallery_bundle(model.score_dtype)  # what DAFM.encode_gallery stores
     times, fuse_only, base_only = [], [], []
-    per_model = {m: [] for m in METHODS}
+    per_model: dict[str, list[float]] = {m: [] for m in METHODS}
     with torch.no_grad():
         for i in range(-5, args.latency_queries):
             q = table.query_bundle(slice(max(i, 0), max(i, 0) + 1))
@@ -165,7 +165,7 @@ def phase_latency() -> dict:
                 times.append(t1 - t0)
         for i in range(min(args.latency_queries, 50)):
             rows = slice(i, i + 1)
-            for k, (m, name) in enumerate(zip(methods, METHODS)):
+            for k, (m, name) in enumerate(zip(methods, METHODS, strict=True)):
                 t0 = time.perf_counter()
                 m.similarity(table.query[k][rows], table.gallery[k])
                 per_model[name].append(time.perf_counter() - t0)
@@ -184,12 +184,12 @@ def phase_latency() -> dict:
         rows = slice(0, min(args.latency_queries, 50))
         top = model.similarity(table.query_bundle(rows), gb).topk(10, dim=1).indices
         top_exact = exact.similarity(table.query_bundle(rows), table.gallery_bundle(torch.float32)).topk(10, dim=1).indices
-        overlap = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top, top_exact)]))
+        overlap = float(np.mean([len(set(a.tolist()) & set(b.tolist())) / 10 for a, b in zip(top, top_exact, strict=True)]))
     ms = lambda xs, p: float(np.percentile(np.array(xs) * 1000, p))
     gallery_mb = sum(x.numel() * x.element_size() for x in table.gallery) / 2**20
     return {"p50_ms": ms(times, 50), "p95_ms": ms(times, 95), "base_scores_p50_ms": ms(base_only, 50),
             "fusion_only_p50_ms": ms(fuse_only, 50), "per_model_p50_ms": {k: ms(v, 50) for k, v in per_model.items()},
-            "shapes": {m: {"query": list(s[0]), "gallery": list(s[1])} for m, s in zip(METHODS, shapes)},
+            "shapes": {m: {"query": list(s[0]), "gallery": list(s[1])} for m, s in zip(METHODS, shapes, strict=True)},
             "assumed_shapes": assumed, "gallery_embeddings_mb": gallery_mb,
             "fusion_parameters": model.num_parameters(), "score_dtype": model.hparams["score_dtype"], "rss_mb": rss_mb(),
             "top10_vs_float32": overlap}
@@ -202,7 +202,8 @@ def phase_train() -> dict:
     build_s = time.perf_counter() - t0
     rss_tables = rss_mb()
     model = DAFM.from_bases(methods, names=list(METHODS))
-    cfg = FU.FusionConfig(epochs=args.epochs, seed=args.seed)
+    # Exactly --epochs (4,000 queries: 62 steps an epoch): not FusionConfig's min_steps, meant for small fit splits.
+    cfg = FU.FusionConfig(epochs=args.epochs, min_steps=0, seed=args.seed)
     res = FU.fit(model, train, None, cfg)
     rss_train = rss_mb()
     out = {"wall_s": res.wall_s, "setup_s": res.setup_s, "steps": len(res.steps), "tau_final": res.tau_final,

@@ -4,9 +4,15 @@ incompatible bases, complementary models fused, and the CLI end to end on a tiny
 
 from __future__ import annotations
 
+import argparse
+import ast
 import json
 import math
+import subprocess
+import sys
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -14,16 +20,24 @@ import torch
 import torch.nn.functional as F
 
 import cirfusion
+from cirfusion import api
 from cirfusion import fusion as FU
+from cirfusion.backbones import create_backbone
 from cirfusion.backbones.base import ImageFeatures, TextFeatures
 from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
+from cirfusion.cli import main
+from cirfusion.commands import fuse as fuse_cmd
+from cirfusion.data.registry import load_dataset
 from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.embeddings import take_embeddings
 from cirfusion.evaluation import evaluate
-from cirfusion.methods import CIRMethod, MethodDims, create_method
+from cirfusion.features import FeatureCache
+from cirfusion.fusion import kernels as K
+from cirfusion.methods import CIRMethod, MethodDims, cosine_or_maxsim, create_method
 from cirfusion.methods.dafm import DAFM
+from cirfusion.quickstart import QuickstartConfig
 from cirfusion.seeding import seed_everything
-from cirfusion.views import SplitData
+from cirfusion.views import SplitData, load_split_data
 from test_train import ToyImages, ToyTexts, make_custom_dataset, make_toy, toy_dims
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,7 +50,7 @@ class Probe(CIRMethod):
     """query = normalised [text[t0:t1], ref[r0:r1]], gallery = normalised [img[g0:g1], img[r0:r1]]; ``multi`` > 1 makes
     the gallery multi-vector (max-sim), the extra vectors being noisy copies."""
 
-    default_hparams = {"t": [0, 0], "r": [0, 0], "g": [0, 0], "multi": 1, "noise": 0.0}
+    default_hparams: ClassVar[dict[str, Any]] = {"t": [0, 0], "r": [0, 0], "g": [0, 0], "multi": 1, "noise": 0.0}
 
     def _img(self, f: torch.Tensor, a: list[int], b: list[int]) -> torch.Tensor:
         return torch.cat([f[:, a[0]:a[1]], f[:, b[0]:b[1]]], 1).float()
@@ -109,7 +123,7 @@ def randomise(net: torch.nn.Module, seed: int = 0) -> None:
             p.copy_(0.5 * torch.randn(p.shape, generator=g))
 
 
-def tables(tmp: Path, bases: list[CIRMethod], names: list[str]) -> tuple[FU.SplitTable, FU.SplitTable]:
+def tables(tmp: Path, bases: Sequence[CIRMethod], names: list[str]) -> tuple[FU.SplitTable, FU.SplitTable]:
     tr, va = colour_shape_world(tmp)
     return FU.SplitTable.build(bases, names, tr), FU.SplitTable.build(bases, names, va)
 
@@ -136,7 +150,7 @@ def test_normalisation_is_order_free_and_right():
     assert torch.equal(norm.stats[..., 0], norm.z.masked_fill(~keep, float("-inf")).amax(-1))
     q = torch.tensor([[3.0, -5.0] * 300 + [1.0]])
     assert FU.integer_sum(q, 3).item() == -599.0 and FU.integer_sum(q[:, torch.randperm(601)], 3).item() == -599.0
-    assert torch.equal(FU._pow2(torch.tensor([-3, 0, 40])), torch.tensor([0.125, 1.0, 2.0**40]))
+    assert torch.equal(K.pow2(torch.tensor([-3, 0, 40])), torch.tensor([0.125, 1.0, 2.0**40]))
     const = FU.normalise_scores(torch.ones(1, 2, 9))
     assert torch.equal(const.std, torch.ones(1, 2)) and const.z.eq(0).all()
 
@@ -164,7 +178,7 @@ def test_tiled_equals_full_and_eval_paths_agree(tmp_path):
     bases = [colour_model(), shape_model(multi=2)]
     m = DAFM.from_bases(bases, names=["colour", "shape"], score_dtype="float32")
     randomise(m.fusion, 1)
-    tr, va = colour_shape_world(tmp_path)
+    _tr, va = colour_shape_world(tmp_path)
     t = FU.SplitTable.build(bases, ["colour", "shape"], va)
     q, g = t.query_bundle(slice(0, t.num_queries)), t.gallery_bundle()
     m.hparams["tile"] = 10_000
@@ -205,6 +219,7 @@ def test_untrained_network_is_the_mean_of_normalised_scores(tmp_path):
     assert (expect - exact).abs().max() < 5e-3
     assert t.gallery_bundle(torch.float16)["g"][0].dtype == torch.float16 and t.gallery[0].dtype == torch.float32
     # z-scores over the non-excluded columns have mean 0 and std 1
+    assert norm.valid is not None
     v = norm.valid[:, None, :].expand_as(norm.z)
     zs = norm.z.double().masked_fill(~v, float("nan"))
     assert torch.allclose(zs.nanmean(-1), torch.zeros(20, 2, dtype=torch.float64), atol=1e-5)
@@ -235,7 +250,7 @@ def test_memory_is_bounded_by_the_tile(tmp_path, monkeypatch):
     for kind, shape in seen:
         assert shape[0] <= 5 and math.prod(shape) <= 5 * n * max(k, m.hparams["hidden"]), (kind, shape)
     # fitting: the setup pass uses cfg.tile rows; the steps only their shortlists + random columns
-    cfg = FU.FusionConfig(epochs=1, batch_size=16, tile=6, hard=20, random=30)
+    cfg = FU.FusionConfig(epochs=1, min_steps=0, batch_size=16, tile=6, hard=20, random=30)
     with FU.observe_score_blocks() as seen:
         FU.fit(DAFM.from_bases(bases, tile=5), t, None, cfg)
     assert max(s[0] for _, s in seen) <= 16
@@ -243,7 +258,7 @@ def test_memory_is_bounded_by_the_tile(tmp_path, monkeypatch):
     assert all(s[0] <= 6 for kind, s in seen if kind == "raw" and s[-1] == n)
     # a small block budget shrinks the tiles whatever the tile setting
     hidden = m.hparams["hidden"]
-    monkeypatch.setattr(FU, "BLOCK_ELEMS", 3 * n * hidden)
+    monkeypatch.setattr(K, "BLOCK_ELEMS", 3 * n * hidden)
     assert FU.block_rows(n, hidden, 1000) == 3
     with FU.observe_score_blocks() as seen:
         FU.evaluate_fused(DAFM.from_bases(bases, tile=1000), v)
@@ -265,12 +280,12 @@ def test_dynamic_tau_rule_and_clamp():
 def test_fit_follows_the_tau_schedule_and_fixed_tau_ablation(tmp_path):
     bases = [colour_model(), shape_model()]
     t, v = tables(tmp_path, bases, ["a", "b"])
-    cfg = FU.FusionConfig(epochs=2, batch_size=32, s=50.0, hard=30, random=40)
+    cfg = FU.FusionConfig(epochs=2, min_steps=0, batch_size=32, s=50.0, hard=30, random=40)
     m = DAFM.from_bases(bases)
     res = FU.fit(m, t, v, cfg)
     taus = [s["tau"] for s in res.steps]
     assert taus[0] == 0.02 and len(set(taus)) > 1
-    for a, b in zip(res.steps, res.steps[1:]):
+    for a, b in zip(res.steps, res.steps[1:], strict=False):
         assert b["tau"] == FU.next_tau(a["tau"], a["loss"], cfg)
     assert all(cfg.tau_min <= x <= cfg.tau_max for x in taus)
     assert float(m.tau) == pytest.approx(res.tau_final)
@@ -280,7 +295,7 @@ def test_fit_follows_the_tau_schedule_and_fixed_tau_ablation(tmp_path):
     # deterministic given the seed
     again = DAFM.from_bases(bases)
     FU.fit(again, t, v, cfg)
-    assert all(torch.equal(a, b) for a, b in zip(again.fusion.state_dict().values(), m.fusion.state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(again.fusion.state_dict().values(), m.fusion.state_dict().values(), strict=True))
 
 
 def test_min_steps_adds_epochs_on_a_small_fit_split(tmp_path):
@@ -307,18 +322,18 @@ def test_shortlist_loss_equals_full_loss_when_it_covers_the_gallery(tmp_path):
     cfg = FU.FusionConfig(hard=n, random=0)
     sl = FU.prepare_shortlists(m, t, cfg)
     idx = np.arange(12)
-    short = FU._shortlist_loss(m, t, sl, idx, 0.05, cfg, 0)
-    full = FU._full_loss(m, t, sl.rows[idx], 0.05)
+    short = FU.shortlist_loss(m, t, sl, idx, 0.05, cfg, 0)
+    full = FU.full_loss(m, t, sl.rows[idx], 0.05)
     assert torch.allclose(short, full, rtol=1e-5)
     # random columns covering the rest: importance weights are 1, same loss
     cfg2 = FU.FusionConfig(hard=10, random=n)
     sl2 = FU.prepare_shortlists(m, t, cfg2)
-    assert torch.allclose(FU._shortlist_loss(m, t, sl2, idx, 0.05, cfg2, 0), full, rtol=1e-5)
+    assert torch.allclose(FU.shortlist_loss(m, t, sl2, idx, 0.05, cfg2, 0), full, rtol=1e-5)
     # with few random columns the estimate is still close (unbiased sampled softmax)
     cfg3 = FU.FusionConfig(hard=20, random=40)
     sl3 = FU.prepare_shortlists(m, t, cfg3)
     with torch.no_grad():
-        est = np.mean([float(FU._shortlist_loss(m, t, sl3, idx, 0.05, cfg3, s)) for s in range(20)])
+        est = np.mean([float(FU.shortlist_loss(m, t, sl3, idx, 0.05, cfg3, s)) for s in range(20)])
     assert est == pytest.approx(float(full.detach()), rel=0.1)
 
 
@@ -330,7 +345,7 @@ def test_complementary_models_fused_beat_both(tmp_path):
     bases = [colour_model(), shape_model()]
     t, v = tables(tmp_path, bases, ["colour", "shape"])
     single = [FU.evaluate_base(v, k)["R@1"] for k in range(2)]
-    model, res = FU.fuse(t, v, FU.FusionConfig(epochs=3, batch_size=32, hard=40, random=60))
+    model, _res = FU.fuse(t, v, FU.FusionConfig(epochs=3, min_steps=0, batch_size=32, hard=40, random=60))
     fused = FU.evaluate_fused(model, v)["R@1"]
     assert max(single) < 40 and fused > max(single) + 40, (single, fused)
     w = FU.explain(model, v, np.arange(10))
@@ -341,7 +356,7 @@ def test_explanations_sum_to_one(tmp_path):
     bases = [colour_model(), shape_model(), create_method("image-only", PDIMS)]
     m = DAFM.from_bases(bases, names=["c", "s", "i"])
     randomise(m.fusion, 4)
-    t, v = tables(tmp_path, bases, ["c", "s", "i"])
+    _t, v = tables(tmp_path, bases, ["c", "s", "i"])
     w = FU.explain(m, v, [0, 3, 5, 7])
     assert w.shape == (4, 3) and (w >= 0).all()
     assert torch.allclose(w.sum(1), torch.ones(4), atol=1e-6)
@@ -367,7 +382,7 @@ def test_save_load_gives_identical_fused_scores(tmp_path):
     bases = [create_method("clip4cir", toy_dims(), embed_dim=16), create_method("image-only", toy_dims())]
     t = FU.SplitTable.build(bases, ["clip4cir", "image-only"], tr)
     v = FU.SplitTable.build(bases, ["clip4cir", "image-only"], va)
-    model, _ = FU.fuse(t, v, FU.FusionConfig(epochs=1, batch_size=32), base_info=[{"dataset": "toy/train"}] * 2)
+    model, _ = FU.fuse(t, v, FU.FusionConfig(epochs=1, min_steps=0, batch_size=32), base_info=[{"dataset": "toy/train"}] * 2)
     model.save(tmp_path / "fused", dataset="toy/train")
     files = sorted(str(p.relative_to(tmp_path / "fused")) for p in (tmp_path / "fused").rglob("*") if p.is_file())
     assert files == ["bases/00-clip4cir/config.json", "bases/00-clip4cir/model.safetensors",
@@ -386,7 +401,7 @@ def test_save_load_gives_identical_fused_scores(tmp_path):
     assert evaluate(loaded, va) == FU.evaluate_fused(model, v)
     # a base checkpoint alone is a normal checkpoint
     b0 = load_checkpoint(tmp_path / "fused/bases/00-clip4cir")
-    assert all(torch.equal(a, b) for a, b in zip(b0.state_dict().values(), bases[0].state_dict().values()))
+    assert all(torch.equal(a, b) for a, b in zip(b0.state_dict().values(), bases[0].state_dict().values(), strict=True))
     # a tampered base sub-directory is an error, never a silent mismatch
     p = tmp_path / "fused/bases/00-clip4cir/config.json"
     c = json.loads(p.read_text())
@@ -452,7 +467,7 @@ def test_incremental_analysis_and_plot(tmp_path):
     bases = [colour_model(), shape_model(), create_method("image-only", PDIMS)]
     names = ["colour", "shape", "image"]
     t, v = tables(tmp_path, bases, names)
-    cfg = FU.FusionConfig(epochs=1, batch_size=64, hard=30, random=30)
+    cfg = FU.FusionConfig(epochs=1, min_steps=0, batch_size=64, hard=30, random=30)
     lines: list[str] = []
     figs = FU.incremental_analysis(t, v, v, "image", cfg, report=lines.append)
     assert figs["metric"] == "R@10" and [o["order"] for o in figs["orders"]] == [["image", "colour", "shape"],
@@ -468,7 +483,6 @@ def test_incremental_analysis_and_plot(tmp_path):
 # The CLI end to end: tiny backbone, tiny dataset
 # ---------------------------------------------------------------------------------------------------------------------
 def test_cli_fuse_eval_incremental_and_refusal(tmp_path, capsys):
-    from cirfusion.cli import main
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_custom_dataset(data)
@@ -482,7 +496,9 @@ def test_cli_fuse_eval_incremental_and_refusal(tmp_path, capsys):
     capsys.readouterr()
     out = tmp_path / "fused"
     ck = [str(runs[n] / "best") for n in ("io", "c1", "c2")]
-    rc = main(["fuse", *ck, *common, "--out", str(out), "--epochs", "2", "--batch-size", "32", "--compare-tau",
+    # fitted on the bases' training split, epoch picked on val (not the default, which fits on val)
+    rc = main(["fuse", *ck, *common, "--out", str(out), "--split-train", "train", "--split-val", "val", "--epochs", "2",
+               "--batch-size", "32", "--compare-tau",
                "--incremental", "--base", "image-only", "--split-test", "val"])
     assert rc == 0, capsys.readouterr().err
     text = capsys.readouterr().out
@@ -518,11 +534,6 @@ def test_cli_fuse_eval_incremental_and_refusal(tmp_path, capsys):
 def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     """Base models on different backbones: the fused model reads their multi: composite, each base its own part; its
     scores equal the bases' own on their own backbones' features; eval, load and search work on it."""
-    from cirfusion import api
-    from cirfusion.backbones import create_backbone
-    from cirfusion.cli import main
-    from cirfusion.features import FeatureCache
-    from cirfusion.views import load_split_data
 
     data, cache = tmp_path / "data", tmp_path / "cache"
     make_custom_dataset(data)
@@ -534,17 +545,22 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     capsys.readouterr()
     ck = [str(tmp_path / n / "best") for n in runs]
     out = tmp_path / "fused"
-    assert main(["fuse", *ck, *common, "--out", str(out), "--epochs", "1", "--split-test", "val"]) == 0, capsys.readouterr().err
+    # the default splits: fitted on val (a fifth of it held out to pick the epoch), reported on --split-test
+    assert main(["fuse", *ck, *common, "--out", str(out), "--epochs", "1", "--min-steps", "20", "--split-test", "val"]) == 0, \
+        capsys.readouterr().err
     assert "2 backbones" in capsys.readouterr().out
     rep = json.loads((out / "metrics.json").read_text())
+    assert rep["splits_used"] == {"fit": "val", "val": None, "test": "val"} and rep["dataset"] == "custom/val"
+    assert rep["config"]["holdout"] == FU.FusionConfig().holdout > 0 and set(rep["splits"]) == {"test"}
+    assert len(rep["training"]["fused"]["steps"]) >= 20 and rep["training"]["fused"]["epochs"][0]["epoch"] == -1
     fused = api.load(out / "best")
-    assert fused.backbone.backbone_id == "multi:tiny|tiny:resolution=48,seed=1"
+    dafm = fused.method
+    assert isinstance(dafm, DAFM) and fused.backbone.backbone_id == "multi:tiny|tiny:resolution=48,seed=1"
     # each base, inside the fused model, scores exactly as it does alone on its own backbone's features
-    from cirfusion.data.registry import load_dataset
 
     ds = load_dataset("custom", data, "val")
     multi = load_split_data(FeatureCache(fused.backbone, cache), ds)
-    t = FU.SplitTable.build(fused.method.bases, fused.method.base_names, multi)
+    t = FU.SplitTable.build(dafm.bases, dafm.base_names, multi)
     for k, n in enumerate(runs):
         alone = api.load(tmp_path / n / "best")
         own = FU.SplitTable.build([alone.method], [n], load_split_data(FeatureCache(alone.backbone, cache), ds))
@@ -554,7 +570,7 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     # eval reads the composite's features and gives the numbers fuse reported
     assert main(["eval", str(out / "best"), *common, "--split", "val", "--json"]) == 0
     ev = json.loads(capsys.readouterr().out)
-    assert ev["results"][0]["metrics"] == pytest.approx(rep["splits"]["val"]["fused"])
+    assert ev["results"][0]["metrics"] == pytest.approx(rep["splits"]["test"]["fused"])
     # search straight from the fused checkpoint over a folder of images
     img_dir = data / "images"
     some = sorted(p for p in img_dir.rglob("*") if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
@@ -565,11 +581,10 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     # the composite rebuilds from its id; a DAFM over bases on different backbones built without it is refused
     assert create_backbone(fused.backbone.backbone_id).weights_hash() == fused.method.dims.weights_hash
     with pytest.raises(ValueError, match="multi: composite"):
-        DAFM(fused.method.bases[0].dims, _bases=fused.method.bases, bases=fused.method.hparams["bases"])
+        DAFM(dafm.bases[0].dims, _bases=dafm.bases, bases=dafm.hparams["bases"])
 
 
 def test_fast_maxsim_matches_the_default_similarity():
-    from cirfusion.methods import cosine_or_maxsim
 
     g = torch.Generator().manual_seed(0)
     for qs, gs in [((5, 8), (37, 8)), ((5, 8), (37, 3, 8)), ((5, 2, 8), (37, 8)), ((5, 2, 8), (37, 3, 8))]:
@@ -617,16 +632,51 @@ def test_int8_scoring_is_close_and_cached():
 
 
 def test_single_thread_if_small_restores_the_thread_count():
-    n = torch.get_num_threads()
-    with FU.single_thread_if_small(10):
-        assert torch.get_num_threads() == 1
-    assert torch.get_num_threads() == n
-    with FU.single_thread_if_small(FU.SINGLE_THREAD_ELEMS + 1):
-        assert torch.get_num_threads() == n
-    with pytest.raises(RuntimeError):
+    """The module runs on one thread (fixture), where the context manager has nothing to do: start from 2 threads so
+    that a count left at 1 fails, and restore whatever was set before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert torch.get_num_threads() == 2
         with FU.single_thread_if_small(10):
-            raise RuntimeError("boom")
-    assert torch.get_num_threads() == n
+            assert torch.get_num_threads() == 1
+        assert torch.get_num_threads() == 2
+        with FU.single_thread_if_small(FU.SINGLE_THREAD_ELEMS + 1):
+            assert torch.get_num_threads() == 2
+        with pytest.raises(RuntimeError, match="boom"):
+            with FU.single_thread_if_small(10):
+                assert torch.get_num_threads() == 1
+                raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_fast_kernels_match_their_plain_references():
+    """Every fast scoring path against the plain float64 definition next to it in kernels.py: float32 tiles exact to
+    float32 rounding, float16 and int8 within their documented precision; the fixed-point normalisation against the
+    plain masked mean / std, on rows whose scales differ by 5 orders of magnitude."""
+    g = torch.Generator().manual_seed(5)
+    for qs, gs in [((7, 32), (300, 32)), ((7, 2, 32), (300, 3, 32)), ((40, 32), (300, 32))]:
+        q = F.normalize(torch.randn(qs, generator=g), dim=-1)
+        gal = F.normalize(torch.randn(gs, generator=g), dim=-1)
+        ref = K.reference_dot_or_maxsim(q, gal)
+        assert ref.dtype == torch.float64 and ref.shape == (qs[0], gs[0])
+        assert (K.dot_or_maxsim(q, gal).double() - ref).abs().max() < 1e-5
+        assert (K.dot_or_maxsim(q, gal.half(), torch.float16).double() - ref).abs().max() < 2e-3
+        assert (K.dot_or_maxsim(q, gal.half(), torch.int8).double() - ref).abs().max() < 1e-2
+    raw = torch.randn(4, 3, 777, generator=g) * torch.tensor([1e-3, 1.0, 80.0])[:, None]
+    excl = torch.zeros(4, 777, dtype=torch.bool)
+    excl[0, 3] = excl[2, 500] = excl[2, 501] = True
+    for exclude in (None, excl):
+        fast = K.normalise_scores(raw, exclude)
+        z, mean, std = K.reference_normalise(raw, exclude)
+        assert ((fast.mean.double() - mean).abs() / std).max() < 1e-4
+        assert torch.allclose(fast.std.double(), std, rtol=1e-3)
+        keep = torch.ones_like(z, dtype=torch.bool) if exclude is None else ~exclude[:, None, :].expand_as(z)
+        assert (fast.z.double() - z).masked_fill(~keep, 0.0).abs().max() < 2e-3
+    const = K.reference_normalise(torch.ones(1, 2, 9))
+    assert torch.equal(const[2], torch.ones(1, 2, dtype=torch.float64)) and const[0].eq(0).all()
 
 
 def test_multi_positive_losses():
@@ -653,5 +703,47 @@ def test_fit_with_each_positive_loss(tmp_path):
     tr, va = colour_shape_world(tmp_path)
     t = FU.SplitTable.build(bases, ["colour", "shape"], tr)
     v = FU.SplitTable.build(bases, ["colour", "shape"], va)
-    m, res = FU.fuse(t, v, FU.FusionConfig(epochs=2, positives="each", seed=0))
+    _m, res = FU.fuse(t, v, FU.FusionConfig(epochs=2, min_steps=0, positives="each", seed=0))
     assert res.steps and all(math.isfinite(s["loss"]) for s in res.steps)
+
+
+def test_cli_defaults_are_the_library_defaults():
+    """One source of defaults: `cirfusion fuse`'s options default to FusionConfig's and FuseSplits' fields (fit on val,
+    a fifth held out, at least 500 steps), and the quickstart's fusion settings to FusionConfig's."""
+
+    parser = argparse.ArgumentParser()
+    fuse_cmd.register(parser.add_subparsers())
+    args = parser.parse_args(["fuse", "a", "b", "--dataset", "custom", "--root", "r", "--out", "o"])
+    d, sp = FU.FusionConfig(), FU.FuseSplits()
+    assert (d.holdout, d.min_steps, sp.fit, sp.val, sp.test) == (0.2, 500, "val", None, "test")
+    assert (args.split_train, args.split_val, args.split_test) == ("val", "none", "test")
+    for opt, field in [("epochs", "epochs"), ("holdout", "holdout"), ("min_steps", "min_steps"), ("batch_size", "batch_size"),
+                       ("lr", "lr"), ("seed", "seed"), ("tau0", "tau0"), ("s", "s"), ("tau_min", "tau_min"),
+                       ("tau_max", "tau_max"), ("negatives", "negatives"), ("hard", "hard"), ("random", "random"),
+                       ("val_metric", "val_metric"), ("chunk", "eval_chunk")]:
+        assert getattr(args, opt) == getattr(d, field), opt
+    assert args.hidden is None and args.blocks is None  # the dafm method's own defaults
+    q = QuickstartConfig()
+    assert (q.fusion_epochs, q.fusion_min_steps) == (d.epochs, d.min_steps)
+
+
+def test_dafm_imports_alone_without_a_cycle():
+    """methods/dafm.py imports the fusion kernels and network; the fusion package never imports dafm (fitting builds it
+    through the method registry). A fresh interpreter importing dafm first (as loading a fused checkpoint does)
+    must work; the static graph holds no import of dafm from the fusion package."""
+    code = "import cirfusion.methods.dafm as d, cirfusion.fusion as f; print(d.DAFM.__name__, f.fuse.__name__)"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and res.stdout.split() == ["DAFM", "fuse"], res.stderr
+    pkg = Path(FU.__file__).parent
+    for path in pkg.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                assert "dafm" not in (node.module or "") or _under_type_checking(path, node), (path.name, node.module)
+
+
+def _under_type_checking(path: Path, node: ast.ImportFrom) -> bool:
+    for top in ast.parse(path.read_text()).body:
+        if isinstance(top, ast.If) and isinstance(top.test, ast.Name) and top.test.id == "TYPE_CHECKING":
+            if any(isinstance(n, ast.ImportFrom) and n.lineno == node.lineno for n in ast.walk(top)):
+                return True
+    return False

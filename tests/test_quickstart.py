@@ -7,10 +7,24 @@ import json
 import pytest
 import torch
 
+import cirfusion
 from cirfusion.cli import main
 from test_catalog import make_folder
 
 METHODS = "clip4cir,tg-cir"
+
+
+@pytest.fixture(autouse=True)
+def threads_restored():
+    """`--threads 1` must not leak: run_quickstart restores the caller's torch thread count (checked from 2 threads,
+    so that a count left at 1 fails)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        yield
+        assert torch.get_num_threads() == 2, "the quickstart left torch's thread count changed"
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -53,11 +67,15 @@ def test_writes_results_report_and_manifest(quickstart_run):
     hashes = [h for h in record["files"].values()]  # data file hashes are recorded
     assert hashes and all(len(h) == 64 for h in hashes)
     assert manifest["fusion"]["synthetic"]["num_parameters"] < 100_000
+    # the fusion ran through the one orchestration (cirfusion fuse's), with its defaults: fitted on val, test reported
+    fused = json.loads((out / "runs" / "synthetic" / "dafm" / "metrics.json").read_text())
+    assert fused["splits_used"] == {"fit": "val", "val": None, "test": "test"} and fused["dataset"] == "synthetic/val"
+    assert fused["config"]["holdout"] == 0.2 and fused["config"]["min_steps"] == 20
+    assert fused["splits"]["test"]["fused"] == results["synthetic"]["dafm"]
+    assert fused["splits"]["test"]["fused_fixed_tau"] == results["synthetic"]["dafm (fixed tau)"]
 
 
 def test_checkpoints_load_and_eval_reproduces_the_table(quickstart_run, capsys):
-    import cirfusion
-
     out = quickstart_run["out"]
     manifest = json.loads((out / "manifest.json").read_text())
     results = json.loads((out / "results.json").read_text())
@@ -105,8 +123,6 @@ def test_aligned_backbone_adds_the_sum_baseline_and_one_method_skips_fusion(tmp_
 
 def test_pool_on_two_backbones(tmp_path, capsys):
     """--pool-backbone: a base method on another backbone; the fusion reads both side by side and loads back."""
-    import cirfusion
-
     out = tmp_path / "o"
     assert main(["quickstart", "--out", str(out), "--backbone", "tiny", "--pool-backbone", "tg-cir=tiny:seed=1",
                  "--n-images", "120", "--epochs", "1", "--fusion-min-steps", "10", "--methods", METHODS, "--no-progress",

@@ -36,6 +36,27 @@ from typing import Any
 import numpy as np
 import torch
 
+from .api import load
+from .backbones import create_backbone
+from .backbones.base import Backbone
+from .backbones.multi import fusion_backbone
+from .checkpoint import load_checkpoint
+from .data.catalog import CatalogConfig, build_catalog
+from .data.registry import load_dataset
+from .data.schema import reference_columns, reference_mask
+from .data.synthetic import generate
+from .evaluation import encode_gallery, evaluate
+from .features import FeatureCache
+from .fusion import FuseSplits, FusionConfig, SplitTable, explain, fuse_checkpoints
+from .io import atomic_write_json
+from .manifest import code_version, dataset_record, environment
+from .methods.base import CIRMethod
+from .methods.registry import create_method, get_method_class
+from .report import ResultItem, SampleQuery, write_report, write_results_json
+from .seeding import seed_everything
+from .train import TrainConfig, train
+from .views import FeatureView, SplitData, load_split_data
+
 # The DAFM base pool (issue "DAFM"), in the order the report lists it; image-only is the table's lower bound.
 POOL = ("clip4cir", "blip4cir-bi", "tg-cir", "sprc")
 BASELINES = ("image-only",)
@@ -59,8 +80,9 @@ class QuickstartConfig:
     epochs: int = 4  # per base method (synthetic benchmark)
     catalog_epochs: int = 2  # per base method on the catalog benchmark (its train split has 2.7x the queries)
     methods: Sequence[str] = POOL
-    fusion_epochs: int = 4
-    fusion_min_steps: int = 500  # the fusion's fit split (val) is small: at least this many steps
+    # The fusion's own defaults (FusionConfig): its fit split, val, is small, hence at least min_steps steps.
+    fusion_epochs: int = FusionConfig.epochs
+    fusion_min_steps: int = FusionConfig.min_steps
     backbone: str = "embedded"
     # Per-method backbones (method -> backbone name; the rest use ``backbone``): base models on different backbones
     # make the pool diverse, as DAFM's is (CLIP, BLIP, BLIP-2); the fused model then reads their multi: composite.
@@ -128,9 +150,6 @@ def _same_settings(path: Path, settings: dict[str, Any]) -> bool:
 
 def make_synthetic(out: Path, cfg: QuickstartConfig) -> Path:
     """The synthetic benchmark under ``out/data/synthetic``, generated unless one with the same settings is there."""
-    from .data.synthetic import generate
-    from .io import atomic_write_json
-
     root = out / "data" / "synthetic"
     marker = out / "data" / "synthetic.settings.json"
     settings = {"seed": cfg.seed, "n_images": cfg.n_images, "eval_queries_per_image": cfg.eval_queries_per_image}
@@ -149,9 +168,6 @@ def make_synthetic(out: Path, cfg: QuickstartConfig) -> Path:
 
 def make_catalog(out: Path, cfg: QuickstartConfig) -> Path:
     """The catalog benchmark of ``cfg.photos`` under ``out/data/catalog`` (photo and edit cache reused)."""
-    from .data.catalog import CatalogConfig, build_catalog
-    from .io import atomic_write_json
-
     assert cfg.photos is not None
     root = out / "data" / "catalog"
     marker = out / "data" / "catalog.settings.json"
@@ -168,22 +184,8 @@ def make_catalog(out: Path, cfg: QuickstartConfig) -> Path:
     return root
 
 
-def _exclusion_mask(dataset: Any, rows: Sequence[int]) -> torch.Tensor:
-    """``[len(rows), N]`` True where a gallery column is the query's own reference (left out of the ranking)."""
-    mask = torch.zeros(len(rows), len(dataset.gallery), dtype=torch.bool)
-    if dataset.exclude_reference:
-        for i, r in enumerate(rows):
-            ref = dataset.queries[r].reference
-            if ref in dataset.gallery:
-                mask[i, dataset.gallery.index(ref)] = True
-    return mask
-
-
-def top_results(method: Any, data: Any, rows: Sequence[int], k: int = 5) -> list[list[tuple[int, float]]]:
+def top_results(method: CIRMethod, data: SplitData, rows: Sequence[int], k: int = 5) -> list[list[tuple[int, float]]]:
     """The ``k`` best gallery columns ``(column, score)`` of the given query rows, reference left out."""
-    from .evaluation import encode_gallery
-    from .views import FeatureView
-
     view = FeatureView(data.images, data.texts)
     ds = data.dataset
     method.eval()
@@ -193,19 +195,17 @@ def top_results(method: Any, data: Any, rows: Sequence[int], k: int = 5) -> list
         ref = view.image(np.array([view.image_row(q.reference) for q in qs]), method.uses_image_tokens)
         text = view.text(np.array([view.text_row(q.text) for q in qs]), method.uses_text_tokens)
         s = method.similarity(method.encode_query(ref, text), g).float()
-    s[_exclusion_mask(ds, rows)] = float("-inf")
+    s[torch.from_numpy(reference_mask(reference_columns(ds, rows), s.shape[1]))] = float("-inf")
     top = torch.topk(s, min(k, s.shape[1]), dim=1)
-    return [[(int(c), float(v)) for v, c in zip(top.values[i], top.indices[i])] for i in range(len(rows))]
+    return [[(int(c), float(v)) for v, c in zip(top.values[i], top.indices[i], strict=True)] for i in range(len(rows))]
 
 
-def _samples(bench: str, method_name: str, method: Any, data: Any, rows: Sequence[int],
-             explain: Callable[[Sequence[int]], list[dict[str, float]]] | None = None) -> list[Any]:
-    from .report import ResultItem, SampleQuery
-
+def _samples(bench: str, method_name: str, method: CIRMethod, data: SplitData, rows: Sequence[int],
+             weights_of: Callable[[Sequence[int]], list[dict[str, float]]] | None = None) -> list[SampleQuery]:
     ds = data.dataset
     out = []
-    weights = explain(rows) if explain else [None] * len(rows)
-    for r, res, w in zip(rows, top_results(method, data, rows), weights):
+    weights: Sequence[dict[str, float] | None] = weights_of(rows) if weights_of else [None] * len(rows)
+    for r, res, w in zip(rows, top_results(method, data, rows), weights, strict=True):
         q = ds.queries[r]
         targets = set(q.targets)
         items = [ResultItem(ds.gallery.ids[c], Path(ds.gallery.paths[c]), v, ds.gallery.ids[c] in targets) for c, v in res]
@@ -219,15 +219,12 @@ class Backbones:
 
     def __init__(self, cfg: QuickstartConfig, cache_dir: Path) -> None:
         self.cfg, self.cache_dir = cfg, cache_dir
-        self._caches: dict[str, Any] = {}
+        self._caches: dict[str, FeatureCache] = {}
 
     def name_for(self, method: str) -> str:
         return self.cfg.backbone_for(method)
 
-    def cache(self, name: str) -> Any:
-        from .backbones import create_backbone
-        from .features import FeatureCache
-
+    def cache(self, name: str) -> FeatureCache:
         if name not in self._caches:
             t0 = time.perf_counter()
             b = create_backbone(name)
@@ -235,15 +232,9 @@ class Backbones:
             _say(f"backbone {b.backbone_id} ready ({time.perf_counter() - t0:.1f} s); feature cache {self.cache_dir}")
         return self._caches[name]
 
-    def composite(self, methods: Sequence[str]) -> Any:
-        """The feature cache a fused model over ``methods`` reads (their shared backbone, or their multi: one)."""
-        from .features import FeatureCache
-        from .fusion import fusion_backbone
-
-        b = fusion_backbone([self.cache(self.name_for(m)).backbone for m in methods])
-        if b.backbone_id not in self._caches:
-            self._caches[b.backbone_id] = FeatureCache(b, self.cache_dir)
-        return self._caches[b.backbone_id]
+    def built(self) -> dict[str, Backbone]:
+        """The backbones built so far, by id (the fusion reuses them rather than building them again)."""
+        return {c.backbone.backbone_id: c.backbone for c in self._caches.values()}
 
     def info(self, name: str) -> dict[str, Any]:
         b = self.cache(name).backbone
@@ -252,33 +243,15 @@ class Backbones:
 
 def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backbones, out: Path,
                   samples: list[Any]) -> BenchmarkRun:
-    """Train the pool on one benchmark, fuse it, evaluate everything on ``test``."""
-    from .checkpoint import load_checkpoint, write_checkpoint_files
-    from .data.registry import load_dataset
-    from .evaluation import evaluate
-    from .fusion import (
-        FusionConfig,
-        SplitTable,
-        baseline_model,
-        evaluate_base,
-        evaluate_fused,
-        explain,
-        fuse,
-    )
-    from .io import atomic_directory, atomic_write_json
-    from .manifest import dataset_record
-    from .methods.registry import create_method
-    from .seeding import seed_everything
-    from .train import TrainConfig, train
-    from .views import load_split_data
-
+    """Train the pool on one benchmark, fuse it (:func:`cirfusion.fusion.fuse_checkpoints`, as ``cirfusion fuse``
+    does, with its defaults: fitted on val, reported on test), evaluate everything on ``test``."""
     run = BenchmarkRun(name, root)
     t0 = time.perf_counter()
     ds = {s: load_dataset(name, root, s) for s in ("train", "val", "test")}
     run.datasets = {s: dataset_record(d) for s, d in ds.items()}
-    split_data: dict[str, dict[str, Any]] = {}  # backbone name -> split -> SplitData
+    split_data: dict[str, dict[str, SplitData]] = {}  # backbone name -> split -> SplitData
 
-    def data_for(backbone_name: str) -> dict[str, Any]:
+    def data_for(backbone_name: str) -> dict[str, SplitData]:
         if backbone_name not in split_data:
             t1 = time.perf_counter()
             cache = backbones.cache(backbone_name)
@@ -322,46 +295,36 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backb
 
     if cfg.fuse and len(cfg.methods) >= 2:
         t1 = time.perf_counter()
-        bases = [trained[m] for m in cfg.methods]
         names = list(cfg.methods)
-        # Bases on several backbones read their multi: composite (its parts' cached features side by side).
-        fcache = backbones.composite(names)
-        data = {s: load_split_data(fcache, ds[s], progress=cfg.progress) for s in ("val", "test")}
-        fit_table = SplitTable.build(bases, names, data["val"])
-        test_table = SplitTable.build(bases, names, data["test"])
-        # Fitted on val (queries the bases never trained on); a fifth of them held out to pick the epoch, the
-        # untrained mean of normalised scores included.
+        # The fusion's own defaults (FusionConfig, FuseSplits): fitted on val, queries the bases never trained on, a
+        # fifth of them held out to pick the epoch (the untrained mean of normalised scores included); test reports.
+        # Bases on several backbones are read through their multi: composite.
         metric = headline_metric(name, run.metrics[cfg.methods[0]])
-        fc = FusionConfig(epochs=cfg.fusion_epochs, min_steps=cfg.fusion_min_steps, holdout=0.2, val_metric=metric,
-                          seed=cfg.seed)
-        info = [{"dataset": ds["train"].key, "source": run.checkpoints[m]} for m in names]
-        model, res = fuse(fit_table, None, fc, base_info=info)
-        run.metrics[MEAN_NAME] = evaluate_fused(baseline_model(test_table), test_table)
-        run.metrics[FUSED_NAME] = evaluate_fused(model, test_table)
-        fixed, _ = fuse(fit_table, None, FusionConfig(**{**fc.to_dict(), "dynamic_tau": False}), base_info=info)
-        run.metrics[f"{FUSED_NAME} (fixed tau)"] = evaluate_fused(fixed, test_table)
-        ckpt = out / "runs" / name / FUSED_NAME / "best"
-        with atomic_directory(ckpt) as tmp:
-            write_checkpoint_files(model, tmp, dataset=ds["val"].key,
-                                   extra={"fusion": {"tau_final": res.tau_final, "config": fc.to_dict()}})
-        run.checkpoints[FUSED_NAME] = str(ckpt)
-        per_model = {n: evaluate_base(test_table, k) for k, n in enumerate(names)}
-        best_single = max(names, key=lambda n: per_model[n][metric])
+        fc = FusionConfig(epochs=cfg.fusion_epochs, min_steps=cfg.fusion_min_steps, val_metric=metric, seed=cfg.seed)
+        fr = fuse_checkpoints([run.checkpoints[m] for m in names], name, root, out / "runs" / name / FUSED_NAME, fc,
+                              cache_dir=backbones.cache_dir, splits=FuseSplits(), compare_tau=True,
+                              backbones=backbones.built(), overwrite=True, progress=cfg.progress)
+        test = fr.report["splits"]["test"]
+        run.metrics[MEAN_NAME] = test["mean_normalised"]
+        run.metrics[FUSED_NAME] = test["fused"]
+        run.metrics[f"{FUSED_NAME} (fixed tau)"] = test["fused_fixed_tau"]
+        run.checkpoints[FUSED_NAME] = str(fr.checkpoint)
+        best_single = test["best_single"]["name"]
         run.fusion = {"metric": metric, "best_single": best_single,
-                      "gain_over_best_single": run.metrics[FUSED_NAME][metric] - per_model[best_single][metric],
-                      "tau_final": res.tau_final, "fit_s": res.wall_s, "best_epoch": res.best_epoch,
-                      "num_parameters": sum(p.numel() for p in model.fusion.parameters())}
-        atomic_write_json(ckpt.parent / "metrics.json", {"test": run.metrics, "fusion": run.fusion})
+                      "gain_over_best_single": test["gain_over_best_single"],
+                      "tau_final": fr.result.tau_final, "fit_s": fr.result.wall_s, "best_epoch": fr.result.best_epoch,
+                      "num_parameters": fr.report["num_parameters"]}
         run.timings["fusion_s"] = time.perf_counter() - t1
         _say(f"{name}: DAFM fusion of {', '.join(names)} ({run.timings['fusion_s']:.1f} s): "
              + _brief(run.metrics[FUSED_NAME])
              + f"; {metric} {run.fusion['gain_over_best_single']:+.2f} over the best single model ({best_single})")
+        model, test_table = fr.model, fr.tables["test"]
 
         def weights(rows: Sequence[int]) -> list[dict[str, float]]:
             w = explain(model, test_table, list(rows))
             return [{n: float(w[i, k]) for k, n in enumerate(names)} for i in range(len(rows))]
 
-        samples += _samples(name, FUSED_NAME, model, data["test"], sample_rows, explain=weights)
+        samples += _samples(name, FUSED_NAME, model, fr.data["test"], sample_rows, weights_of=weights)
     run.timings["total_s"] = time.perf_counter() - t0
     return run
 
@@ -370,12 +333,6 @@ def pool_tables(out: str | Path, splits: Sequence[str] = ("val", "test")) -> dic
     """For a finished quickstart in ``out``: per benchmark, its trained pool (loaded checkpoints, in :data:`POOL`
     order) and the fusion tables of ``splits``, read from the run's feature cache (bases on several backbones through
     their multi: composite)."""
-    from .api import load
-    from .data.registry import load_dataset
-    from .features import FeatureCache
-    from .fusion import SplitTable, fusion_backbone
-    from .views import load_split_data
-
     out = Path(out)
     man = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
     cache_dir = man["config"]["cache_dir"] or str(out / "cache")
@@ -408,17 +365,22 @@ def _brief(metrics: dict[str, float]) -> str:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    """Run every step (module docstring) and return the summary also written to ``out/summary.json``."""
-    from .io import atomic_write_json
-    from .manifest import code_version, environment
-    from .methods.registry import get_method_class
-    from .report import write_report, write_results_json
+    """Run every step (module docstring) and return the summary also written to ``out/manifest.json``. With
+    ``cfg.threads``, torch runs on that many threads for the duration of the call (the count is process-wide: the
+    caller's is restored)."""
+    before = torch.get_num_threads()
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    try:
+        return _run_quickstart(cfg)
+    finally:
+        torch.set_num_threads(before)
 
+
+def _run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     for m in cfg.methods:
         get_method_class(m)  # an unknown name fails now, not after the benchmarks are built
 

@@ -31,11 +31,19 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
+from ..errors import CirfusionError
 from . import create_backbone, register_backbone
 from ._util import short_hash
 from .base import Backbone, ImageFeatures, TextFeatures
 
 SEP = "|"
+# What must agree between two records of one backbone (a base model's MethodDims): the same id with other weights,
+# preprocessing or sizes means another version of it.
+PART_FIELDS = ("weights_hash", "preprocess_id", "image_dim", "text_dim", "num_image_tokens", "max_text_tokens")
+
+
+class CompositeError(CirfusionError, ValueError):
+    """Records of one backbone that disagree (base models trained on different versions of it)."""
 
 
 @dataclass(frozen=True)
@@ -98,6 +106,37 @@ def composite_fields(parts: Sequence[Any]) -> dict[str, Any]:
     }
 
 
+def feature_parts(dims: Sequence[Any]) -> tuple[list[Any], list[int]] | None:
+    """For models on more than one backbone (``dims``: each model's :class:`~cirfusion.methods.base.MethodDims`, or
+    anything with the backbone attributes): ``(parts, part_of)``, the distinct backbones' records in order of first
+    appearance and each model's index into them; ``None`` when every model reads one backbone."""
+    parts: list[Any] = []
+    part_of: list[int] = []
+    for d in dims:
+        ids = [p.backbone_id for p in parts]
+        bid = d.backbone_id
+        if bid in ids:
+            p = parts[ids.index(bid)]
+            for f in PART_FIELDS:
+                if getattr(p, f) != getattr(d, f):
+                    raise CompositeError(f"base models on backbone {bid!r} disagree on its {f} ({getattr(p, f)!r} vs "
+                                         f"{getattr(d, f)!r}): they were trained on different versions of it")
+            part_of.append(ids.index(bid))
+        else:
+            parts.append(d)
+            part_of.append(len(parts) - 1)
+    return (parts, part_of) if len(parts) > 1 else None
+
+
+def fusion_backbone(backbones: Sequence[Backbone]) -> Backbone:
+    """The one backbone a fused model over base models on ``backbones`` (one per base, instances) reads: the shared
+    one, or a ``multi:`` composite of the distinct ones in order of first appearance."""
+    distinct: dict[str, Backbone] = {}
+    for b in backbones:
+        distinct.setdefault(b.backbone_id, b)
+    return backbones[0] if len(distinct) == 1 else MultiBackbone(list(distinct.values()))
+
+
 class MultiBackbone(Backbone):
     def __init__(self, parts: Sequence[Backbone]) -> None:
         super().__init__()
@@ -110,6 +149,7 @@ class MultiBackbone(Backbone):
             if SEP in i or i.startswith("multi:"):
                 raise ValueError(f"multi backbone: part id {i!r} cannot contain {SEP!r} or be a multi backbone itself")
         self.parts = nn.ModuleList(parts)
+        self._parts: list[Backbone] = list(parts)  # the same modules, typed (iterating a ModuleList gives Modules)
         fields = composite_fields(parts)
         self._weights_hash, self._preprocess_id = fields.pop("weights_hash"), fields.pop("preprocess_id")
         for k, v in fields.items():  # backbone_id and the dimensions
@@ -117,7 +157,7 @@ class MultiBackbone(Backbone):
         self.aligned = False  # the concatenated global spaces are not one space
         # Each part's pixel tensor shape, to split the concatenated preprocess output back.
         probe = Image.new("RGB", (64, 48))
-        self._pixel_shapes = [tuple(p.preprocess(probe).shape) for p in parts]
+        self._pixel_shapes = [tuple(p.preprocess(probe).shape) for p in self._parts]
         self.eval()
         for p in self.parameters():
             p.requires_grad_(False)
@@ -129,10 +169,10 @@ class MultiBackbone(Backbone):
         return self._preprocess_id
 
     def text_preprocess_id(self) -> str:
-        return "multi[" + SEP.join(p.text_preprocess_id() for p in self.parts) + "]"
+        return "multi[" + SEP.join(p.text_preprocess_id() for p in self._parts) + "]"
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        return torch.cat([p.preprocess(image).reshape(-1) for p in self.parts])
+        return torch.cat([p.preprocess(image).reshape(-1) for p in self._parts])
 
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
         if pixels.dim() != 2:
@@ -140,7 +180,7 @@ class MultiBackbone(Backbone):
         sizes = [math.prod(s) for s in self._pixel_shapes]
         if pixels.shape[1] != sum(sizes):
             raise ValueError(f"multi backbone: expected {sum(sizes)} values per image, got {pixels.shape[1]}")
-        feats = [p.encode_image(x.reshape(-1, *s)) for p, x, s in zip(self.parts, pixels.split(sizes, dim=1), self._pixel_shapes)]
+        feats = [p.encode_image(x.reshape(-1, *s)) for p, x, s in zip(self._parts, pixels.split(sizes, dim=1), self._pixel_shapes, strict=True)]
         d = self.image_token_dim
         return ImageFeatures(global_=torch.cat([f.global_ for f in feats], 1),
                              tokens=torch.cat([F.pad(f.tokens, (0, d - f.tokens.shape[2])) for f in feats], 1))
@@ -148,10 +188,10 @@ class MultiBackbone(Backbone):
     def encode_text(self, texts: list[str]) -> TextFeatures:
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of strings")
-        feats = [p.encode_text(texts) for p in self.parts]
+        feats = [p.encode_text(texts) for p in self._parts]
         d = self.text_token_dim
         toks, masks = [], []
-        for p, f in zip(self.parts, feats):
+        for p, f in zip(self._parts, feats, strict=True):
             pad_l = p.max_text_tokens - f.tokens.shape[1]  # every part padded to its own maximum: fixed offsets
             toks.append(F.pad(f.tokens, (0, d - f.tokens.shape[2], 0, pad_l)))
             masks.append(F.pad(f.mask, (0, pad_l), value=False))
@@ -169,4 +209,5 @@ def create_multi(location: str, **kw: Any) -> MultiBackbone:
     return MultiBackbone([create_backbone(i) for i in ids])
 
 
-__all__ = ["MultiBackbone", "PartSlice", "composite_fields", "create_multi", "multi_id", "part_slices"]
+__all__ = ["CompositeError", "MultiBackbone", "PartSlice", "composite_fields", "create_multi", "feature_parts",
+           "fusion_backbone", "multi_id", "part_slices"]

@@ -15,13 +15,15 @@ A re-run reuses the generated benchmarks and the feature cache and retrains (sam
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+import time
 from pathlib import Path
+
+from ..quickstart import POOL, QuickstartConfig, format_results, parse_pool_backbones, run_quickstart
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from ..quickstart import POOL, QuickstartConfig
-
     d = QuickstartConfig()
     p = sub.add_parser("quickstart", help="build the embedded benchmarks, train the pool and DAFM, write a report",
                        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
@@ -53,15 +55,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    import time
-
-    from ..quickstart import (
-        QuickstartConfig,
-        format_results,
-        parse_pool_backbones,
-        run_quickstart,
-    )
-
     methods = tuple(m.strip() for m in args.methods.split(",") if m.strip())
     try:
         pool_backbones = parse_pool_backbones(args.pool_backbone, methods)
@@ -79,8 +72,6 @@ def run(args: argparse.Namespace) -> int:
     except KeyError as exc:  # unknown method name
         print(f"cirfusion quickstart: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
         return 2
-    import json
-
     results = json.loads((Path(args.out) / "results.json").read_text(encoding="utf-8"))
     print()
     print(format_results(results))

@@ -1,9 +1,10 @@
 """DAFM: Dynamic Adaptive Fusion of K >= 2 frozen CIR models (arXiv 2511.05020) as a method like any other.
 
-The fused model keeps its base models and a tiny :class:`~cirfusion.fusion.FusionNet` (about 1-2 k parameters):
+The fused model keeps its base models and a tiny :class:`~cirfusion.fusion.network.FusionNet` (about 1-2 k
+parameters):
 
 - ``encode_query(ref, text)`` -> ``{"q": (q_1, ..., q_K), "fp": [B]}``: every base model's query embedding, plus the
-  reference image's fingerprint (for the reference exclusion, see :mod:`cirfusion.fusion`);
+  reference image's fingerprint (for the reference exclusion, see :mod:`cirfusion.fusion.tables`);
 - base models may read different backbones (as DAFM's pool does: CLIP, BLIP, BLIP-2): the fused model then reads a
   ``multi:ID1|ID2`` backbone (:mod:`cirfusion.backbones.multi`), the parts side by side, and gives each base its part;
 - ``encode_gallery(img)``     -> ``{"g": (g_1, ..., g_K), "fp": [N]}``;
@@ -11,7 +12,8 @@ The fused model keeps its base models and a tiny :class:`~cirfusion.fusion.Fusio
   normalised per query, fused by the network. Tiles keep every block under ``BLOCK_ELEMS`` elements.
 
 So ``cirfusion eval``, ``cirfusion.load`` and everything built on the method contract work on a fused checkpoint.
-It is trained by ``cirfusion fuse`` (:func:`cirfusion.fusion.fit`, full-gallery InfoNCE with the dynamic temperature);
+It is trained by ``cirfusion fuse`` (:func:`cirfusion.fusion.fit.fit`, InfoNCE over the gallery with the dynamic
+temperature);
 the generic in-batch loss (``loss``, used by the shared training loop) also works and trains only the fusion network.
 
 Checkpoint layout (safetensors + JSON, no pickle)::
@@ -24,18 +26,37 @@ Checkpoint layout (safetensors + JSON, no pickle)::
 The base models are not registered sub-modules: they are frozen, never in ``parameters()``, and their weights live in
 their own sub-directories (written and read through the ``save_components`` / ``load_components`` hooks of
 :mod:`cirfusion.checkpoint`).
+
+This module owns inference and imports only the fusion package's kernels and network (never its fitting, which builds
+this class through the method registry): no import cycle.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from safetensors.torch import load_file
 
 from ..backbones.base import ImageFeatures, TextFeatures
+from ..backbones.multi import PartSlice, composite_fields, feature_parts, part_slices
+from ..checkpoint import MODEL_FILE, CheckpointError, load_state_strict, read_config, write_checkpoint_files
+from ..embeddings import rows_of
+from ..fusion.kernels import (
+    SCORE_DTYPES,
+    Normalised,
+    base_scores,
+    block_rows,
+    image_fingerprint,
+    normalise_scores,
+    single_thread_if_small,
+    storage_dtype,
+    uses_default_similarity,
+)
+from ..fusion.network import FusionNet
 from .base import CIRMethod, MethodDims, Stage
 from .registry import create_method, register_method
 
@@ -67,6 +88,12 @@ def _normalise_specs(specs: Sequence[Mapping[str, Any]], dims: MethodDims) -> li
     return out
 
 
+def composite_dims(parts: Sequence[Any]) -> MethodDims:
+    """The :class:`MethodDims` of the ``multi:`` backbone over ``parts`` (what
+    :class:`~cirfusion.backbones.multi.MultiBackbone` reports, computed without building it)."""
+    return MethodDims(**composite_fields(parts), aligned=False)
+
+
 def _check_same_features(dims: MethodDims, other: MethodDims, what: str) -> None:
     for f in ("backbone_id", "weights_hash", "preprocess_id", "image_dim", "text_dim", "num_image_tokens", "max_text_tokens"):
         if getattr(dims, f) != getattr(other, f):
@@ -80,7 +107,7 @@ class DAFM(CIRMethod):
     """Dynamic Adaptive Fusion of K >= 2 frozen CIR models: per-query normalised scores, query-aware model weights,
     residual 1x1-convolution refinement (see cirfusion.fusion)."""
 
-    default_hparams = {
+    default_hparams: ClassVar[dict[str, Any]] = {
         # Base models: [{"method", "hparams", "dims", "name", "dataset", "source"}]. The default (two fresh models)
         # only makes `create_method("dafm", dims)` work; `cirfusion fuse` / `DAFM.from_bases` set trained ones.
         "bases": [{"method": "image-only"}, {"method": "clip4cir"}],
@@ -99,10 +126,10 @@ class DAFM(CIRMethod):
         "score_dtype": "float16",
     }
 
+    tau: torch.Tensor  # the temperature (a buffer: saved with the fusion network)
+
     def __init__(self, dims: MethodDims, _bases: Sequence[CIRMethod] | None = None, **hparams: Any) -> None:
         super().__init__(dims, **hparams)
-        from ..fusion import FusionNet
-
         specs = _normalise_specs(self.hparams["bases"], dims)
         if _bases is None:
             bases = [create_method(s["method"], MethodDims.from_dict(s["dims"]), **s["hparams"]) for s in specs]
@@ -111,20 +138,17 @@ class DAFM(CIRMethod):
             if len(bases) != len(specs):
                 raise ValueError(f"dafm: {len(bases)} base models given for {len(specs)} specs")
         # Bases on several backbones: the fused model reads their multi: composite and hands each base its part.
-        from ..backbones.multi import part_slices
-        from ..fusion import composite_dims, feature_parts
-
-        fp = feature_parts(bases)
-        self._cut: list[Any] | None = None
+        fp = feature_parts([b.dims for b in bases])
+        self._cut: list[PartSlice] | None = None
         if fp is None:
-            for b, s in zip(bases, specs):
+            for b, s in zip(bases, specs, strict=True):
                 _check_same_features(dims, b.dims, f"base {s['name']!r}")
         else:
             parts, part_of = fp
             _check_same_features(dims, composite_dims(parts), "its base models together")
             sl = part_slices(parts)
             self._cut = [sl[i] for i in part_of]
-        for b, s in zip(bases, specs):
+        for b, s in zip(bases, specs, strict=True):
             s["hparams"] = dict(b.hparams)  # every hyper-parameter, defaults included: reload rebuilds exactly
             s["dims"] = b.dims.to_dict()
             if b.method_name and b.method_name != s["method"]:
@@ -138,8 +162,6 @@ class DAFM(CIRMethod):
         self.uses_image_tokens = any(b.uses_image_tokens for b in bases)
         self.uses_text_tokens = any(b.uses_text_tokens for b in bases)
         h = self.hparams
-        from ..fusion import SCORE_DTYPES
-
         if h["score_dtype"] not in SCORE_DTYPES:
             raise ValueError(f"dafm: score_dtype must be one of {sorted(SCORE_DTYPES)}, got {h['score_dtype']!r}")
         self.score_dtype: torch.dtype = SCORE_DTYPES[h["score_dtype"]]
@@ -160,9 +182,7 @@ class DAFM(CIRMethod):
             specs.append({"name": (names[i] if names else None) or b.method_name or f"model{i}",
                           "method": b.method_name or type(b).__name__, "dataset": info.get("dataset"),
                           "source": info.get("source")})
-        from ..fusion import composite_dims, feature_parts
-
-        fp = feature_parts(bases)
+        fp = feature_parts([b.dims for b in bases])
         return cls(bases[0].dims if fp is None else composite_dims(fp[0]), _bases=bases, bases=specs, **hparams)
 
     @property
@@ -191,40 +211,30 @@ class DAFM(CIRMethod):
 
     # ---- the contract -----------------------------------------------------------------------------------------------
     def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> dict[str, Any]:
-        from ..fusion import image_fingerprint
-
         with torch.no_grad():
             q = tuple(b.encode_query(ref, text) if c is None else b.encode_query(c.image(ref), c.text(text))
-                      for b, c in zip(self._bases, self._cuts()))
+                      for b, c in zip(self._bases, self._cuts(), strict=True))
             return {"q": q, "fp": image_fingerprint(ref.global_)}
 
-    def _cuts(self) -> list[Any]:
+    def _cuts(self) -> list[PartSlice | None]:
         """Per base, the slice of the (multi: backbone's) features it reads, or None for all of them."""
-        return self._cut if self._cut is not None else [None] * len(self._bases)
+        if self._cut is None:
+            return [None] * len(self._bases)
+        return list(self._cut)
 
     def encode_gallery(self, img: ImageFeatures) -> dict[str, Any]:
         """Default-similarity models' gallery embeddings are stored in ``score_dtype`` (what scoring reads)."""
-        from ..fusion import image_fingerprint, storage_dtype, uses_default_similarity
-
         with torch.no_grad():
             g = []
-            for b, c in zip(self._bases, self._cuts()):
+            for b, c in zip(self._bases, self._cuts(), strict=True):
                 e = b.encode_gallery(img if c is None else c.image(img))
                 if isinstance(e, torch.Tensor) and uses_default_similarity(b):
                     e = e.to(storage_dtype(self.score_dtype))
                 g.append(e)
             return {"g": tuple(g), "fp": image_fingerprint(img.global_)}
 
-    def _tiles(self, q: Mapping[str, Any], g: Mapping[str, Any]):
-        """Yield (normalised scores) for tiles of queries."""
-        from ..embeddings import rows_of
-        from ..fusion import (
-            base_scores,
-            block_rows,
-            normalise_scores,
-            single_thread_if_small,
-        )
-
+    def _tiles(self, q: Mapping[str, Any], g: Mapping[str, Any]) -> Iterator[Normalised]:
+        """Yield the normalised scores of each tile of queries."""
         if len(q["q"]) != self.num_models or len(g["g"]) != self.num_models:
             raise ValueError(f"dafm: embeddings hold {len(q['q'])}/{len(g['g'])} models, the fused model {self.num_models}")
         b, n = int(q["fp"].shape[0]), int(g["fp"].shape[0])
@@ -239,8 +249,6 @@ class DAFM(CIRMethod):
             yield norm
 
     def similarity(self, q: Any, g: Any) -> torch.Tensor:
-        from ..fusion import single_thread_if_small
-
         out = []
         for norm in self._tiles(q, g):
             with single_thread_if_small(norm.z.numel()):
@@ -268,25 +276,14 @@ class DAFM(CIRMethod):
     def save_components(self, directory: str | Path) -> None:
         """Write each base model's checkpoint into ``directory/bases/NN-NAME`` (called by the checkpoint writer inside
         its temporary directory, so the whole fused checkpoint appears atomically)."""
-        from ..checkpoint import write_checkpoint_files
-
-        for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases):
+        for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases, strict=True):
             d = Path(directory) / sub
             d.mkdir(parents=True, exist_ok=True)
             write_checkpoint_files(b, d, dataset=s.get("dataset"), extra={"dafm_base": s["name"], "source": s.get("source")})
 
     def load_components(self, directory: str | Path) -> None:
         """Load each base model's weights from its sub-directory; its config must match the fused model's record."""
-        from safetensors.torch import load_file
-
-        from ..checkpoint import (
-            MODEL_FILE,
-            CheckpointError,
-            load_state_strict,
-            read_config,
-        )
-
-        for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases):
+        for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases, strict=True):
             d = Path(directory) / sub
             cfg = read_config(d)
             if cfg["method"] != s["method"] or cfg["hparams"] != s["hparams"] or cfg["dims"] != s["dims"]:
