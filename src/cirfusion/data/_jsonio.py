@@ -6,9 +6,11 @@ Nothing here opens an image: loaders only read annotation files, so ``data stats
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +55,9 @@ def read_json(path: Path, what: str = "annotation file") -> Any:
         raise DataError(path, f"line {exc.lineno}", f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
     except _DuplicateKey as exc:
         raise DataError(path, exc.key, "duplicate key in a JSON object (duplicate id?)") from None
+    except RecursionError:
+        raise DataError(path, None, "JSON nested too deeply to read (arrays or objects inside each other "
+                        "thousands of levels deep)") from None
 
 
 def read_jsonl(path: Path, what: str = "annotation file") -> list[tuple[int, dict[str, Any]]]:
@@ -71,6 +76,8 @@ def read_jsonl(path: Path, what: str = "annotation file") -> list[tuple[int, dic
             raise DataError(path, f"line {lineno}", f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
         except _DuplicateKey as exc:
             raise DataError(path, f"line {lineno}", f"duplicate key {exc.key!r} in the JSON object") from None
+        except RecursionError:
+            raise DataError(path, f"line {lineno}", "JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise DataError(path, f"line {lineno}", f"expected a JSON object, got {type(obj).__name__}")
         out.append((lineno, obj))
@@ -232,8 +239,11 @@ def resolve_dir(root: Path, d: str | Path) -> Path:
 
 
 def safe_relpath(base: Path, rel: str, path: Path, entry: Any) -> Path:
-    """Join a relative path from an annotation file onto ``base``; absolute paths and ``..`` are refused so an
-    annotation file cannot point outside its dataset folder."""
+    """Join a relative path from an annotation file onto ``base`` (the dataset's image folder): the one place where
+    image paths are checked. Absolute paths and ``..`` are refused, and so is a symlink inside ``base`` whose
+    target lies outside it, so an annotation file cannot point outside its dataset folder. (Links at or above
+    ``base`` itself are the user's own layout and are followed. A dangling link or a loop is reported by
+    :func:`cirfusion.data.images.load_image` when the image is opened; loaders do not need images.)"""
     if not isinstance(rel, str) or not rel.strip():
         raise DataError(path, entry, f"image path must be a non-empty string, got {rel!r}")
     r = rel.replace("\\", "/")
@@ -241,7 +251,49 @@ def safe_relpath(base: Path, rel: str, path: Path, entry: Any) -> Path:
     if r.startswith("/") or _DRIVE.match(r) or ".." in parts:
         raise DataError(path, entry, f"image path {rel!r} must be relative and stay inside the dataset folder")
     # one string join and one Path parse: galleries reach 10^5 images (CIRCO) and pathlib is slow per call
-    return Path(os.path.join(base, *parts))
+    joined = os.path.join(base, *parts)
+    outside = _leaves(str(base), parts)
+    if outside is not None:
+        raise DataError(path, entry, f"image path {rel!r} is a symlink to {outside}, outside the dataset folder {base}; "
+                        "links may not leave it (point the image folder itself at the real location instead)")
+    return Path(joined)
+
+
+def _leaves(base: str, parts: list[str]) -> str | None:
+    """Where ``base/parts...`` really leads when a symlink below ``base`` takes it outside ``base``, else None.
+
+    One ``lstat`` for the file, and folders are checked once each (cached): loading CIRCO's 123k paths stays
+    cheap. A missing file is fine here (loaders work without images)."""
+    for i in range(1, len(parts)):
+        real = _dir_outside(base, "/".join(parts[:i]))
+        if real is not None:
+            return real
+    target = os.path.join(base, *parts)
+    try:
+        if not stat.S_ISLNK(os.lstat(target).st_mode):
+            return None
+    except OSError:
+        return None
+    real = os.path.realpath(target)
+    return None if _inside(real, _real_base(base)) else real
+
+
+@functools.lru_cache(maxsize=4096)
+def _real_base(base: str) -> str:
+    return os.path.realpath(base)
+
+
+@functools.lru_cache(maxsize=65536)
+def _dir_outside(base: str, rel_dir: str) -> str | None:
+    d = os.path.join(base, rel_dir)
+    if not os.path.islink(d):  # its parents are checked on their own
+        return None
+    real = os.path.realpath(d)
+    return None if _inside(real, _real_base(base)) else real
+
+
+def _inside(real: str, real_base: str) -> bool:
+    return real == real_base or real.startswith(real_base.rstrip(os.sep) + os.sep)
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")

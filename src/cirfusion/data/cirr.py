@@ -185,7 +185,7 @@ def load_cirr(root: Path, split: str, *, version: str = "rc2", image_dir: str | 
     use_ext = ext_path.is_file() if captions_ext is None else bool(captions_ext)
     if use_ext:
         ext = _read_ext(ext_path, by_pairid)
-        for pairid, row in zip(by_pairid, rows):
+        for pairid, row in zip(by_pairid, rows, strict=True):
             row["meta"]["caption_extend"] = ext[pairid]
             row["captions"] += tuple(t for t in ext[pairid] if t.strip() and not _EXT_MARKER.match(t))
     queries = [Query(**row) for row in rows]

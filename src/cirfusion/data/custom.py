@@ -58,8 +58,10 @@ def _gallery_from_folder(folder: Path) -> Gallery:
         rel = p.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        if p.is_file():
-            found.append((rel.with_suffix("").as_posix(), p))
+        # a symlink is kept even when dangling, so that opening it says so instead of the image vanishing
+        if p.is_file() or p.is_symlink():
+            image_id = rel.with_suffix("").as_posix()
+            found.append((image_id, safe_relpath(folder, rel.as_posix(), folder, image_id)))
     found.sort(key=lambda t: t[1].relative_to(folder).as_posix())
     seen: dict[str, Path] = {}
     for image_id, p in found:

@@ -38,6 +38,7 @@ from ._jsonio import (
     is_test_split,
     read_json,
     resolve_dir,
+    safe_relpath,
     str_list_field,
 )
 from .registry import register_dataset
@@ -69,7 +70,7 @@ def fiq_gallery(ids: list[str], root: Path, image_dir: str | Path, ext: str, sou
     base = resolve_dir(Path(root), image_dir)
     if ext and not ext.startswith("."):
         ext = "." + ext
-    return Gallery(ids, [base / f"{i}{ext}" for i in ids], source=source)
+    return Gallery(ids, [safe_relpath(base, f"{i}{ext}", source, repr(i)) for i in ids], source=source)
 
 
 def resolve_missing(needed: list[tuple[str, str, str]], split_ids: list[str], split_path: Path, ann_path: Path,

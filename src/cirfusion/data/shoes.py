@@ -38,6 +38,7 @@ from ._jsonio import (
     read_json,
     read_name_list,
     resolve_dir,
+    safe_relpath,
     str_field,
 )
 from .registry import register_dataset
@@ -95,7 +96,7 @@ def load_shoes(root: Path, split: str, *, image_dir: str | Path = "images", stra
 
     base = resolve_dir(root, image_dir)
     gal_names = names[mine]
-    gallery = Gallery(gal_names, [base / n for n in gal_names], source=list_paths[mine])
+    gallery = Gallery(gal_names, [safe_relpath(base, n, list_paths[mine], repr(n)) for n in gal_names], source=list_paths[mine])
     meta: dict[str, Any] = {
         "pairs_total": len(raw),
         "pairs_in_other_split": other,
