@@ -1,21 +1,21 @@
-"""`cirfusion search INDEX|CHECKPOINT --image REF --text "..." -k 10`: the k gallery images that best match a
+"""cirfusion search INDEX|CHECKPOINT --image REF --text "..." -k 10: the k gallery images that best match a
 reference image modified by a text, best first.
 
 TARGET is either
 
-- an index directory (from `cirfusion index build`): the query is encoded with the checkpoint recorded in the
-  index (``--checkpoint DIR`` overrides the location, e.g. after moving it; it must be the very same checkpoint:
+- an index directory (from cirfusion index build): the query is encoded with the checkpoint recorded in the
+  index (--checkpoint DIR overrides the location, e.g. after moving it; it must be the very same checkpoint:
   same files, same backbone) and searched in the index; or
-- a checkpoint directory: then name the gallery with ``--images DIR`` (every image file under DIR; id = relative
-  path without suffix) or ``--dataset D --root DIR --split S``. The whole gallery is scored through the model
+- a checkpoint directory: then name the gallery with --images DIR (every image file under DIR; id = relative
+  path without suffix) or --dataset D --root DIR --split S. The whole gallery is scored through the model
   (gallery features come from the feature cache, so repeated searches only encode the query). This works for
   every method, including fused (DAFM) checkpoints that cannot be indexed. For methods with the default cosine /
   max-sim similarity, scores are computed exactly as by an exact index (float64 accumulation), so the two give the
   same ranking and scores.
 
-The reference image itself is left out of the results when it is in the gallery (same file, or ``--image`` given
-as a gallery id instead of a path); ``--keep-reference`` keeps it. Fewer than k lines are printed when the gallery
-is smaller. Each output line: rank, score, id, path; ``--json`` prints a JSON list of {rank, score, id, path}.
+The reference image itself is left out of the results when it is in the gallery (same file, or --image given
+as a gallery id instead of a path); --keep-reference keeps it. Fewer than k lines are printed when the gallery
+is smaller. Each output line: rank, score, id, path; --json prints a JSON list of {rank, score, id, path}.
 """
 
 from __future__ import annotations

@@ -98,7 +98,7 @@ def read_image_bytes(path: str | os.PathLike[str], max_bytes: int = MAX_IMAGE_BY
     check_image_file(path, max_bytes)
     try:
         with open(path, "rb") as f:
-            _open_checked(f, path, max_pixels).close()  # header only: format and size
+            _open_checked(f, path, max_pixels)  # header only: format and size (closing it would close f)
             f.seek(0)
             data = f.read(max_bytes + 1)  # the file may have grown since the stat
     except ImageLoadError:
