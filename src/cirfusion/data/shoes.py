@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ._jsonio import (
+    ImagePaths,
     entry_name,
     expect_list,
     expect_object,
@@ -38,7 +39,6 @@ from ._jsonio import (
     read_json,
     read_name_list,
     resolve_dir,
-    safe_relpath,
     str_field,
 )
 from .registry import register_dataset
@@ -94,9 +94,9 @@ def load_shoes(root: Path, split: str, *, image_dir: str | Path = "images", stra
         self_pairs += ref == tgt
         queries.append(Query(qid=f"shoes-{i}", reference=ref, text=text, targets=(tgt,), captions=(text,)))
 
-    base = resolve_dir(root, image_dir)
+    joiner = ImagePaths(resolve_dir(root, image_dir), list_paths[mine])
     gal_names = names[mine]
-    gallery = Gallery(gal_names, [safe_relpath(base, n, list_paths[mine], repr(n)) for n in gal_names], source=list_paths[mine])
+    gallery = Gallery(gal_names, [joiner.join(n, repr(n)) for n in gal_names], source=list_paths[mine])
     meta: dict[str, Any] = {
         "pairs_total": len(raw),
         "pairs_in_other_split": other,
