@@ -268,7 +268,7 @@ def test_cirr_synthetic_train_shape(tmp_path):
     # captions_ext is optional: missing file -> plain captions; required -> error
     (tmp_path / "captions_ext" / "cap.ext.rc2.train.json").unlink()
     assert cirr.load_cirr(tmp_path, "train").queries[0].captions == ("edit 100 of set 0.",)
-    with pytest.raises(DataError, match="cap.ext.rc2.train.json.*not found"):
+    with pytest.raises(DataError, match=r"cap\.ext\.rc2\.train\.json.*not found"):
         cirr.load_cirr(tmp_path, "train", captions_ext=True)
 
 
@@ -788,7 +788,7 @@ def test_custom_gallery_json_errors(tmp_path):
     with pytest.raises(DataError, match=r"gallery.json \[entry a\]: image path '/etc/passwd' must be relative"):
         custom.load_custom(tmp_path, "train")
     _wjson(tmp_path / "gallery.json", ["a.jpg"])
-    with pytest.raises(DataError, match="gallery.json: expected the gallery file to be a JSON object"):
+    with pytest.raises(DataError, match=r"gallery\.json: expected the gallery file to be a JSON object"):
         custom.load_custom(tmp_path, "train")
     (tmp_path / "gallery.json").unlink()
     with pytest.raises(DataError, match="image folder not found"):

@@ -15,6 +15,7 @@ the scores of ``cirfusion eval`` on the same images.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,22 @@ from typing import Any
 import torch
 from PIL import Image
 
+from .backbones import create_backbone
 from .backbones.base import Backbone, ImageFeatures, TextFeatures
 from .checkpoint import CheckpointError, load_checkpoint, read_config
-from .embeddings import Embedding, cat_embeddings
+from .data.images import load_image
+from .embeddings import Embedding, cat_embeddings, embedding_len
+from .errors import CirfusionError
 from .methods.base import CIRMethod
 
-ImageLike = Image.Image | str | Path
+# A file path, the bytes of an image file, or a PIL image: all go through data.images.load_image (EXIF rotation,
+# alpha on white, 16-bit/float rescaling, size and aspect limits).
+ImageLike = Image.Image | str | Path | bytes
+
+
+class CIRInputError(CirfusionError, ValueError, TypeError):
+    """A bad argument to the Python API (no images, no text, k < 1, ...); the message says which and why.
+    Both a ValueError and a TypeError, as the errors these checks replace were one or the other."""
 
 
 class CIRModel:
@@ -62,8 +73,6 @@ class CIRModel:
         if self._backbone is None:
             if not self.backbone_id:
                 raise CheckpointError(f"{self.path}: the checkpoint names no backbone; pass backbone= to cirfusion.load")
-            from .backbones import create_backbone
-
             bb = create_backbone(self.backbone_id)
             self._check_backbone(bb)
             self._backbone = bb.eval()
@@ -72,20 +81,18 @@ class CIRModel:
     # ---- features ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def image_features(self, images: Sequence[ImageLike], batch_size: int = 32) -> ImageFeatures:
-        from .data.images import load_image
-
+        images = _image_list(images, "image_features")
         bb = self.backbone
         parts = []
         for s in range(0, len(images), batch_size):
-            pix = [bb.preprocess(im if isinstance(im, Image.Image) else load_image(im)) for im in images[s : s + batch_size]]
+            pix = [bb.preprocess(load_image(im)) for im in images[s : s + batch_size]]
             f = bb.encode_image(torch.stack(pix))
             parts.append(ImageFeatures(global_=_fp16(f.global_), tokens=_fp16(f.tokens)))
         return ImageFeatures(global_=torch.cat([p.global_ for p in parts]), tokens=torch.cat([p.tokens for p in parts]))
 
     @torch.no_grad()
     def text_features(self, texts: Sequence[str]) -> TextFeatures:
-        if isinstance(texts, str):
-            raise TypeError("text_features takes a list of strings")
+        texts = _text_list(texts, "text_features")
         bb = self.backbone
         f = bb.encode_text(list(texts))
         n, length = f.mask.shape
@@ -98,12 +105,14 @@ class CIRModel:
     # ---- embeddings and scores ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode_query(self, images: Sequence[ImageLike], texts: Sequence[str]) -> Embedding:
+        images, texts = _image_list(images, "encode_query"), _text_list(texts, "encode_query")
         if len(images) != len(texts):
-            raise ValueError(f"encode_query: {len(images)} reference images but {len(texts)} texts")
+            raise CIRInputError(f"encode_query: {len(images)} reference images but {len(texts)} texts")
         return self.method.encode_query(self.image_features(images), self.text_features(texts))
 
     @torch.no_grad()
     def encode_gallery(self, images: Sequence[ImageLike], batch_size: int = 64) -> Embedding:
+        images = _image_list(images, "encode_gallery", "the gallery is empty: give at least one image")
         return cat_embeddings([self.method.encode_gallery(self.image_features(images[s : s + batch_size]))
                                for s in range(0, len(images), batch_size)])
 
@@ -114,11 +123,42 @@ class CIRModel:
     def rank(self, image: ImageLike, text: str, gallery: Sequence[ImageLike] | Embedding, k: int = 10) -> list[tuple[int, float]]:
         """The ``k`` best gallery positions for one query, best first, as ``(index, score)``. ``gallery`` is a list
         of images or an embedding from :meth:`encode_gallery` (encode once, rank many)."""
-        is_images = isinstance(gallery, (list, tuple)) and len(gallery) > 0 and isinstance(gallery[0], (Image.Image, str, Path))
-        g = self.encode_gallery(gallery) if is_images else gallery
+        if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
+            raise CIRInputError(f"rank: k must be a positive integer, got {k!r}")
+        if not isinstance(text, str):
+            raise CIRInputError(f"rank: text must be a string (the modification text), got {type(text).__name__}")
+        if isinstance(gallery, (list, tuple)) and all(isinstance(x, (Image.Image, str, Path, bytes)) for x in gallery):
+            g = self.encode_gallery(gallery)  # an empty list is refused there
+        else:
+            g = gallery
+            if embedding_len(g) == 0:
+                raise CIRInputError("rank: the gallery embedding has no rows")
         s = self.similarity(self.encode_query([image], [text]), g)[0]
-        top = torch.topk(s, min(k, s.shape[0]))
-        return [(int(i), float(v)) for v, i in zip(top.values, top.indices)]
+        top = torch.topk(s, min(int(k), s.shape[0]))
+        return [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+
+
+def _image_list(images: Sequence[ImageLike], where: str, empty: str = "no images given") -> list[ImageLike]:
+    """``images`` as a list, refusing a lone image (a string would be read as a list of characters) and none."""
+    if images is None or isinstance(images, (str, Path, bytes, Image.Image)):
+        raise CIRInputError(f"{where}: expected a list of images, got {type(images).__name__}")
+    out = list(images)
+    if not out:
+        raise CIRInputError(f"{where}: {empty}")
+    return out
+
+
+def _text_list(texts: Sequence[str], where: str) -> list[str]:
+    """``texts`` as a non-empty list of strings: a lone string or a None among them is a clear error."""
+    if texts is None or isinstance(texts, str):
+        raise CIRInputError(f"{where}: expected a list of strings, got {type(texts).__name__}")
+    out = list(texts)
+    if not out:
+        raise CIRInputError(f"{where}: no texts given")
+    bad = next((i for i, t in enumerate(out) if not isinstance(t, str)), None)
+    if bad is not None:
+        raise CIRInputError(f"{where}: text #{bad} is {type(out[bad]).__name__}, not a string")
+    return out
 
 
 def _fp16(x: torch.Tensor) -> torch.Tensor:

@@ -1,21 +1,21 @@
-"""`cirfusion search INDEX|CHECKPOINT --image REF --text "..." -k 10`: the k gallery images that best match a
+"""cirfusion search INDEX|CHECKPOINT --image REF --text "..." -k 10: the k gallery images that best match a
 reference image modified by a text, best first.
 
 TARGET is either
 
-- an index directory (from `cirfusion index build`): the query is encoded with the checkpoint recorded in the
-  index (``--checkpoint DIR`` overrides the location, e.g. after moving it; it must be the very same checkpoint:
+- an index directory (from cirfusion index build): the query is encoded with the checkpoint recorded in the
+  index (--checkpoint DIR overrides the location, e.g. after moving it; it must be the very same checkpoint:
   same files, same backbone) and searched in the index; or
-- a checkpoint directory: then name the gallery with ``--images DIR`` (every image file under DIR; id = relative
-  path without suffix) or ``--dataset D --root DIR --split S``. The whole gallery is scored through the model
+- a checkpoint directory: then name the gallery with --images DIR (every image file under DIR; id = relative
+  path without suffix) or --dataset D --root DIR --split S. The whole gallery is scored through the model
   (gallery features come from the feature cache, so repeated searches only encode the query). This works for
   every method, including fused (DAFM) checkpoints that cannot be indexed. For methods with the default cosine /
   max-sim similarity, scores are computed exactly as by an exact index (float64 accumulation), so the two give the
   same ranking and scores.
 
-The reference image itself is left out of the results when it is in the gallery (same file, or ``--image`` given
-as a gallery id instead of a path); ``--keep-reference`` keeps it. Fewer than k lines are printed when the gallery
-is smaller. Each output line: rank, score, id, path; ``--json`` prints a JSON list of {rank, score, id, path}.
+The reference image itself is left out of the results when it is in the gallery (same file, or --image given
+as a gallery id instead of a path); --keep-reference keeps it. Fewer than k lines are printed when the gallery
+is smaller. Each output line: rank, score, id, path; --json prints a JSON list of {rank, score, id, path}.
 """
 
 from __future__ import annotations
@@ -28,6 +28,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from ..data.images import ImageLoadError, load_image
+from ..index import META_FILE, CIRIndexError, brute_force_search, load_index
 from .index import (
     META_CREATOR,
     CommandError,
@@ -85,7 +89,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import torch
+    import torch  # lazy: keeps `cirfusion --help` free of torch
 
     if args.k < 1:
         raise CommandError(f"-k must be a positive integer, got {args.k}")
@@ -107,9 +111,8 @@ def _search(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def resolve_reference(ref: str, ids: Sequence[str], paths: Sequence[Path | None]) -> tuple["Image.Image", str | None]:
     """Load the reference image (a file, or a gallery id when no such file exists) and find its gallery id:
-    the gallery image with the same file (after resolving links) or the id given."""
-    from ..data.images import ImageLoadError, load_image
-
+    the gallery image with the same file (after resolving links) or the id given. The file goes through
+    data.images.load_image, the one safe loader (byte, pixel and aspect limits; clear errors)."""
     p = Path(ref)
     row_of = {name: i for i, name in enumerate(ids)}
     ref_id: str | None = None
@@ -122,7 +125,7 @@ def resolve_reference(ref: str, ids: Sequence[str], paths: Sequence[Path | None]
         raise CommandError(f"reference image {exc}{hint}") from None
     if ref_id is None:
         real = os.path.normcase(os.path.realpath(p))
-        for name, gp in zip(ids, paths):
+        for name, gp in zip(ids, paths, strict=True):
             if gp is not None and os.path.normcase(os.path.realpath(gp)) == real:
                 ref_id = name
                 break
@@ -140,7 +143,7 @@ def _exclusion(ref_id: str | None, n: int, k: int, keep: bool) -> tuple[list[lis
 
 def _results(scores: Any, got: Sequence[str], path_of: dict[str, Any]) -> list[dict[str, Any]]:
     return [{"rank": r + 1, "score": float(s), "id": name, "path": None if path_of.get(name) is None else str(path_of[name])}
-            for r, (s, name) in enumerate(zip(scores, got))]
+            for r, (s, name) in enumerate(zip(scores, got, strict=True))]
 
 
 def _query(model: "CIRModel", image: "Image.Image", text: str) -> Any:
@@ -152,9 +155,7 @@ def _query(model: "CIRModel", image: "Image.Image", text: str) -> Any:
 
 
 def _search_index(args: argparse.Namespace, target: Path) -> list[dict[str, Any]]:
-    import torch
-
-    from ..index import META_FILE, CIRIndexError, load_index
+    import torch  # lazy: keeps `cirfusion --help` free of torch
 
     if has_gallery_args(args):
         raise CommandError(f"{target} is an index: its gallery is fixed (--images/--dataset/--root/--split apply to a "
@@ -167,7 +168,7 @@ def _search_index(args: argparse.Namespace, target: Path) -> list[dict[str, Any]
     except CIRIndexError as exc:
         raise CommandError(str(exc)) from None
     meta, meta_path = index.meta, target / META_FILE
-    rec = meta.get("checkpoint") if isinstance(meta.get("checkpoint"), dict) else {}
+    rec: dict[str, Any] = meta["checkpoint"] if isinstance(meta.get("checkpoint"), dict) else {}
     if args.checkpoint is not None:
         ckpt = Path(args.checkpoint)
     elif rec.get("path"):
@@ -194,12 +195,12 @@ def _search_index(args: argparse.Namespace, target: Path) -> list[dict[str, Any]
         scores, got = index.search(q.float().numpy(), k, exclude=exclude)
     except CIRIndexError as exc:
         raise CommandError(f"{target}: {exc}") from None
-    return _results(scores[0], got[0], dict(zip(index.ids, path_list)))
+    return _results(scores[0], got[0], dict(zip(index.ids, path_list, strict=True)))
 
 
 def _check_same_model(model: "CIRModel", ckpt: Path, meta: dict[str, Any], rec: dict[str, Any], target: Path) -> None:
     """The checkpoint must be the one the index was built with: same backbone, same files."""
-    bb = meta.get("backbone") if isinstance(meta.get("backbone"), dict) else {}
+    bb: dict[str, Any] = meta["backbone"] if isinstance(meta.get("backbone"), dict) else {}
     want_id, want_hash = bb.get("id"), bb.get("weights_hash")
     have_hash = (model.config.get("backbone") or {}).get("weights_hash") or model.method.dims.weights_hash
     if (want_id and want_id != model.backbone_id) or (want_hash and have_hash and want_hash != have_hash):
@@ -221,10 +222,7 @@ def _check_same_model(model: "CIRModel", ckpt: Path, meta: dict[str, Any], rec: 
 
 
 def _search_checkpoint(args: argparse.Namespace, target: Path) -> list[dict[str, Any]]:
-    import numpy as np
-    import torch
-
-    from ..index import CIRIndexError, brute_force_search
+    import torch  # lazy: keeps `cirfusion --help` free of torch
 
     if args.checkpoint is not None or args.nprobe is not None or args.ef_search is not None:
         raise CommandError(f"{target} is a checkpoint: --checkpoint, --nprobe and --ef-search apply to an index TARGET")
@@ -237,7 +235,7 @@ def _search_checkpoint(args: argparse.Namespace, target: Path) -> list[dict[str,
     exclude, k = _exclusion(ref_id, len(ids), args.k, args.keep_reference)
     g = gallery_embedding(model, args, ids, paths)
     q = _query(model, image, args.text)
-    path_of = dict(zip(ids, paths))
+    path_of = dict(zip(ids, paths, strict=True))
     if indexable(model) and isinstance(q, torch.Tensor) and isinstance(g, torch.Tensor):
         # The default similarity is the max-max inner product: score it exactly like an exact index does.
         try:

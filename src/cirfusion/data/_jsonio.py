@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import stat
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -53,6 +54,9 @@ def read_json(path: Path, what: str = "annotation file") -> Any:
         raise DataError(path, f"line {exc.lineno}", f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
     except _DuplicateKey as exc:
         raise DataError(path, exc.key, "duplicate key in a JSON object (duplicate id?)") from None
+    except RecursionError:
+        raise DataError(path, None, "JSON nested too deeply to read (arrays or objects inside each other "
+                        "thousands of levels deep)") from None
 
 
 def read_jsonl(path: Path, what: str = "annotation file") -> list[tuple[int, dict[str, Any]]]:
@@ -71,6 +75,8 @@ def read_jsonl(path: Path, what: str = "annotation file") -> list[tuple[int, dic
             raise DataError(path, f"line {lineno}", f"invalid JSON: {exc.msg} (column {exc.colno})") from exc
         except _DuplicateKey as exc:
             raise DataError(path, f"line {lineno}", f"duplicate key {exc.key!r} in the JSON object") from None
+        except RecursionError:
+            raise DataError(path, f"line {lineno}", "JSON nested too deeply to read") from None
         if not isinstance(obj, dict):
             raise DataError(path, f"line {lineno}", f"expected a JSON object, got {type(obj).__name__}")
         out.append((lineno, obj))
@@ -232,16 +238,67 @@ def resolve_dir(root: Path, d: str | Path) -> Path:
 
 
 def safe_relpath(base: Path, rel: str, path: Path, entry: Any) -> Path:
-    """Join a relative path from an annotation file onto ``base``; absolute paths and ``..`` are refused so an
-    annotation file cannot point outside its dataset folder."""
-    if not isinstance(rel, str) or not rel.strip():
-        raise DataError(path, entry, f"image path must be a non-empty string, got {rel!r}")
-    r = rel.replace("\\", "/")
-    parts = [p for p in r.split("/") if p not in ("", ".")]
-    if r.startswith("/") or _DRIVE.match(r) or ".." in parts:
-        raise DataError(path, entry, f"image path {rel!r} must be relative and stay inside the dataset folder")
-    # one string join and one Path parse: galleries reach 10^5 images (CIRCO) and pathlib is slow per call
-    return Path(os.path.join(base, *parts))
+    """One image path checked and joined; see :class:`ImagePaths` (use one of those for a whole gallery)."""
+    return ImagePaths(base, path).join(rel, entry)
+
+
+class ImagePaths:
+    """Joins the relative image paths of one annotation file (``source``) onto ``base``, the dataset's image
+    folder: the one place where image paths are checked.
+
+    Absolute paths and ``..`` are refused, and so is a symlink inside ``base`` whose target lies outside it, so an
+    annotation file cannot point outside its dataset folder. Links at or above ``base`` itself are the user's own
+    layout and are followed. A missing file is fine here, as loaders do not need images; a dangling link or a
+    loop is reported by data.images.load_image when the image is opened.
+
+    Cost: one ``lstat`` per image; each folder is checked once per object (one loader call), so CIRCO's 123k
+    paths stay cheap and a link changed between two loads is seen by the next one.
+    """
+
+    def __init__(self, base: Path, source: Path | None) -> None:
+        self.base = Path(base)
+        self.source = source
+        self._base = str(base)
+        self._real_base: str | None = None
+        self._dirs: dict[str, str | None] = {}  # folder below base -> where it leads when that is outside
+
+    def join(self, rel: str, entry: Any) -> Path:
+        if not isinstance(rel, str) or not rel.strip():
+            raise DataError(self.source, entry, f"image path must be a non-empty string, got {rel!r}")
+        r = rel.replace("\\", "/")
+        parts = [p for p in r.split("/") if p not in ("", ".")]
+        if r.startswith("/") or _DRIVE.match(r) or ".." in parts:
+            raise DataError(self.source, entry, f"image path {rel!r} must be relative and stay inside the dataset folder")
+        # one string join and one Path parse: galleries reach 10^5 images (CIRCO) and pathlib is slow per call
+        joined = os.path.join(self._base, *parts)
+        outside = self._leaves(joined, parts)
+        if outside is not None:
+            raise DataError(self.source, entry, f"image path {rel!r} is a symlink to {outside}, outside the dataset "
+                            f"folder {self.base}; links may not leave it (point the image folder itself at the real "
+                            "location instead)")
+        return Path(joined)
+
+    def _leaves(self, joined: str, parts: list[str]) -> str | None:
+        """Where ``joined`` really leads when a symlink below ``base`` takes it outside ``base``, else None."""
+        for i in range(1, len(parts)):
+            d = "/".join(parts[:i])
+            if d not in self._dirs:
+                self._dirs[d] = self._outside(os.path.join(self._base, d))
+            if self._dirs[d] is not None:
+                return self._dirs[d]
+        return self._outside(joined)
+
+    def _outside(self, p: str) -> str | None:
+        try:
+            if not stat.S_ISLNK(os.lstat(p).st_mode):
+                return None  # a plain entry; its folders are checked on their own
+        except OSError:
+            return None
+        if self._real_base is None:
+            self._real_base = os.path.realpath(self._base)
+        real = os.path.realpath(p)
+        inside = real == self._real_base or real.startswith(self._real_base.rstrip(os.sep) + os.sep)
+        return None if inside else real
 
 
 _DRIVE = re.compile(r"^[A-Za-z]:")

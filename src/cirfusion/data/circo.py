@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._jsonio import (
+    ImagePaths,
     entry_name,
     expect_list,
     expect_object,
@@ -40,7 +41,6 @@ from ._jsonio import (
     is_test_split,
     read_json,
     resolve_dir,
-    safe_relpath,
     str_field,
     str_list_field,
 )
@@ -77,6 +77,7 @@ def read_circo_gallery(info_path: Path, image_base: Path) -> Gallery:
     data = read_json(info_path, "CIRCO image-info file")
     ids: list[str] = []
     paths: list[Path] = []
+    joiner = ImagePaths(image_base, info_path)
     if isinstance(data, dict):
         images = expect_list(get_field(data, "images", info_path, None), info_path)
         for i, im in enumerate(images):
@@ -88,7 +89,7 @@ def read_circo_gallery(info_path: Path, image_base: Path) -> Gallery:
                 fn = str_field(im, "file_name", info_path, entry_name(i, id=image_id))
                 assert fn is not None
             ids.append(image_id)
-            paths.append(safe_relpath(image_base, fn, info_path, f"#{i} (id {image_id})"))
+            paths.append(joiner.join(fn, f"#{i} (id {image_id})"))
     elif isinstance(data, list):
         for i, v in enumerate(data):
             ids.append(_coco_id(v, "image id", info_path, entry_name(i)))

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from ._jsonio import (
+    ImagePaths,
     entry_name,
     expect_list,
     expect_object,
@@ -44,7 +45,6 @@ from ._jsonio import (
     is_test_split,
     read_json,
     resolve_dir,
-    safe_relpath,
     str_field,
 )
 from .registry import register_dataset
@@ -62,14 +62,14 @@ def read_cirr_split(root: Path, split: str, version: str = "rc2", image_dir: str
     """The gallery of a CIRR split: ``split.{version}.{split}.json`` in key order, paths under ``root/image_dir``."""
     path = split_file(root, split, version)
     data = expect_object(read_json(path, "CIRR image split file"), path, what="the split file")
-    base = resolve_dir(Path(root), image_dir)
+    joiner = ImagePaths(resolve_dir(Path(root), image_dir), path)
     ids: list[str] = []
     paths: list[Path] = []
     for image_id, rel in data.items():
         if not image_id.strip():
             raise DataError(path, repr(image_id), "empty image id")
         ids.append(image_id)
-        paths.append(safe_relpath(base, rel, path, image_id))
+        paths.append(joiner.join(rel, image_id))
     return Gallery(ids, paths, source=path), path
 
 
@@ -185,7 +185,7 @@ def load_cirr(root: Path, split: str, *, version: str = "rc2", image_dir: str | 
     use_ext = ext_path.is_file() if captions_ext is None else bool(captions_ext)
     if use_ext:
         ext = _read_ext(ext_path, by_pairid)
-        for pairid, row in zip(by_pairid, rows):
+        for pairid, row in zip(by_pairid, rows, strict=True):
             row["meta"]["caption_extend"] = ext[pairid]
             row["captions"] += tuple(t for t in ext[pairid] if t.strip() and not _EXT_MARKER.match(t))
     queries = [Query(**row) for row in rows]

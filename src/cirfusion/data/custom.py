@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ._jsonio import (
+    ImagePaths,
     expect_object,
     get_field,
     id_field,
@@ -27,7 +28,6 @@ from ._jsonio import (
     read_json,
     read_jsonl,
     resolve_dir,
-    safe_relpath,
     str_field,
     str_list_field,
 )
@@ -42,11 +42,12 @@ QUERY_FIELDS = ("qid", "reference", "text", "targets", "captions", "finemt", "su
 def _gallery_from_json(path: Path, root: Path) -> Gallery:
     data = expect_object(read_json(path, "gallery file"), path, what="the gallery file")
     ids, paths = [], []
+    joiner = ImagePaths(root, path)
     for image_id, rel in data.items():
         if not image_id.strip():
             raise DataError(path, repr(image_id), "empty image id")
         ids.append(image_id)
-        paths.append(safe_relpath(root, rel, path, image_id))
+        paths.append(joiner.join(rel, image_id))
     return Gallery(ids, paths, source=path)
 
 
@@ -54,12 +55,15 @@ def _gallery_from_folder(folder: Path) -> Gallery:
     if not folder.is_dir():
         raise DataError(folder, None, "image folder not found (and no gallery.json names the images)")
     found: list[tuple[str, Path]] = []
+    joiner = ImagePaths(folder, folder)
     for p in folder.rglob("*"):
         rel = p.relative_to(folder)
         if any(part.startswith(".") for part in rel.parts) or p.suffix.lower() not in IMAGE_SUFFIXES:
             continue
-        if p.is_file():
-            found.append((rel.with_suffix("").as_posix(), p))
+        # a symlink is kept even when dangling, so that opening it says so instead of the image vanishing
+        if p.is_file() or p.is_symlink():
+            image_id = rel.with_suffix("").as_posix()
+            found.append((image_id, joiner.join(rel.as_posix(), image_id)))
     found.sort(key=lambda t: t[1].relative_to(folder).as_posix())
     seen: dict[str, Path] = {}
     for image_id, p in found:

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ._jsonio import (
+    ImagePaths,
     entry_name,
     expect_list,
     expect_object,
@@ -69,7 +70,8 @@ def fiq_gallery(ids: list[str], root: Path, image_dir: str | Path, ext: str, sou
     base = resolve_dir(Path(root), image_dir)
     if ext and not ext.startswith("."):
         ext = "." + ext
-    return Gallery(ids, [base / f"{i}{ext}" for i in ids], source=source)
+    joiner = ImagePaths(base, source)
+    return Gallery(ids, [joiner.join(f"{i}{ext}", repr(i)) for i in ids], source=source)
 
 
 def resolve_missing(needed: list[tuple[str, str, str]], split_ids: list[str], split_path: Path, ann_path: Path,

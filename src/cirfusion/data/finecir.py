@@ -31,6 +31,7 @@ Conventions:
 
 from __future__ import annotations
 
+import itertools
 import re
 from pathlib import Path
 from typing import Any
@@ -69,8 +70,8 @@ def _split_inline_enumeration(line: str) -> list[str]:
             expected += 1
     if len(cuts) < 2:
         return [line]
-    bounds = [0] + cuts + [len(line)]
-    return [line[a:b] for a, b in zip(bounds, bounds[1:]) if line[a:b].strip()]
+    bounds = [0, *cuts, len(line)]
+    return [line[a:b] for a, b in itertools.pairwise(bounds) if line[a:b].strip()]
 
 
 def parse_finemt(value: Any, path: Path | None = None, entry: Any = None) -> tuple[str, ...]:

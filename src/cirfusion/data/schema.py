@@ -166,7 +166,7 @@ class Gallery:
         return self.paths[self.index(image_id)]
 
     def items(self) -> Iterable[tuple[str, Path]]:
-        return zip(self.ids, self.paths)
+        return zip(self.ids, self.paths, strict=True)
 
 
 # How a dataset turns a query's captions into a training text.

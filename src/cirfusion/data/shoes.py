@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from ._jsonio import (
+    ImagePaths,
     entry_name,
     expect_list,
     expect_object,
@@ -93,9 +94,9 @@ def load_shoes(root: Path, split: str, *, image_dir: str | Path = "images", stra
         self_pairs += ref == tgt
         queries.append(Query(qid=f"shoes-{i}", reference=ref, text=text, targets=(tgt,), captions=(text,)))
 
-    base = resolve_dir(root, image_dir)
+    joiner = ImagePaths(resolve_dir(root, image_dir), list_paths[mine])
     gal_names = names[mine]
-    gallery = Gallery(gal_names, [base / n for n in gal_names], source=list_paths[mine])
+    gallery = Gallery(gal_names, [joiner.join(n, repr(n)) for n in gal_names], source=list_paths[mine])
     meta: dict[str, Any] = {
         "pairs_total": len(raw),
         "pairs_in_other_split": other,
