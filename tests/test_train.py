@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
+from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.evaluation import evaluate, score_blocks
 from cirfusion.examples import Examples, reference_neighbours, shard_batches
@@ -557,7 +557,7 @@ def test_cli_eval_writes_a_cirr_test_submission(tmp_path, capsys):
             for q in range(8)]
     (root / "captions" / "cap.rc2.test1.json").write_text(json.dumps(caps))
     ck = tmp_path / "ck"
-    create_method("image-only", create_backbone("tiny")).save(ck)
+    save_checkpoint(create_method("image-only", create_backbone("tiny")), ck)
     out = tmp_path / "subs"
     rc = main(["eval", str(ck), "--dataset", "cirr", "--root", str(root), "--split", "test1", "--cache-dir",
                str(tmp_path / "cache"), "--submission-dir", str(out), "--no-progress", "--json"])
