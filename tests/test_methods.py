@@ -166,7 +166,7 @@ def test_a_method_that_cannot_use_hard_negatives_is_refused(tmp_path):
         assert "test-no-hard-negatives" in list_methods(trainable=True)
         tr, va = make_toy(tmp_path, files=False)
         m = create_method("test-no-hard-negatives", toy_dims(), embed_dim=16, projection_dim=16, hidden_dim=16)
-        with pytest.raises(HardNegativesUnsupported, match="test-no-hard-negatives.*--hard-negatives"):
+        with pytest.raises(HardNegativesUnsupported, match=r"test-no-hard-negatives.*--hard-negatives"):
             train(m, tr, va, tmp_path / "run", TrainConfig(epochs=1, hard_negatives=2, **FAST))
         assert not (tmp_path / "run").exists()
     finally:
@@ -226,10 +226,49 @@ def test_old_checkpoint_hparams_still_load(name, tmp_path):
     assert loaded.params == m.params and loaded.hparams == m.hparams
 
 
+def test_train_list_is_generated_from_the_dataclasses():
+    """`cirfusion train --list`: every method, and every field of its Params dataclass with type, default and help."""
+    from dataclasses import MISSING, fields
+
+    from cirfusion.commands.train import list_methods_text
+    from cirfusion.methods import get_method_class
+
+    text = list_methods_text()
+    lines = text.splitlines()
+    heads = [i for i, line in enumerate(lines) if not line.startswith(" ")]
+    blocks = {lines[i].split(":")[0].split(" ")[0]: lines[i + 1 : j] for i, j in zip(heads, [*heads[1:], len(lines)], strict=True)}
+    assert sorted(blocks) == list_methods()
+    for name, block in blocks.items():
+        cls = get_method_class(name)
+        if cls.default_hparams:  # not yet converted (DAFM): its dict, one line per entry
+            assert len(block) == len(cls.default_hparams)
+            continue
+        params = fields(cls.Params)
+        assert len(block) == len(params), name
+        for f, line in zip(params, block, strict=True):
+            assert f.metadata["help"], f"{name}.{f.name} has no help"
+            default = f.default if f.default is not MISSING else f.default_factory()
+            assert line == f"    {f.name} ({f.type}) = {json.dumps(default)}: {f.metadata['help']}"
+    assert "    embed_dim (int) = 256: D when a learned projection is used" in text
+    assert "    bi_weight (float) = 0.3:" in "\n".join(blocks["blip4cir-bi"])
+    assert "image-only (no parameters): Rank the gallery by similarity to the reference image" in text
+    assert "``" not in text and ":func:" not in text
+
+
+def test_train_help_has_no_sphinx_markup():
+    from cirfusion.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    text = sub.choices["train"].format_help()
+    assert "--overwrite" in text and "--hparam" in text
+    assert "``" not in text and ":func:" not in text and ":class:" not in text
+
+
 def test_registry_errors():
     with pytest.raises(KeyError, match="unknown method 'nope'"):
         create_method("nope", toy_dims())
-    with pytest.raises(ValueError, match="unknown hyper-parameter.*embed_dimm"):
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter.*embed_dimm"):
         create_method("clip4cir", toy_dims(), embed_dimm=3)
     with pytest.raises(ValueError, match="registered twice"):
         register_method("clip4cir")(type("Other", (CIRMethod,), {}))
@@ -348,7 +387,7 @@ def test_checkpoint_key_mismatch_is_an_error(tmp_path):
         load_checkpoint(tmp_path / "ck")
     cfg["hparams"] = {"bogus": 1}
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="cannot rebuild.*bogus"):
+    with pytest.raises(CheckpointError, match=r"cannot rebuild.*bogus"):
         load_checkpoint(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="not a cirfusion checkpoint"):
         read_config(tmp_path)
