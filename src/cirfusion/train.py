@@ -182,11 +182,11 @@ def train(
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
     check_trainable(method, cfg)
+    rank, world, own_group = distributed_context()
     if resume:
         load_state(run_dir / "last")  # nothing to resume: say so before creating anything
-    else:
+    elif rank == 0:  # (only rank 0 writes: the other ranks may start after it has begun)
         check_fresh(run_dir, overwrite)  # refuses a non-empty directory, or one with files a run does not write
-    rank, world, own_group = distributed_context()
     with RunLock(run_dir) if rank == 0 else nullcontext():
         if rank == 0 and not resume:
             clear_run_dir(run_dir)  # under the lock: never another live run's files
