@@ -277,6 +277,42 @@ def test_killed_before_the_first_save(tmp_path, monkeypatch):
     assert [r["global_step"] for r in records if r["type"] == "step"] == list(range(1, 25))
 
 
+KILLED_CHILD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+import cirfusion.train as T
+from test_train import FAST, make_toy, new_clip4cir
+
+def stall(*args, **kwargs):  # the first save never finishes: the parent kills us here
+    print("saving", flush=True)
+    time.sleep(120)
+
+T.save_state = stall
+tr, va = make_toy(T.Path(sys.argv[2]) / "data", files=False)
+T.train(new_clip4cir(), tr, va, T.Path(sys.argv[2]) / "run", T.TrainConfig(epochs=2, **FAST))
+"""
+
+
+def test_kill_9_before_the_first_save_then_resume(tmp_path):
+    """The real thing: a training process killed with SIGKILL before its first save. Its lock dies with it, and
+    --resume says there is nothing to resume (no traceback, no half-state)."""
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(Path(__file__).parent), str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "saving"
+    finally:
+        child.kill()  # SIGKILL
+        child.wait()
+    run = tmp_path / "run"
+    assert (run / "manifest.json").is_file() and not (run / "last").exists()
+    check_unlocked(run)  # the kernel released the dead process's lock
+    tr, va = make_toy(tmp_path / "data", files=False)
+    with pytest.raises(NothingToResume, match="nothing to resume"):
+        train(new_clip4cir(), tr, va, run, TrainConfig(epochs=2, **FAST), resume=True)
+
+
 def test_overwrite_removes_only_a_runs_own_files(tmp_path):
     run = tmp_path / "run"
     (run / "best").mkdir(parents=True)
