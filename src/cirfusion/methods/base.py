@@ -24,9 +24,9 @@ embeddings as opaque (a tensor, or a tuple/list/dict of tensors, see :mod:`cirfu
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar, overload
 
 import numpy as np
 import torch
@@ -207,9 +207,17 @@ class HardNegativesUnsupported(CirfusionError, ValueError):
     """Training with mined hard negatives was asked of a method whose losses cannot use them."""
 
 
-def hparam(default: Any = MISSING, help: str = "", factory: Any = None) -> Any:
+T = TypeVar("T")
+
+
+@overload
+def hparam(default: T, help: str) -> T: ...
+@overload
+def hparam(*, help: str, factory: Callable[[], T]) -> T: ...
+def hparam(default: Any = MISSING, help: str = "", factory: Callable[[], Any] | None = None) -> Any:
     """A hyper-parameter field: its default (or a ``factory`` for a mutable one) and a one-line help, which
-    ``cirfusion train --list`` prints next to the name, type and default."""
+    ``cirfusion train --list`` prints next to the name, type and default. Typed as the default, so a field whose
+    annotation disagrees with its default is a type error."""
     if factory is not None:
         return field(default_factory=factory, metadata={"help": help})
     return field(default=default, metadata={"help": help})
