@@ -68,5 +68,6 @@ def test_two_process_gloo_training(tmp_path):
     assert sum(r["type"] == "step" for r in records) == 12
     last = load_file(str(run / "last" / "model.safetensors"))
     assert all(torch.equal(last[k], w0[k]) for k in w0)
+    assert (run / "train.lock").is_file()  # taken by rank 0 alone (a second holder would have failed the run)
     # no temporary directories left by concurrent writers
     assert not [p.name for p in run.iterdir() if p.name.startswith(".")]

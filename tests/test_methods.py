@@ -15,7 +15,10 @@ from cirfusion.backbones.base import ImageFeatures, TextFeatures
 from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from cirfusion.examples import Examples
 from cirfusion.methods import (
+    METHODS,
     CIRMethod,
+    HardNegativesUnsupported,
+    HyperParameterError,
     MethodDims,
     Stage,
     TokenEncoder,
@@ -25,9 +28,11 @@ from cirfusion.methods import (
     register_method,
     stage_parameters,
 )
+from cirfusion.methods.clip4cir import CLIP4CIR, Clip4CirParams
 from cirfusion.seeding import seed_everything
+from cirfusion.train import TrainConfig, train
 from cirfusion.views import FeatureView
-from test_train import make_toy, toy_dims
+from test_train import FAST, make_toy, toy_dims
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,10 +124,151 @@ def test_every_trainable_method_loss_goes_down(name, tmp_path):
         assert last < 0.7 * first, f"{name}/{stage.name}: loss {first:.3f} -> {last:.3f}"
 
 
+@pytest.mark.parametrize("name", list_methods(trainable=True))
+def test_every_trainable_method_uses_mined_hard_negatives(name, tmp_path):
+    """--hard-negatives must change what a method trains on: each stage's loss differs with the mined negatives in
+    the batch (the same batch without them gives the same loss twice, so the difference is theirs), or the method
+    says it cannot use them and training refuses before it starts."""
+    tr, va = make_toy(tmp_path, files=False)
+    m = build(name, toy_dims())
+    view = FeatureView(tr.images, tr.texts)
+    ex = Examples(tr, view, hard_negatives=4, pool=8)
+    order, targets, texts = ex.epoch_plan(0, 0, 0)
+    neg = ex.epoch_negatives(0, 0, 0)
+    plain = ex.batch(order[:16], targets, texts, m)
+    hard = ex.batch(order[:16], targets, texts, m, neg)
+    assert plain.negatives is None and hard.negative_rows is not None and len(hard.negative_rows) >= 4
+    if not m.supports_hard_negatives:
+        with pytest.raises(HardNegativesUnsupported, match=name):
+            train(m, tr, va, tmp_path / "run", TrainConfig(epochs=1, hard_negatives=4, **FAST))
+        assert not (tmp_path / "run").exists()
+        return
+    m.eval()  # no dropout: the same batch gives the same loss
+    with torch.no_grad():
+        for stage in m.stages():
+            loss_fn = getattr(m, stage.loss)
+            without = float(loss_fn(plain)[0])
+            assert float(loss_fn(plain)[0]) == without
+            with_negatives = float(loss_fn(hard)[0])
+            assert abs(with_negatives - without) > 1e-4 * max(1.0, abs(without)), \
+                f"{name}/{stage.name}: loss {without:.6f} unchanged by hard negatives ({with_negatives:.6f})"
+
+
+def test_a_method_that_cannot_use_hard_negatives_is_refused(tmp_path):
+    """A method declaring supports_hard_negatives=False is refused before anything is written; the registry-wide
+    test above picks such a method up (it is in list_methods(trainable=True) while registered)."""
+
+    class NoHard(CLIP4CIR):
+        supports_hard_negatives = False
+
+    register_method("test-no-hard-negatives")(NoHard)
+    try:
+        assert "test-no-hard-negatives" in list_methods(trainable=True)
+        tr, va = make_toy(tmp_path, files=False)
+        m = create_method("test-no-hard-negatives", toy_dims(), embed_dim=16, projection_dim=16, hidden_dim=16)
+        with pytest.raises(HardNegativesUnsupported, match=r"test-no-hard-negatives.*--hard-negatives"):
+            train(m, tr, va, tmp_path / "run", TrainConfig(epochs=1, hard_negatives=2, **FAST))
+        assert not (tmp_path / "run").exists()
+    finally:
+        METHODS.unregister("test-no-hard-negatives")
+    assert "test-no-hard-negatives" not in list_methods()
+
+
+def test_typed_hyper_parameters():
+    dims = toy_dims()
+    m = create_method("clip4cir", dims, embed_dim=16, dropout=0, image_encoder="global")
+    assert isinstance(m.params, Clip4CirParams) and m.params.embed_dim == 16 and m.image_proj.out_features == 16
+    assert m.params.dropout == 0.0 and isinstance(m.params.dropout, float)  # an int is a valid float
+    assert m.hparams == {**Clip4CirParams().__dict__, "embed_dim": 16, "dropout": 0.0, "image_encoder": "global"}
+    m.hparams["embed_dim"] = 3  # a copy: the model's hyper-parameters are its params
+    assert m.params.embed_dim == 16
+    for bad, match in [({"embed_dim": "big"}, "'embed_dim' must be int"), ({"hidden_dim": 64.5}, "'hidden_dim' must be int"),
+                       ({"dropout": "0.1"}, "'dropout' must be float"), ({"image_encoder": "pixels"}, "image_encoder")]:
+        with pytest.raises(HyperParameterError, match=match) as err:
+            create_method("clip4cir", dims, **bad)
+        assert "valid options: dropout (float), embed_dim (int)" in str(err.value)
+    with pytest.raises(HyperParameterError, match=r"unknown hyper-parameter\(s\) \['bogus'\]; accepted: .*embed_dim"):
+        create_method("tg-cir", dims, bogus=1)
+    with pytest.raises(HyperParameterError, match="accepted: none"):
+        create_method("image-only", dims, embed_dim=3)  # a method without hyper-parameters takes none
+
+
+# The hyper-parameters config.json files held before they were dataclasses (cirfusion 0.1.0's default_hparams):
+# checkpoints written then must load unchanged.
+OLD_DEFAULTS = {
+    "clip4cir": {"embed_dim": 256, "projection_dim": 512, "hidden_dim": 1024, "dropout": 0.5, "image_encoder": "tokens",
+                 "project": "auto", "token_width": 128, "token_layers": 0, "token_heads": 4, "token_queries": 1,
+                 "token_dropout": 0.1, "logit_scale_init": 20.0},
+    "blip4cir": {"embed_dim": 256, "width": 128, "layers": 2, "heads": 4, "dropout": 0.1, "token_layers": 0,
+                 "token_queries": 1, "bi_weight": 0.0, "logit_scale_init": 20.0},
+    "tg-cir": {"embed_dim": 256, "width": 128, "hidden_dim": 256, "heads": 4, "dropout": 0.1, "token_layers": 0,
+               "token_queries": 1, "teacher_weight": 1.0, "kd_weight": 1.0, "kd_temperature": 2.0, "gate_weight": 1.0,
+               "logit_scale_init": 20.0},
+    "sprc": {"embed_dim": 256, "width": 128, "layers": 2, "heads": 4, "num_queries": 6, "dropout": 0.1,
+             "align_weight": 0.5, "logit_scale_init": 20.0},
+    "image-only": {},
+}
+OLD_DEFAULTS["blip4cir-bi"] = {**OLD_DEFAULTS["blip4cir"], "bi_weight": 0.3}
+
+
+@pytest.mark.parametrize("name", sorted(OLD_DEFAULTS))
+def test_old_checkpoint_hparams_still_load(name, tmp_path):
+    dims = toy_dims()
+    m = create_method(name, dims)
+    assert m.hparams == OLD_DEFAULTS[name]  # the same names and defaults as before
+    save_checkpoint(m, tmp_path / "ck")
+    cfg_path = tmp_path / "ck" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    # as older writers produced it: whole floats written as ints by hand-edited or other JSON tools
+    cfg["hparams"] = {k: (int(v) if isinstance(v, float) and v.is_integer() else v) for k, v in OLD_DEFAULTS[name].items()}
+    cfg_path.write_text(json.dumps(cfg))
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.params == m.params and loaded.hparams == m.hparams
+
+
+def test_train_list_is_generated_from_the_dataclasses():
+    """`cirfusion train --list`: every method, and every field of its Params dataclass with type, default and help."""
+    from dataclasses import MISSING, fields
+
+    from cirfusion.commands.train import list_methods_text
+    from cirfusion.methods import get_method_class
+
+    text = list_methods_text()
+    lines = text.splitlines()
+    heads = [i for i, line in enumerate(lines) if not line.startswith(" ")]
+    blocks = {lines[i].split(":")[0].split(" ")[0]: lines[i + 1 : j] for i, j in zip(heads, [*heads[1:], len(lines)], strict=True)}
+    assert sorted(blocks) == list_methods()
+    for name, block in blocks.items():
+        cls = get_method_class(name)
+        if cls.default_hparams:  # not yet converted (DAFM): its dict, one line per entry
+            assert len(block) == len(cls.default_hparams)
+            continue
+        params = fields(cls.Params)
+        assert len(block) == len(params), name
+        for f, line in zip(params, block, strict=True):
+            assert f.metadata["help"], f"{name}.{f.name} has no help"
+            default = f.default if f.default is not MISSING else f.default_factory()
+            assert line == f"    {f.name} ({f.type}) = {json.dumps(default)}: {f.metadata['help']}"
+    assert "    embed_dim (int) = 256: D when a learned projection is used" in text
+    assert "    bi_weight (float) = 0.3:" in "\n".join(blocks["blip4cir-bi"])
+    assert "image-only (no parameters): Rank the gallery by similarity to the reference image" in text
+    assert "``" not in text and ":func:" not in text
+
+
+def test_train_help_has_no_sphinx_markup():
+    from cirfusion.cli import build_parser
+
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    text = sub.choices["train"].format_help()
+    assert "--overwrite" in text and "--hparam" in text
+    assert "``" not in text and ":func:" not in text and ":class:" not in text
+
+
 def test_registry_errors():
     with pytest.raises(KeyError, match="unknown method 'nope'"):
         create_method("nope", toy_dims())
-    with pytest.raises(ValueError, match="unknown hyper-parameter.*embed_dimm"):
+    with pytest.raises(ValueError, match=r"unknown hyper-parameter.*embed_dimm"):
         create_method("clip4cir", toy_dims(), embed_dimm=3)
     with pytest.raises(ValueError, match="registered twice"):
         register_method("clip4cir")(type("Other", (CIRMethod,), {}))
@@ -241,7 +387,7 @@ def test_checkpoint_key_mismatch_is_an_error(tmp_path):
         load_checkpoint(tmp_path / "ck")
     cfg["hparams"] = {"bogus": 1}
     cfg_path.write_text(json.dumps(cfg))
-    with pytest.raises(CheckpointError, match="cannot rebuild.*bogus"):
+    with pytest.raises(CheckpointError, match=r"cannot rebuild.*bogus"):
         load_checkpoint(tmp_path / "ck")
     with pytest.raises(CheckpointError, match="not a cirfusion checkpoint"):
         read_config(tmp_path)
@@ -259,11 +405,8 @@ def test_checkpoint_config_contents(tmp_path):
     assert cfg["backbone"] == {"id": "toy", "weights_hash": "toyhash", "preprocess_id": "none"}
     assert cfg["dataset"] == "toy/train" and cfg["extra"] == {"note": 1}
     assert cfg["num_parameters"] == sum(p.numel() for p in m.parameters())
-    assert CIRMethod.load(tmp_path / "ck").hparams == m.hparams
-    from cirfusion.methods.baselines import ImageOnly
-
-    with pytest.raises(TypeError, match="holds method 'clip4cir'"):
-        ImageOnly.load(tmp_path / "ck")
+    loaded = load_checkpoint(tmp_path / "ck")
+    assert loaded.hparams == m.hparams and loaded.params == m.params and isinstance(loaded.params, Clip4CirParams)
 
 
 def test_api_load_with_a_real_backbone(tmp_path):

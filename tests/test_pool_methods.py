@@ -91,11 +91,14 @@ def small(name: str, dims: MethodDims | None = None, **hp) -> torch.nn.Module:
 
 def test_pool_is_registered_and_picked_up_by_the_registry_wide_test():
     assert set(POOL) <= set(list_methods(trainable=True))
-    # tests/test_methods.py parametrizes over list_methods(): forward+backward, loss goes down, save -> load.
+    # tests/test_methods.py parametrizes over list_methods(): forward+backward, loss goes down, hard negatives used,
+    # save -> load.
     import test_methods
 
-    marks = {m.name: m for m in test_methods.test_every_trainable_method_loss_goes_down.pytestmark}
-    assert set(POOL) <= set(marks["parametrize"].args[1])
+    for test in (test_methods.test_every_trainable_method_loss_goes_down,
+                 test_methods.test_every_trainable_method_uses_mined_hard_negatives):
+        marks = {m.name: m for m in test.pytestmark}
+        assert set(POOL) <= set(marks["parametrize"].args[1]), test.__name__
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
+import subprocess
+import sys
+import warnings
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,8 +20,10 @@ import numpy as np
 import pytest
 import torch
 
-from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
+from cirfusion import train as train_module
+from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from cirfusion.data.schema import CIRDataset, Gallery, Query
+from cirfusion.errors import CirfusionError
 from cirfusion.evaluation import evaluate, score_blocks
 from cirfusion.examples import Examples, reference_neighbours, shard_batches
 from cirfusion.io import recover_directory
@@ -25,8 +31,18 @@ from cirfusion.methods import MethodDims, Stage, create_method
 from cirfusion.methods.clip4cir import CLIP4CIR
 from cirfusion.metrics import evaluate_scores
 from cirfusion.optim import lr_at
+from cirfusion.rundir import (
+    LOCK_FILE,
+    RunDirError,
+    RunLock,
+    check_fresh,
+    check_unlocked,
+    clear_run_dir,
+    read_metrics,
+    truncate_metrics,
+)
 from cirfusion.seeding import seed_everything
-from cirfusion.train import TrainConfig, train
+from cirfusion.train import NothingToResume, TrainConfig, train
 from cirfusion.views import FeatureView, SplitData
 
 N_ATTR, N_VAL = 3, 4
@@ -164,7 +180,7 @@ def test_train_writes_run_dir_and_beats_image_only(tmp_path):
 
 
 def test_evaluate_matches_full_score_matrix(tmp_path):
-    tr, va = make_toy(tmp_path)
+    _, va = make_toy(tmp_path)
     m = new_clip4cir().eval()
     view = FeatureView(va.images, va.texts)
     full = torch.cat([b for _, b in score_blocks(m, view, va.dataset, chunk=7)]).numpy()
@@ -195,8 +211,9 @@ def test_manifest_content(tmp_path):
     assert man["config"]["stages"] == [Stage().to_dict()]
 
 
-@pytest.mark.parametrize("stop,hard", [(12, 0), (17, 2)])  # 12 = an epoch boundary (12 steps/epoch), 17 = mid-epoch
-def test_resume_gives_the_same_result(tmp_path, stop, hard):
+# 12 = an epoch boundary (12 steps/epoch), 17 = mid-epoch, where the interrupted process also tore its last log line
+@pytest.mark.parametrize("stop,hard,torn", [(12, 0, False), (17, 2, True)])
+def test_resume_gives_the_same_result(tmp_path, stop, hard, torn):
     tr, va = make_toy(tmp_path)
     cfg = TrainConfig(epochs=3, seed=3, hard_negatives=hard, **FAST)
     m1 = new_clip4cir(3)
@@ -205,19 +222,166 @@ def test_resume_gives_the_same_result(tmp_path, stop, hard):
     m2 = new_clip4cir(3)
     part = train(m2, tr, va, tmp_path / "resumed", replace(cfg, stop_after_steps=stop))
     assert not part.completed and part.global_step == stop
+    if torn:  # killed while writing a record: half a line, no newline
+        with open(tmp_path / "resumed" / "metrics.jsonl", "a") as f:
+            f.write('{"epoch": 1, "global_step": 18, "grad_n')
     # A fresh process: a new model object with other initial weights; everything comes from last/.
     m3 = new_clip4cir(99)
-    r3 = train(m3, tr, va, tmp_path / "resumed", cfg, resume=True)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        r3 = train(m3, tr, va, tmp_path / "resumed", cfg, resume=True)
+    torn_warnings = [w for w in caught if "torn last line" in str(w.message)]
+    assert len(torn_warnings) == (1 if torn else 0)
     assert r3.completed and r3.global_step == r1.global_step
 
     w1, w3 = weights(m1), weights(m3)
     assert all(torch.equal(w1[k], w3[k]) for k in w1), "resumed weights differ from the uninterrupted run"
     b1, b3 = load_checkpoint(tmp_path / "straight" / "best"), load_checkpoint(tmp_path / "resumed" / "best")
-    assert all(torch.equal(a, b) for a, b in zip(b1.state_dict().values(), b3.state_dict().values()))
+    assert b1.state_dict().keys() == b3.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(b1.state_dict().values(), b3.state_dict().values(), strict=True))
     assert r1.best_metric == r3.best_metric and r1.best_epoch == r3.best_epoch
     log1 = (tmp_path / "straight" / "metrics.jsonl").read_text()
     log3 = (tmp_path / "resumed" / "metrics.jsonl").read_text()
     assert log1 == log3
+
+
+class Killed(BaseException):
+    """Stands for kill -9: nothing after it runs in the process (not even `except Exception` handlers)."""
+
+
+def test_killed_before_the_first_save(tmp_path, monkeypatch):
+    """A run killed before it saved any state: --resume says there is nothing to resume, a plain restart is refused
+    (the directory holds the dead run's manifest and log), --overwrite starts clean (no stale log records)."""
+    tr, va = make_toy(tmp_path)
+    cfg = TrainConfig(epochs=2, seed=0, **FAST)
+    run = tmp_path / "run"
+
+    def killed(*args, **kwargs):
+        raise Killed
+
+    monkeypatch.setattr(train_module, "save_state", killed)
+    with pytest.raises(Killed):
+        train(new_clip4cir(), tr, va, run, cfg)
+    monkeypatch.undo()
+    assert not (run / "last").exists() and len(read_metrics(run / "metrics.jsonl")) == 12 + 1  # 12 steps + epoch 0
+
+    with pytest.raises(NothingToResume, match=r"nothing to resume.*--overwrite") as err:
+        train(new_clip4cir(), tr, va, run, cfg, resume=True)
+    assert isinstance(err.value, CirfusionError) and "\n" not in str(err.value)
+    with pytest.raises(RunDirError, match=r"already holds a run \(best, manifest.json, metrics.jsonl\).*--overwrite"):
+        train(new_clip4cir(), tr, va, run, cfg)
+    res = train(new_clip4cir(), tr, va, run, cfg, overwrite=True)
+    assert res.completed
+    records = read_metrics(run / "metrics.jsonl")
+    assert [r["epoch"] for r in records if r["type"] == "epoch"] == [0, 1]
+    assert [r["global_step"] for r in records if r["type"] == "step"] == list(range(1, 25))
+
+
+KILLED_CHILD = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+import torch
+torch.set_num_threads(1)
+import cirfusion.train as T
+from test_train import FAST, make_toy, new_clip4cir
+
+def stall(*args, **kwargs):  # the first save never finishes: the parent kills us here
+    print("saving", flush=True)
+    time.sleep(120)
+
+T.save_state = stall
+tr, va = make_toy(T.Path(sys.argv[2]) / "data", files=False)
+T.train(new_clip4cir(), tr, va, T.Path(sys.argv[2]) / "run", T.TrainConfig(epochs=2, **FAST))
+"""
+
+
+def test_kill_9_before_the_first_save_then_resume(tmp_path):
+    """The real thing: a training process killed with SIGKILL before its first save. Its lock dies with it, and
+    --resume says there is nothing to resume (no traceback, no half-state)."""
+    child = subprocess.Popen([sys.executable, "-c", KILLED_CHILD, str(Path(__file__).parent), str(tmp_path)],
+                             stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert child.stdout is not None and child.stdout.readline().strip() == "saving"
+    finally:
+        child.kill()  # SIGKILL
+        child.wait()
+    run = tmp_path / "run"
+    assert (run / "manifest.json").is_file() and not (run / "last").exists()
+    check_unlocked(run)  # the kernel released the dead process's lock
+    tr, va = make_toy(tmp_path / "data", files=False)
+    with pytest.raises(NothingToResume, match="nothing to resume"):
+        train(new_clip4cir(), tr, va, run, TrainConfig(epochs=2, **FAST), resume=True)
+
+
+def test_overwrite_removes_only_a_runs_own_files(tmp_path):
+    run = tmp_path / "run"
+    (run / "best").mkdir(parents=True)
+    (run / ".last.abc.tmp").mkdir()  # a dead writer's temporary directory
+    (run / "metrics.jsonl").write_text("{}\n")
+    (run / "thesis.txt").write_text("years of work")
+    with pytest.raises(RunDirError, match=r"--overwrite removes only.*thesis\.txt"):
+        check_fresh(run, overwrite=True)
+    with pytest.raises(RunDirError, match=r"thesis\.txt"):
+        train(new_clip4cir(), *make_toy(tmp_path), run, TrainConfig(epochs=1, **FAST), overwrite=True)
+    assert (run / "thesis.txt").read_text() == "years of work" and (run / "best").is_dir()
+    (run / "thesis.txt").unlink()
+    assert {p.name for p in check_fresh(run, overwrite=True)} == {"best", ".last.abc.tmp", "metrics.jsonl"}
+    clear_run_dir(run)
+    assert [p.name for p in run.iterdir()] == []
+    assert check_fresh(tmp_path / "missing", overwrite=False) == []
+
+
+def test_a_locked_run_directory_is_refused_at_once(tmp_path):
+    """Another process holds the run directory (as a concurrent `cirfusion train` does): a second run fails before
+    writing anything; once the holder is gone, the directory is usable."""
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); fcntl.flock(f, fcntl.LOCK_EX); "
+         "print('locked', flush=True); time.sleep(60)", str(run / LOCK_FILE)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        tr, va = make_toy(tmp_path)
+        with pytest.raises(RunDirError, match="in use by another training run"):
+            train(new_clip4cir(), tr, va, run, TrainConfig(epochs=1, **FAST))
+        with pytest.raises(RunDirError, match="in use"):
+            check_unlocked(run)
+        assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
+    check_unlocked(run)
+    with RunLock(run):  # held: a second holder fails; released on exit
+        with pytest.raises(RunDirError, match=f"locked by process {os.getpid()}"):
+            subprocess_free_lock_attempt(run)
+    check_unlocked(run)
+
+
+def subprocess_free_lock_attempt(run: Path) -> None:
+    """A second lock on ``run`` from this process through a new open file (flock locks belong to the open file, so
+    this conflicts like another process would)."""
+    with RunLock(run):
+        pass
+
+
+def test_metrics_log_drops_only_a_torn_last_line(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    log.write_text('{"global_step": 1}\n{"global_step": 2}\n')
+    assert read_metrics(log) == [{"global_step": 1}, {"global_step": 2}]
+    log.write_text('{"global_step": 1}\n{"global_step": 2}\n{"global_st')
+    with pytest.warns(UserWarning, match="torn last line 3"):
+        assert read_metrics(log) == [{"global_step": 1}, {"global_step": 2}]
+    log.write_text('{"global_step": 1}\n{"global_step": 2}')  # a whole record, but its newline never came
+    with pytest.warns(UserWarning, match="torn last line 2"):
+        assert read_metrics(log) == [{"global_step": 1}]
+    log.write_text('{"global_step": 1}\n{"glo\n{"global_step": 3}\n')  # damage inside the log is not a crash
+    with pytest.raises(RunDirError, match=r"metrics.jsonl:2: not a metrics record"):
+        read_metrics(log)
+    log.write_text('{"global_step": 1}\n{"global_step": 5}\n{"global_st')
+    with pytest.warns(UserWarning, match="torn"):
+        truncate_metrics(log, 3)
+    assert log.read_text() == '{"global_step": 1}\n'
 
 
 def test_resume_refuses_a_changed_config(tmp_path):
@@ -302,7 +466,7 @@ def test_stages_freeze_and_resume_across_a_stage_boundary(tmp_path):
     seed_everything(0)
     m_straight = TwoStage(toy_dims(), embed_dim=32, projection_dim=64, hidden_dim=64)
     res = train(m_straight, tr, va, tmp_path / "b", cfg)
-    assert all(torch.equal(a, b) for a, b in zip(weights(m_res).values(), weights(m_straight).values()))
+    assert all(torch.equal(a, b) for a, b in zip(weights(m_res).values(), weights(m_straight).values(), strict=True))
     epochs = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     epochs = [r for r in epochs if r["type"] == "epoch"]
     assert [r["stage"] for r in epochs] == ["text", "all", "all"]
@@ -366,13 +530,13 @@ def test_shard_batches_and_schedule():
     assert [len(b) for b in shard_batches(order[:7], 10, 0, 1)] == [7]  # smaller than a batch: one batch
     lrs = [lr_at(s, 100, 1.0, 0.1, 0.1) for s in range(100)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
+    assert all(a >= b for a, b in itertools.pairwise(lrs[9:])) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
 
 
 def test_missing_features_and_targetless_split_are_clear_errors(tmp_path):
     from cirfusion.data.schema import DataError
 
-    tr, va = make_toy(tmp_path)
+    tr, _ = make_toy(tmp_path)
     bad_q = replace(tr.dataset.queries[0], text="an unseen text")
     ds = replace(tr.dataset, queries=[bad_q, *tr.dataset.queries[1:]])
     with pytest.raises(DataError, match="an unseen text"):
@@ -388,7 +552,8 @@ def test_no_validation_split_keeps_final_weights(tmp_path):
     res = train(m, tr, None, tmp_path / "r", TrainConfig(epochs=2, **FAST))
     assert res.best_metric is None and res.best_epoch == 1
     best = load_checkpoint(tmp_path / "r" / "best")
-    assert all(torch.equal(a, b) for a, b in zip(best.state_dict().values(), m.state_dict().values()))
+    assert best.state_dict().keys() == m.state_dict().keys()
+    assert all(torch.equal(a, b) for a, b in zip(best.state_dict().values(), m.state_dict().values(), strict=True))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -451,13 +616,28 @@ def test_cli_train_eval_resume(tmp_path, capsys):
 
     # A second run into the same directory is refused; --resume of a finished run changes nothing.
     assert main(["train", "clip4cir", *common, "--backbone", "tiny", "--out", str(run)]) == 2
-    assert "--resume" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--resume" in err and "--overwrite" in err and err.count("\n") == 1
+    # --resume where no state was ever saved: one line, exit 2, nothing created.
+    assert main(["train", "clip4cir", *common, "--backbone", "tiny", "--out", str(tmp_path / "never"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "nothing to resume" in err and err.count("\n") == 1 and not (tmp_path / "never").exists()
+    # --hparam is checked against the method's dataclass: unknown names and wrong types list the valid ones.
+    for bad, match in (("embed_dimm=3", "unknown option 'embed_dimm'"), ("embed_dim=big", "'embed_dim' must be int")):
+        assert main(["train", "clip4cir", *common, "--backbone", "tiny", "--out", str(tmp_path / "x"), "--hparam", bad]) == 2
+        err = capsys.readouterr().err
+        assert match in err and "valid options: dropout (float), embed_dim (int)" in err and err.count("\n") == 1
     before = (run / "best" / "model.safetensors").read_bytes()
     assert main(["train", "clip4cir", *common, "--backbone", "tiny", "--out", str(run), "--resume", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["completed"]
     assert (run / "best" / "model.safetensors").read_bytes() == before
     assert main(["train", "clip4cir", *common, "--backbone", "tiny", "--out", str(run), "--resume", "--lr", "0.5"]) == 2
     assert "different configuration" in capsys.readouterr().err
+    # --overwrite starts again: the old run's records are gone, not appended to.
+    assert main(["train", "clip4cir", *common, "--backbone", "tiny", "--out", str(run), "--overwrite", "--epochs", "2",
+                 "--batch-size", "16", "--hparam", "embed_dim=32", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["global_step"] == 12
+    assert [r["epoch"] for r in read_metrics(run / "metrics.jsonl") if r["type"] == "epoch"] == [0, 1]
 
     # Baselines: `sum` refuses the non-aligned backbone; image-only writes a checkpoint without training.
     assert main(["train", "sum", *common, "--backbone", "tiny", "--out", str(tmp_path / "s")]) == 2
@@ -557,7 +737,7 @@ def test_cli_eval_writes_a_cirr_test_submission(tmp_path, capsys):
             for q in range(8)]
     (root / "captions" / "cap.rc2.test1.json").write_text(json.dumps(caps))
     ck = tmp_path / "ck"
-    create_method("image-only", create_backbone("tiny")).save(ck)
+    save_checkpoint(create_method("image-only", create_backbone("tiny")), ck)
     out = tmp_path / "subs"
     rc = main(["eval", str(ck), "--dataset", "cirr", "--root", str(root), "--split", "test1", "--cache-dir",
                str(tmp_path / "cache"), "--submission-dir", str(out), "--no-progress", "--json"])

@@ -16,7 +16,7 @@ def allreduce_gradients(params: list[torch.nn.Parameter], world: int) -> None:
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world
     off = 0
-    for p, h in zip(params, had):
+    for p, h in zip(params, had, strict=True):
         g = flat[off : off + p.numel()].view_as(p)
         off += p.numel()
         p.grad = g.clone() if (h or bool(g.any())) else None

@@ -9,7 +9,7 @@ import torch
 
 def lr_at(step: int, total: int, base: float, warmup: float, min_ratio: float) -> float:
     """Linear warm-up over ``warmup * total`` steps, then cosine from ``base`` to ``base * min_ratio``."""
-    w = max(1, int(round(warmup * total)))
+    w = max(1, round(warmup * total))
     if step < w:
         return base * (step + 1) / w
     progress = min(1.0, (step - w) / max(1, total - w))

@@ -13,8 +13,10 @@ Run directory::
     RUN_DIR/metrics.jsonl     one JSON record per logged step / epoch
     RUN_DIR/best/             the best checkpoint (config.json + model.safetensors) -- what `cirfusion eval` takes
     RUN_DIR/last/             the latest checkpoint + the training state (optimizer, counters, RNG), for --resume
+    RUN_DIR/train.lock        held while a run writes here: a second run into the same directory fails at once
 
-Every directory is written atomically (temporary directory + rename). Determinism: the epoch order, the sampled
+Every directory is written atomically (temporary directory + rename). A run without ``resume`` starts in an empty
+directory (``overwrite`` removes an old run first); see :mod:`cirfusion.rundir`. Determinism: the epoch order, the sampled
 target of multi-target queries and the training text are drawn from generators seeded by (seed, stage, epoch), and
 the torch RNG (dropout) is re-seeded from (seed, rank, step) before every step, so a run resumed from ``last/``
 continues exactly where the interrupted one would have: same batches, same dropout masks, same weights.
@@ -28,6 +30,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -51,15 +54,17 @@ from .checkpoint import (
 from .distributed import allreduce_gradients, distributed_context
 from .evaluation import evaluate, pick_val_metric
 from .examples import Examples, shard_batches
-from .io import atomic_directory, atomic_write_text, recover_directory
+from .io import atomic_directory, recover_directory
 from .manifest import build_manifest, write_manifest
-from .methods.base import CIRMethod, stage_parameters
+from .methods.base import CIRMethod, HardNegativesUnsupported, stage_parameters
 from .optim import lr_at, make_optimizer
+from .rundir import METRICS_FILE, RunLock, append_metrics, check_fresh, clear_run_dir, truncate_metrics
 from .seeding import seed_everything, step_seed
 from .views import FeatureView, SplitData
 
 STATE_FILE = "state.json"
-METRICS_FILE = "metrics.jsonl"
+__all__ = ["METRICS_FILE", "STATE_FILE", "NothingToResume", "TrainConfig", "TrainResult", "check_trainable",
+           "load_state", "save_state", "train"]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -129,30 +134,30 @@ def save_state(last_dir: Path, method: CIRMethod, optimizer: torch.optim.Optimiz
         (tmp / STATE_FILE).write_text(json.dumps({**state, "optimizer": opt_meta, "rng": rng_meta}, indent=1) + "\n")
 
 
+class NothingToResume(CheckpointError):
+    """``resume`` of a run that never saved a training state (killed before its first save, or never started)."""
+
+
 def load_state(last_dir: Path) -> dict[str, Any]:
-    recover_directory(last_dir)
+    """The counters, config and method record saved in ``last/`` (:class:`NothingToResume` when there are none)."""
+    last_dir = Path(last_dir)
+    if last_dir.parent.is_dir():
+        recover_directory(last_dir)
     path = last_dir / STATE_FILE
     if not path.is_file():
-        raise CheckpointError(f"{last_dir}: no training state to resume from ({STATE_FILE} missing)")
-    return json.loads(path.read_text())
+        raise NothingToResume(f"{last_dir.parent}: nothing to resume: no training state was saved ({path} is missing; "
+                              "the run stopped before its first save, or never started). Start it again with --overwrite")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{path}: invalid JSON ({exc})") from exc
 
 
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with open(path, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record, sort_keys=True) + "\n")
-
-
-def _truncate_log(path: Path, global_step: int) -> None:
-    """On resume, drop records the interrupted run logged after its last saved state (they are redone)."""
-    if not path.is_file():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            rec = json.loads(line)
-            if rec.get("global_step", 0) <= global_step:
-                keep.append(line)
-    atomic_write_text(path, "".join(k + "\n" for k in keep))
+def check_trainable(method: CIRMethod, cfg: TrainConfig) -> None:
+    """Refuse, before anything is written, a configuration the method cannot honour."""
+    if cfg.hard_negatives > 0 and method.trainable and not method.supports_hard_negatives:
+        raise HardNegativesUnsupported(f"method {method.method_name!r} cannot use mined hard negatives "
+                                       f"(--hard-negatives {cfg.hard_negatives}); train it with --hard-negatives 0")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -167,12 +172,32 @@ def train(
     resume: bool = False,
     extra_splits: Mapping[str, SplitData] | None = None,
     backbone_info: Mapping[str, Any] | None = None,
+    overwrite: bool = False,
 ) -> TrainResult:
     """Train ``method`` and write the run directory (see the module docstring). ``extra_splits`` holds the splits
-    that stages name in ``Stage.split`` (e.g. edit pairs). Returns where the best checkpoint is and its metric."""
+    that stages name in ``Stage.split`` (e.g. edit pairs). Returns where the best checkpoint is and its metric.
+
+    ``resume`` continues the run saved in ``run_dir/last``; otherwise ``run_dir`` must be empty or missing, or
+    ``overwrite`` removes the old run in it first. Rank 0 holds the directory's lock for the whole run."""
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
+    check_trainable(method, cfg)
     rank, world, own_group = distributed_context()
+    if resume:
+        load_state(run_dir / "last")  # nothing to resume: say so before creating anything
+    elif rank == 0:  # (only rank 0 writes: the other ranks may start after it has begun)
+        check_fresh(run_dir, overwrite)  # refuses a non-empty directory, or one with files a run does not write
+    with RunLock(run_dir) if rank == 0 else nullcontext():
+        if rank == 0 and not resume:
+            clear_run_dir(run_dir)  # under the lock: never another live run's files
+        return _train(method, train_data, val_data, run_dir, cfg, resume, extra_splits, backbone_info,
+                      rank, world, own_group)
+
+
+def _train(method: CIRMethod, train_data: SplitData, val_data: SplitData | None, run_dir: Path, cfg: TrainConfig,
+           resume: bool, extra_splits: Mapping[str, SplitData] | None, backbone_info: Mapping[str, Any] | None,
+           rank: int, world: int, own_group: bool) -> TrainResult:
+    """The loop itself (``run_dir`` is locked and ready)."""
     is_main = rank == 0
     last_dir, best_dir, log_path = run_dir / "last", run_dir / "best", run_dir / METRICS_FILE
     seed_everything(cfg.seed)
@@ -202,7 +227,7 @@ def train(
         load_state_strict(method, load_file(str(last_dir / "model.safetensors")), last_dir)
         state.update({k: saved[k] for k in state})
         if is_main:
-            _truncate_log(log_path, state["global_step"])
+            truncate_metrics(log_path, state["global_step"])
 
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -237,7 +262,7 @@ def train(
                 final_metrics = validate()
                 state["val_metric"] = pick_val_metric(cfg.val_metric, final_metrics, val_data.dataset)
                 state["best_metric"] = final_metrics[state["val_metric"]]
-                _log(log_path, {"type": "epoch", "stage": "none", "epoch": 0, "global_step": 0, "val": final_metrics})
+                append_metrics(log_path, {"type": "epoch", "stage": "none", "epoch": 0, "global_step": 0, "val": final_metrics})
             save_checkpoint(method, best_dir, dataset=ds_key, extra={"val": final_metrics})
             state["done"] = True
             save_state(last_dir, method, None, {**state, "config": cfg.to_dict(), "method": method.config()}, ds_key)
@@ -275,7 +300,8 @@ def train(
             rng_t = load_file(str(last_dir / "rng.safetensors"))
             set_rng_state(rng_t, saved["rng"])
 
-        def checkpoint_state(epoch: int, step_in_epoch: int) -> None:
+        # (si, optimizer bound now: this stage's)
+        def checkpoint_state(epoch: int, step_in_epoch: int, si: int = si, optimizer: torch.optim.Optimizer = optimizer) -> None:
             state.update(stage=si, epoch=epoch, step_in_epoch=step_in_epoch)
             if is_main:
                 save_state(last_dir, method, optimizer, {**state, "config": cfg.to_dict(), "method": method.config()}, ds_key)
@@ -308,7 +334,7 @@ def train(
                 state["epoch_loss"] = [state["epoch_loss"][0] + float(loss.detach()), state["epoch_loss"][1] + 1]
                 bar.set_postfix(loss=f"{float(loss.detach()):.4f}", lr=f"{lr:.2e}")
                 if is_main and state["global_step"] % cfg.log_every == 0:
-                    _log(log_path, {"type": "step", "stage": stage.name, "epoch": epoch, "global_step": state["global_step"],
+                    append_metrics(log_path, {"type": "step", "stage": stage.name, "epoch": epoch, "global_step": state["global_step"],
                                     "lr": lr, "grad_norm": grad_norm, **logs})
                 done_here = cfg.stop_after_steps and state["global_step"] >= cfg.stop_after_steps
                 if b + 1 < len(batches) and (done_here or (cfg.save_every_steps and state["global_step"] % cfg.save_every_steps == 0)):
@@ -331,7 +357,7 @@ def train(
                                         extra={"val": final_metrics, "val_metric": name, "epoch": epoch, "stage": stage.name})
                         record["best"] = True
             if is_main:
-                _log(log_path, record)
+                append_metrics(log_path, record)
             if world > 1:
                 dist.barrier()
             last_epoch = epoch + 1 == epochs

@@ -1,13 +1,15 @@
 """`cirfusion train METHOD --dataset D --root DIR`: train a registered method on cached backbone features.
 
-Features are computed once per backbone into the feature cache (``--cache-dir``, default
-``$CIRFUSION_CACHE_DIR`` or ``~/.cache/cirfusion/features``) and reused by every later run. The run directory
-(``--out``, default ``runs/METHOD-DATASET``) receives ``manifest.json``, ``metrics.jsonl``, ``best/`` (the
-checkpoint to give `cirfusion eval`) and ``last/`` (the state `--resume` continues from: same result as an
-uninterrupted run). Under ``torchrun --nproc_per_node=N`` the run uses N processes (gloo on CPU).
+Features are computed once per backbone into the feature cache (--cache-dir, default $CIRFUSION_CACHE_DIR or
+~/.cache/cirfusion/features) and reused by every later run. The run directory (--out, default
+runs/METHOD-DATASET) receives manifest.json, metrics.jsonl, best/ (the checkpoint to give `cirfusion eval`) and
+last/ (the state --resume continues from: same result as an uninterrupted run). A directory that already holds a
+run is refused unless --resume continues it or --overwrite replaces it; two runs never write into one directory at
+the same time. Under `torchrun --nproc_per_node=N` the run uses N processes (gloo on CPU).
 
-Method hyper-parameters: ``--hparam KEY=VALUE`` (repeatable; VALUE parsed as JSON when it can be), e.g.
-``--hparam image_encoder=tokens``. ``cirfusion train --list`` prints the methods and their hyper-parameters.
+Method hyper-parameters: --hparam KEY=VALUE (repeatable; VALUE is JSON, a bare word is a string), e.g.
+--hparam image_encoder=global. `cirfusion train --list` prints every method's hyper-parameters with their types,
+defaults and meaning; an unknown name or a value of the wrong type is refused with that list.
 """
 
 from __future__ import annotations
@@ -19,38 +21,34 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..backbones import create_backbone
+from ..data.registry import load_dataset
+from ..errors import CirfusionError
+from ..methods.base import CIRMethod, params_help
+from ..methods.registry import create_method, get_method_class, list_methods
+from ..options import parse_options, parse_pairs
+from ..rundir import check_fresh, check_unlocked
+from ..seeding import seed_everything
+from ..train import TrainConfig, check_trainable, load_state, train
 from ._common import add_dataset_args, dataset_kwargs
+from ._features import add_feature_args, default_cache_dir, format_metrics, make_cache, split_data
+
+# Re-exported for the commands that still import them from here (eval, fuse, index, search); their home is
+# cirfusion.commands._features.
+__all__ = ["add_feature_args", "default_cache_dir", "list_methods_text", "make_cache", "parse_hparams", "register",
+           "run", "split_data"]
 
 
-def default_cache_dir() -> Path:
-    env = os.environ.get("CIRFUSION_CACHE_DIR")
-    return Path(env) if env else Path.home() / ".cache" / "cirfusion" / "features"
+def parse_hparams(items: list[str], cls: type[CIRMethod]) -> dict[str, Any]:
+    """``--hparam KEY=VALUE`` items, checked against the method's hyper-parameter dataclass (names and types)."""
+    if cls.default_hparams:  # a method not yet converted to a Params dataclass: it checks the names itself
+        return parse_pairs(items, what="--hparam")
+    return parse_options(items, cls.Params, what=f"--hparam ({cls.method_name})")
 
 
-def add_feature_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cache-dir", type=Path, default=None,
-                   help="feature cache directory (default: $CIRFUSION_CACHE_DIR or ~/.cache/cirfusion/features)")
-    p.add_argument("--feature-batch-size", type=int, default=64, help="images per backbone forward pass")
-    p.add_argument("--workers", type=int, default=0, help="image decoding threads while the backbone encodes")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
-def parse_hparams(items: list[str]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--hparam expects KEY=VALUE with a Python identifier as KEY, got {item!r}")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser("train", help="train a method (or write a baseline's checkpoint) on cached features",
                        description=__doc__.split("\n\n", 1)[1] if __doc__ else None,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -66,7 +64,11 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_feature_args(p)
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/METHOD-DATASET)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
-    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE", help="method hyper-parameter")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start again in an --out that holds an old run: its files are removed first (a directory "
+                        "holding anything else is refused)")
+    p.add_argument("--hparam", action="append", default=[], metavar="KEY=VALUE",
+                   help="method hyper-parameter (repeatable; see --list)")
     g = p.add_argument_group("optimisation (defaults: cirfusion.train.TrainConfig)")
     g.add_argument("--epochs", type=int)
     g.add_argument("--batch-size", type=int, help="per process")
@@ -90,37 +92,26 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.set_defaults(func=run)
 
 
-def list_methods_text() -> str:
-    from ..methods.registry import get_method_class, list_methods
+def _summary_line(cls: type[CIRMethod]) -> str:
+    doc = " ".join((cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0].split())
+    return doc.split(". ")[0].rstrip(".") + "."
 
+
+def list_methods_text() -> str:
+    """Every registered method, and each hyper-parameter as ``name (type) = default: help`` from its dataclass."""
     lines = []
     for name in list_methods():
         cls = get_method_class(name)
-        doc = " ".join((cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").split("\n\n")[0].split())
-        doc = doc.split(". ")[0].rstrip(".") + "."
-        lines.append(f"{name}{'' if cls.trainable else ' (no parameters)'}: {doc}")
-        for k, v in cls.default_hparams.items():
-            lines.append(f"    {k} = {json.dumps(v)}")
+        lines.append(f"{name}{'' if cls.trainable else ' (no parameters)'}: {_summary_line(cls)}")
+        if cls.default_hparams:  # a method not yet converted to a Params dataclass
+            lines.extend(f"    {k} = {json.dumps(v)}" for k, v in cls.default_hparams.items())
+            continue
+        for field_name, tp, default, help_text in params_help(cls.Params):
+            lines.append(f"    {field_name} ({tp}) = {json.dumps(default)}{': ' + help_text if help_text else ''}")
     return "\n".join(lines)
 
 
-def make_cache(args: argparse.Namespace, backbone: Any) -> Any:
-    from ..features import FeatureCache
-
-    return FeatureCache(backbone, args.cache_dir or default_cache_dir(), batch_size=args.feature_batch_size,
-                        num_workers=args.workers)
-
-
-def split_data(cache: Any, dataset: Any, training: bool, progress: bool) -> Any:
-    """Cached features of a split (see :func:`cirfusion.views.load_split_data`)."""
-    from ..views import load_split_data
-
-    return load_split_data(cache, dataset, training=training, progress=progress)
-
-
-def _config(args: argparse.Namespace, saved: dict[str, Any] | None) -> Any:
-    from ..train import TrainConfig
-
+def _config(args: argparse.Namespace, saved: dict[str, Any] | None) -> TrainConfig:
     cfg = TrainConfig.from_dict(saved) if saved else TrainConfig()
     for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "hard_negatives",
                  "hard_negative_pool", "hard_negative_source", "seed", "val_metric", "save_every_steps", "stop_after_steps"):
@@ -143,20 +134,19 @@ def run(args: argparse.Namespace) -> int:
     if not args.method or not args.dataset or not args.root:
         print("cirfusion train: error: give METHOD, --dataset and --root (methods: `cirfusion train --list`)", file=sys.stderr)
         return 2
-    import torch
-
-    from ..backbones import create_backbone
-    from ..data.registry import load_dataset
-    from ..methods.registry import create_method, get_method_class
-    from ..seeding import seed_everything
-    from ..train import load_state, train
-
     try:
-        get_method_class(args.method)
-        hparams = parse_hparams(args.hparam)
-    except (KeyError, ValueError) as exc:
-        print(f"cirfusion train: error: {exc.args[0] if exc.args else exc}", file=sys.stderr)
+        return _run(args)
+    except (CirfusionError, KeyError, ValueError) as exc:
+        # Expected failures (a bad option, a refused run directory, a changed config on --resume): one line.
+        print(f"cirfusion train: error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    cls = get_method_class(args.method)
+    hparams = parse_hparams(args.hparam, cls)
+    if args.resume and args.overwrite:
+        raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -164,30 +154,22 @@ def run(args: argparse.Namespace) -> int:
     ds_train = load_dataset(args.dataset, args.root, args.split_train, **kw)
     out = args.out or Path("runs") / f"{args.method}-{ds_train.key.replace('/', '-')}"
 
+    # Refuse an unusable run directory now, before the (possibly long) feature computation.
     saved = None
     if args.resume:
         saved = load_state(out / "last")
         if saved["method"]["method"] != args.method:
-            print(f"cirfusion train: error: {out} is a run of {saved['method']['method']!r}, not {args.method!r}", file=sys.stderr)
-            return 2
+            raise ValueError(f"{out} is a run of {saved['method']['method']!r}, not {args.method!r}")
         hparams = {**saved["method"]["hparams"], **hparams}
-    elif (out / "last").exists() or (out / "best").exists():
-        print(f"cirfusion train: error: {out} already holds a run; continue it with --resume or choose another --out",
-              file=sys.stderr)
-        return 2
-    try:
-        cfg = _config(args, saved["config"] if saved else None)
-    except ValueError as exc:
-        print(f"cirfusion train: error: {exc}", file=sys.stderr)
-        return 2
+    else:
+        check_fresh(out, args.overwrite)
+    check_unlocked(out)
+    cfg = _config(args, saved["config"] if saved else None)
 
     backbone = create_backbone(args.backbone)
     seed_everything(cfg.seed)  # the method's initial weights
-    try:
-        method = create_method(args.method, backbone, **hparams)
-    except ValueError as exc:
-        print(f"cirfusion train: error: {exc}", file=sys.stderr)
-        return 2
+    method = create_method(args.method, backbone, **hparams)
+    check_trainable(method, cfg)
     cache = make_cache(args, backbone)
     train_data = split_data(cache, ds_train, training=True, progress=progress)
     val_data = None
@@ -199,11 +181,8 @@ def run(args: argparse.Namespace) -> int:
             extra[stage.split] = split_data(cache, load_dataset(args.dataset, args.root, stage.split, **kw), True, progress)
     backbone_info = {"id": backbone.backbone_id, "weights_hash": backbone.weights_hash(),
                      "preprocess_id": backbone.preprocess_id(), "cache_dir": str(cache.cache_dir)}
-    try:
-        res = train(method, train_data, val_data, out, cfg, resume=args.resume, extra_splits=extra, backbone_info=backbone_info)
-    except ValueError as exc:  # e.g. a resume with a changed configuration
-        print(f"cirfusion train: error: {exc}", file=sys.stderr)
-        return 2
+    res = train(method, train_data, val_data, out, cfg, resume=args.resume, extra_splits=extra,
+                backbone_info=backbone_info, overwrite=args.overwrite)
     summary = {"run_dir": str(res.run_dir), "checkpoint": str(res.best_dir), "completed": res.completed,
                "global_step": res.global_step, "val_metric": res.val_metric, "best": res.best_metric,
                "best_epoch": res.best_epoch, "val": res.final_metrics}
@@ -215,7 +194,5 @@ def run(args: argparse.Namespace) -> int:
         if res.best_metric is not None:
             print(f"best {res.val_metric} = {res.best_metric:.2f} (epoch {res.best_epoch}); checkpoint {res.best_dir}")
         if res.final_metrics:
-            from .eval import format_metrics
-
             print(format_metrics(f"last validation ({val_data.dataset.key if val_data else ''})", res.final_metrics))
     return 0

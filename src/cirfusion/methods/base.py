@@ -10,6 +10,12 @@ A method is an ``nn.Module`` that works on *cached backbone features* (:class:`I
   negatives the method supplies (``hard_negatives``), with a learned logit scale;
 - ``stages()``                -> the training stages the shared loop runs in order (one by default).
 
+Hyper-parameters are a small dataclass per method (``Params``; one field per hyper-parameter, its type, default and
+a one-line help in the field's metadata, see :func:`hparam`). The method reads them typed from ``self.params``;
+``self.hparams`` is the same values as a plain dict (what checkpoints store as JSON). Checkpoints are written and
+read by :mod:`cirfusion.checkpoint`, which sits above this package (it rebuilds a method through the registry);
+nothing here imports it.
+
 Evaluation, indexing and fusion only call ``encode_query`` / ``encode_gallery`` / ``similarity`` and treat the
 embeddings as opaque (a tensor, or a tuple/list/dict of tensors, see :mod:`cirfusion.embeddings`), so a method whose
 "embedding" is a bundle of several models' embeddings (score fusion) fits the same contract.
@@ -18,9 +24,9 @@ embeddings as opaque (a tensor, or a tuple/list/dict of tensors, see :mod:`cirfu
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, ClassVar
+from collections.abc import Callable, Mapping
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, ClassVar, TypeVar, overload
 
 import numpy as np
 import torch
@@ -29,6 +35,8 @@ from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
 from ..embeddings import Embedding
+from ..errors import CirfusionError
+from ..options import OptionError, accepted_options, check_options
 
 
 @dataclass(frozen=True)
@@ -190,31 +198,103 @@ def cosine_or_maxsim(q: torch.Tensor, g: torch.Tensor, max_elems: int = 1 << 24)
     return torch.cat(out, dim=1) if out else q3.new_zeros(b, 0)
 
 
+# ---- typed hyper-parameters -----------------------------------------------------------------------------------------
+class HyperParameterError(OptionError):
+    """A hyper-parameter a method does not have, or a value of the wrong type."""
+
+
+class HardNegativesUnsupported(CirfusionError, ValueError):
+    """Training with mined hard negatives was asked of a method whose losses cannot use them."""
+
+
+T = TypeVar("T")
+
+
+@overload
+def hparam(default: T, help: str) -> T: ...
+@overload
+def hparam(*, help: str, factory: Callable[[], T]) -> T: ...
+def hparam(default: Any = MISSING, help: str = "", factory: Callable[[], Any] | None = None) -> Any:
+    """A hyper-parameter field: its default (or a ``factory`` for a mutable one) and a one-line help, which
+    ``cirfusion train --list`` prints next to the name, type and default. Typed as the default, so a field whose
+    annotation disagrees with its default is a type error."""
+    if factory is not None:
+        return field(default_factory=factory, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class NoParams:
+    """The hyper-parameters of a method that has none."""
+
+
+def params_help(params: type) -> list[tuple[str, str, Any, str]]:
+    """``(name, type, default, help)`` of every field of a hyper-parameter dataclass."""
+    out: list[tuple[str, str, Any, str]] = []
+    for f in fields(params):
+        default = f.default if f.default is not MISSING else (f.default_factory() if f.default_factory is not MISSING else None)
+        tp = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+        out.append((f.name, str(tp), default, str(f.metadata.get("help", ""))))
+    return out
+
+
+def make_params(params: type, values: Mapping[str, Any], method: str) -> Any:
+    """An instance of the dataclass ``params`` from plain values (``--hparam`` options, a checkpoint's JSON): an
+    unknown name or a value of the wrong type is a :class:`HyperParameterError` listing the valid names; JSON lists
+    become tuples where the field is a tuple."""
+    accepted = accepted_options(params)
+    unknown = sorted(set(values) - set(accepted))
+    if unknown:
+        raise HyperParameterError(f"method {method!r}: unknown hyper-parameter(s) {unknown}; accepted: "
+                                  f"{', '.join(sorted(accepted)) or 'none'}")
+    try:
+        checked = check_options(values, accepted, what=f"method {method!r} hyper-parameters")
+    except OptionError as exc:
+        raise HyperParameterError(str(exc)) from None
+    return params(**checked)
+
+
 class CIRMethod(nn.Module):
     """Base class of every registered method. See the module docstring for the contract.
 
-    Subclasses declare ``default_hparams`` (every accepted hyper-parameter with its default, JSON-serialisable),
-    read them from ``self.hparams`` and set the feature needs (``uses_image_tokens`` / ``uses_text_tokens``) in
-    ``__init__`` when they depend on the hyper-parameters.
+    Subclasses declare their hyper-parameters as a dataclass, ``Params = MyParams`` (see :func:`hparam`), read them
+    from ``self.params`` and set the feature needs (``uses_image_tokens`` / ``uses_text_tokens``) in ``__init__``
+    when they depend on the hyper-parameters.
     """
 
     method_name: ClassVar[str] = ""  # set by @register_method
     trainable: ClassVar[bool] = True  # False: no parameters; training only writes the checkpoint
+    # False: the method's losses cannot use mined hard negatives; training refuses hard_negatives > 0.
+    supports_hard_negatives: ClassVar[bool] = True
+    Params: ClassVar[type] = NoParams
+    # Untyped hyper-parameters {name: default}: only for a method not yet converted to a ``Params`` dataclass
+    # (DAFM). Converting one: add the dataclass, set ``Params``, delete ``default_hparams``.
     default_hparams: ClassVar[dict[str, Any]] = {}
+    params: Any  # an instance of ``Params`` (None for a ``default_hparams`` method)
 
     def __init__(self, dims: MethodDims, **hparams: Any) -> None:
         super().__init__()
-        unknown = set(hparams) - set(self.default_hparams)
-        if unknown:
-            raise ValueError(
-                f"method {self.method_name!r}: unknown hyper-parameter(s) {sorted(unknown)}; "
-                f"accepted: {sorted(self.default_hparams)}"
-            )
         self.dims = dims
-        self.hparams: dict[str, Any] = {**self.default_hparams, **hparams}
+        self._untyped: dict[str, Any] | None = None
+        if self.default_hparams:
+            unknown = set(hparams) - set(self.default_hparams)
+            if unknown:
+                raise HyperParameterError(f"method {self.method_name!r}: unknown hyper-parameter(s) {sorted(unknown)}; "
+                                          f"accepted: {', '.join(sorted(self.default_hparams))}")
+            self._untyped = {**self.default_hparams, **hparams}
+            self.params = None
+        else:
+            self.params = make_params(self.Params, hparams, self.method_name or type(self).__name__)
         # Which cached features the method reads. The loop skips gathering what is not needed.
         self.uses_image_tokens: bool = False
         self.uses_text_tokens: bool = False
+
+    @property
+    def hparams(self) -> dict[str, Any]:
+        """The hyper-parameters as a plain JSON-able dict (a fresh copy of ``params``)."""
+        if self._untyped is not None:
+            return self._untyped
+        return asdict(self.params)
 
     # ---- the contract -------------------------------------------------------------------------------------------
     def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> Embedding:
@@ -283,24 +363,9 @@ class CIRMethod(nn.Module):
             loss = self.info_nce(q, g, batch, self.encode_gallery(hn[0]), hn[1])
         return loss, {"loss": float(loss.detach()), "scale": float(self.scale().detach())}
 
-    # ---- persistence --------------------------------------------------------------------------------------------
+    # ---- persistence (written and read by cirfusion.checkpoint) ------------------------------------------------
     def config(self) -> dict[str, Any]:
         return {"method": self.method_name, "hparams": dict(self.hparams), "dims": self.dims.to_dict()}
-
-    def save(self, directory: str | Path, dataset: str | None = None, extra: dict[str, Any] | None = None) -> Path:
-        """Write ``model.safetensors`` + ``config.json`` to ``directory`` atomically."""
-        from ..checkpoint import save_checkpoint
-
-        return save_checkpoint(self, directory, dataset=dataset, extra=extra)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> "CIRMethod":
-        from ..checkpoint import load_checkpoint
-
-        m = load_checkpoint(directory)
-        if cls is not CIRMethod and not isinstance(m, cls):
-            raise TypeError(f"{directory}: holds method {m.method_name!r}, not {cls.method_name!r}")
-        return m
 
     def num_parameters(self, trainable_only: bool = True) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
@@ -311,7 +376,7 @@ def stage_parameters(method: nn.Module, stage: Stage) -> list[tuple[str, nn.Para
     named = list(method.named_parameters())
     if not stage.train:
         return named
-    out = []
+    out: list[tuple[str, nn.Parameter]] = []
     for prefix in stage.train:
         p = prefix.rstrip(".")
         hits = [(n, t) for n, t in named if n == p or n.startswith(p + ".")]

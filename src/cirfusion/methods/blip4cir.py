@@ -21,12 +21,14 @@ reversed loss helps most with a weight well below the forward loss; 0.3 is our d
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
-from .base import Batch, CIRMethod, MethodDims, l2norm, trim_text_padding
+from .base import Batch, CIRMethod, MethodDims, hparam, l2norm, trim_text_padding
 from .encoders import TokenEncoder
 from .registry import register_method
 
@@ -39,35 +41,48 @@ def _check_tokens(dims: MethodDims, name: str) -> None:
         )
 
 
+@dataclass
+class Blip4CirParams:
+    """BLIP4CIR's hyper-parameters."""
+
+    embed_dim: int = hparam(256, "D of the query and gallery vectors")
+    width: int = hparam(128, "transformer width (text encoder and token encoder)")
+    layers: int = hparam(2, "text-encoder layers (self-attention + cross-attention + MLP each)")
+    heads: int = hparam(4, "attention heads")
+    dropout: float = hparam(0.1, "dropout")
+    token_layers: int = hparam(0, "TokenEncoder blocks over the image tokens (shared by query memory and gallery)")
+    token_queries: int = hparam(1, "TokenEncoder pooling queries")
+    bi_weight: float = hparam(0.0, "weight of the reversed (target + marker + text -> reference) InfoNCE; 0 = off")
+    logit_scale_init: float = hparam(20.0, "initial InfoNCE logit scale (learned)")
+
+
+@dataclass
+class Blip4CirBiParams(Blip4CirParams):
+    """BLIP4CIR+Bi's hyper-parameters: BLIP4CIR's, with the reversed loss on."""
+
+    bi_weight: float = hparam(0.3, "weight of the reversed (target + marker + text -> reference) InfoNCE; 0 = off")
+
+
 @register_method("blip4cir")
 class BLIP4CIR(CIRMethod):
     """BLIP4CIR: text tokens cross-attend to the reference image's tokens; the [CLS] output is the query. See the
     module docstring (``bi_weight`` > 0 adds the reversed target -> reference query)."""
 
-    default_hparams = {
-        "embed_dim": 256,  # D of the query and gallery vectors
-        "width": 128,  # transformer width (text encoder and token encoder)
-        "layers": 2,  # text-encoder layers (self-attention + cross-attention + MLP each)
-        "heads": 4,
-        "dropout": 0.1,
-        "token_layers": 0,  # TokenEncoder blocks over the image tokens (shared by query memory and gallery)
-        "token_queries": 1,  # TokenEncoder pooling queries
-        "bi_weight": 0.0,  # weight of the reversed (target + marker + text -> reference) InfoNCE; 0 = off
-        "logit_scale_init": 20.0,
-    }
+    Params = Blip4CirParams
+    params: Blip4CirParams
 
     def __init__(self, dims: MethodDims, **hparams: object) -> None:
         super().__init__(dims, **hparams)
-        h = self.hparams
+        h = self.params
         _check_tokens(dims, self.method_name)
-        if float(h["bi_weight"]) < 0:
-            raise ValueError(f"{self.method_name}: bi_weight must be >= 0, got {h['bi_weight']}")
+        if h.bi_weight < 0:
+            raise ValueError(f"{self.method_name}: bi_weight must be >= 0, got {h.bi_weight}")
         self.uses_image_tokens = self.uses_text_tokens = True
-        d, w, heads, drop = int(h["embed_dim"]), int(h["width"]), int(h["heads"]), float(h["dropout"])
+        d, w, heads, drop = h.embed_dim, h.width, h.heads, h.dropout
         self.embed_dim = d
         self.image_enc = TokenEncoder(dims.image_token_dim, dims.num_image_tokens, d, global_dim=dims.image_dim,
-                                      width=w, layers=int(h["token_layers"]), heads=heads,
-                                      queries=int(h["token_queries"]), dropout=drop)
+                                      width=w, layers=h.token_layers, heads=heads,
+                                      queries=h.token_queries, dropout=drop)
         self.image_global_in = nn.Linear(dims.image_dim, w)  # the pooled image as one more memory token
         self.text_in = nn.Linear(dims.text_token_dim, w)
         self.text_global_in = nn.Linear(dims.text_dim, w)  # seeds [CLS] with the sentence vector
@@ -77,17 +92,17 @@ class BLIP4CIR(CIRMethod):
             nn.init.trunc_normal_(p, std=0.02)
         # Only built when the reversed direction trains: an unused parameter would just decay.
         self.marker: nn.Parameter | None = None
-        if float(h["bi_weight"]) > 0:
+        if h.bi_weight > 0:
             self.marker = nn.Parameter(torch.zeros(1, 1, w))
             nn.init.trunc_normal_(self.marker, std=0.02)
         self.layers = nn.ModuleList(
             nn.TransformerDecoderLayer(w, heads, dim_feedforward=4 * w, dropout=drop, activation="gelu",
                                        batch_first=True, norm_first=True)
-            for _ in range(int(h["layers"]))
+            for _ in range(h.layers)
         )
         self.norm = nn.LayerNorm(w)
         self.head = nn.Linear(w, d)
-        self.init_logit_scale(float(h["logit_scale_init"]))
+        self.init_logit_scale(h.logit_scale_init)
 
     # ---- pieces -------------------------------------------------------------------------------------------------
     def image(self, img: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
@@ -124,13 +139,15 @@ class BLIP4CIR(CIRMethod):
     def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> torch.Tensor:
         return self.text_encoder(self.image(ref)[1], text)
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # type: ignore[override]
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         ref_vec, ref_mem = self.image(batch.ref)
         tgt_vec, tgt_mem = self.image(batch.target)
-        forward = self.info_nce(self.text_encoder(ref_mem, batch.text), tgt_vec, batch)
+        q = self.text_encoder(ref_mem, batch.text)
+        hn = self.hard_negatives(batch)  # mined negatives join the forward direction's gallery columns
+        forward = self.info_nce(q, tgt_vec, batch) if hn is None else self.info_nce(q, tgt_vec, batch, self.image(hn[0])[0], hn[1])
         logs = {"loss_forward": float(forward.detach())}
         loss = forward
-        bi = float(self.hparams["bi_weight"])
+        bi = self.params.bi_weight
         if bi > 0:
             reverse = self.reverse_info_nce(self.text_encoder(tgt_mem, batch.text, reverse=True), ref_vec, batch)
             loss = loss + bi * reverse
@@ -154,4 +171,5 @@ class BLIP4CIRBi(BLIP4CIR):
     """BLIP4CIR+Bi: BLIP4CIR plus the reversed (target + marker + text -> reference) query as an auxiliary loss
     (the variant DAFM's base pool uses)."""
 
-    default_hparams = {**BLIP4CIR.default_hparams, "bi_weight": 0.3}
+    Params = Blip4CirBiParams
+    params: Blip4CirBiParams

@@ -29,13 +29,37 @@ stride-16 tokens at 65 / 95 / 97 %; an average-pooled vector no longer knows whi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
-from .base import CIRMethod, MethodDims, l2norm
+from .base import Batch, CIRMethod, MethodDims, hparam, l2norm
 from .encoders import TokenEncoder
 from .registry import register_method
+
+
+@dataclass
+class Clip4CirParams:
+    """CLIP4CIR's hyper-parameters."""
+
+    embed_dim: int = hparam(256, "D when a learned projection is used (ignored when P_img/P_txt are the identity)")
+    projection_dim: int = hparam(512, "width of W_t / W_i (the paper: 4x the CLIP dim)")
+    hidden_dim: int = hparam(1024, "width of W_c and of the gate MLP (the paper: 8x the CLIP dim)")
+    dropout: float = hparam(0.5, "dropout of the combiner (as in the paper)")
+    image_encoder: Literal["tokens", "global"] = hparam(
+        "tokens", "tokens: a TokenEncoder over the cached spatial tokens (measured better); global: a linear P_img on "
+        "the pooled vector (the original Combiner's input)")
+    project: Literal["auto", "always"] = hparam(
+        "auto", "auto: identity projections only for aligned backbones with global features; always: learned")
+    token_width: int = hparam(128, "TokenEncoder width (image_encoder=tokens)")
+    token_layers: int = hparam(0, "TokenEncoder transformer blocks")
+    token_heads: int = hparam(4, "TokenEncoder attention heads")
+    token_queries: int = hparam(1, "TokenEncoder pooling queries")
+    token_dropout: float = hparam(0.1, "TokenEncoder dropout")
+    logit_scale_init: float = hparam(20.0, "initial InfoNCE logit scale (learned)")
 
 
 @register_method("clip4cir")
@@ -43,58 +67,38 @@ class CLIP4CIR(CIRMethod):
     """CLIP4Cir's Combiner: projected text and image features, mixed by an MLP, blended with a learned gate
     lambda*text + (1-lambda)*image. See the module docstring."""
 
-    default_hparams = {
-        "embed_dim": 256,  # D when a learned projection is used (ignored when P_img/P_txt are the identity)
-        "projection_dim": 512,  # width of W_t / W_i (the paper: 4x the CLIP dim)
-        "hidden_dim": 1024,  # width of W_c and of the gate MLP (the paper: 8x the CLIP dim)
-        "dropout": 0.5,  # as in the paper
-        # "tokens": TokenEncoder over the cached spatial tokens (default: measured better, see the module docstring);
-        # "global": a linear P_img on the pooled vector (the original Combiner's input)
-        "image_encoder": "tokens",
-        "project": "auto",  # "auto": identity only for aligned backbones with global features; "always"
-        "token_width": 128,  # TokenEncoder options (image_encoder="tokens")
-        "token_layers": 0,
-        "token_heads": 4,
-        "token_queries": 1,
-        "token_dropout": 0.1,
-        "logit_scale_init": 20.0,
-    }
+    Params = Clip4CirParams
+    params: Clip4CirParams
 
     def __init__(self, dims: MethodDims, **hparams: object) -> None:
         super().__init__(dims, **hparams)
-        h = self.hparams
-        if h["image_encoder"] not in ("global", "tokens"):
-            raise ValueError(f"clip4cir: image_encoder must be 'global' or 'tokens', got {h['image_encoder']!r}")
-        if h["project"] not in ("auto", "always"):
-            raise ValueError(f"clip4cir: project must be 'auto' or 'always', got {h['project']!r}")
-        identity = (
-            h["project"] == "auto" and dims.aligned and h["image_encoder"] == "global" and dims.image_dim == dims.text_dim
-        )
-        d = dims.image_dim if identity else int(h["embed_dim"])
+        h = self.params
+        identity = h.project == "auto" and dims.aligned and h.image_encoder == "global" and dims.image_dim == dims.text_dim
+        d = dims.image_dim if identity else h.embed_dim
         self.embed_dim = d
-        if h["image_encoder"] == "tokens":
+        if h.image_encoder == "tokens":
             self.uses_image_tokens = True
             self.image_proj: nn.Module = TokenEncoder(
                 dims.image_token_dim,
                 dims.num_image_tokens,
                 d,
                 global_dim=dims.image_dim,
-                width=int(h["token_width"]),
-                layers=int(h["token_layers"]),
-                heads=int(h["token_heads"]),
-                queries=int(h["token_queries"]),
-                dropout=float(h["token_dropout"]),
+                width=h.token_width,
+                layers=h.token_layers,
+                heads=h.token_heads,
+                queries=h.token_queries,
+                dropout=h.token_dropout,
             )
         else:
             self.image_proj = nn.Identity() if identity else nn.Linear(dims.image_dim, d)
         self.text_proj: nn.Module = nn.Identity() if identity else nn.Linear(dims.text_dim, d)
 
-        p, hid, drop = int(h["projection_dim"]), int(h["hidden_dim"]), float(h["dropout"])
+        p, hid, drop = h.projection_dim, h.hidden_dim, h.dropout
         self.text_projection = nn.Sequential(nn.Linear(d, p), nn.ReLU(), nn.Dropout(drop))
         self.image_projection = nn.Sequential(nn.Linear(d, p), nn.ReLU(), nn.Dropout(drop))
         self.combiner = nn.Sequential(nn.Linear(2 * p, hid), nn.ReLU(), nn.Dropout(drop), nn.Linear(hid, d))
         self.gate = nn.Sequential(nn.Linear(2 * p, hid), nn.ReLU(), nn.Dropout(drop), nn.Linear(hid, 1), nn.Sigmoid())
-        self.init_logit_scale(float(h["logit_scale_init"]))
+        self.init_logit_scale(h.logit_scale_init)
 
     def _image(self, img: ImageFeatures) -> torch.Tensor:
         if self.uses_image_tokens:
@@ -113,7 +117,7 @@ class CLIP4CIR(CIRMethod):
         lam = self.gate(c)
         return l2norm(self.combiner(c) + lam * t + (1 - lam) * i), lam.squeeze(-1)
 
-    def loss(self, batch):  # type: ignore[override]
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         i = self._image(batch.ref)
         t = l2norm(self.text_proj(batch.text.global_.float()))
         q, lam = self.combine(i, t)

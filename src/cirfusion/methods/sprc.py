@@ -26,11 +26,13 @@ dragged towards the prompts). ``align_weight`` defaults to 0.5.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
-from .base import Batch, CIRMethod, MethodDims, l2norm, trim_text_padding
+from .base import Batch, CIRMethod, MethodDims, hparam, l2norm, trim_text_padding
 from .registry import register_method
 
 
@@ -58,36 +60,41 @@ class QFormerBlock(nn.Module):
         return x + self.drop(self.mlp(self.norm2(x)))
 
 
+@dataclass
+class SprcParams:
+    """SPRC's hyper-parameters."""
+
+    embed_dim: int = hparam(256, "D")
+    width: int = hparam(128, "Q-Former width")
+    layers: int = hparam(2, "Q-Former blocks (shared by the image, query and text passes, as in BLIP-2)")
+    heads: int = hparam(4, "attention heads")
+    num_queries: int = hparam(6, "M learned query tokens = gallery vectors per image = prompt length")
+    dropout: float = hparam(0.1, "dropout")
+    align_weight: float = hparam(0.5, "weight of the prompt-alignment loss")
+    logit_scale_init: float = hparam(20.0, "initial InfoNCE logit scale (learned)")
+
+
 @register_method("sprc")
 class SPRC(CIRMethod):
     """SPRC: a Q-Former turns the reference image and caption into a sentence-level prompt, the caption plus prompt
     is encoded as text, and a gallery image is several Q-Former query vectors matched by max-sim. See the module
     docstring."""
 
-    default_hparams = {
-        "embed_dim": 256,  # D
-        "width": 128,  # Q-Former width
-        "layers": 2,  # Q-Former blocks (shared by the image, query and text passes, as in BLIP-2)
-        "heads": 4,
-        "num_queries": 6,  # M learned query tokens = gallery vectors per image = prompt length
-        "dropout": 0.1,
-        "align_weight": 0.5,  # weight of the prompt-alignment loss
-        "logit_scale_init": 20.0,
-    }
+    Params = SprcParams
+    params: SprcParams
 
     def __init__(self, dims: MethodDims, **hparams: object) -> None:
         super().__init__(dims, **hparams)
-        h = self.hparams
+        h = self.params
         if dims.num_image_tokens < 1 or dims.max_text_tokens < 1:
             raise ValueError(f"method {self.method_name!r} needs image and text tokens; backbone "
                              f"{dims.backbone_id or '<unknown>'!r} has {dims.num_image_tokens} and {dims.max_text_tokens}")
-        if int(h["num_queries"]) < 1:
-            raise ValueError(f"{self.method_name}: num_queries must be >= 1, got {h['num_queries']}")
-        if float(h["align_weight"]) < 0:
-            raise ValueError(f"{self.method_name}: align_weight must be >= 0, got {h['align_weight']}")
+        if h.num_queries < 1:
+            raise ValueError(f"{self.method_name}: num_queries must be >= 1, got {h.num_queries}")
+        if h.align_weight < 0:
+            raise ValueError(f"{self.method_name}: align_weight must be >= 0, got {h.align_weight}")
         self.uses_image_tokens = self.uses_text_tokens = True
-        d, w, heads, drop, m = (int(h["embed_dim"]), int(h["width"]), int(h["heads"]), float(h["dropout"]),
-                                int(h["num_queries"]))
+        d, w, heads, drop, m = h.embed_dim, h.width, h.heads, h.dropout, h.num_queries
         if w % heads:
             raise ValueError(f"{self.method_name}: width {w} is not divisible by heads {heads}")
         self.embed_dim, self.num_queries = d, m
@@ -101,13 +108,13 @@ class SPRC(CIRMethod):
         self.cls = nn.Parameter(torch.zeros(1, 1, w))
         for p in (self.image_pos, self.text_pos, self.queries, self.cls):
             nn.init.trunc_normal_(p, std=0.02)
-        self.qformer = nn.ModuleList(QFormerBlock(w, heads, drop) for _ in range(int(h["layers"])))
+        self.qformer = nn.ModuleList(QFormerBlock(w, heads, drop) for _ in range(h.layers))
         self.prompt_gen = nn.Sequential(nn.LayerNorm(w), nn.Linear(w, w), nn.GELU(), nn.Linear(w, w))
         self.norm_image, self.norm_text, self.norm_prompt = nn.LayerNorm(w), nn.LayerNorm(w), nn.LayerNorm(w)
         self.image_head = nn.Linear(w, d)
         self.text_head = nn.Linear(w, d)
         self.prompt_head = nn.Linear(w, d)
-        self.init_logit_scale(float(h["logit_scale_init"]))
+        self.init_logit_scale(h.logit_scale_init)
 
     # ---- pieces -------------------------------------------------------------------------------------------------
     def _run(self, x: torch.Tensor, key_pad: torch.Tensor | None, memory: torch.Tensor | None, n_query: int) -> torch.Tensor:
@@ -158,13 +165,14 @@ class SPRC(CIRMethod):
     def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> torch.Tensor:
         return self.compose(*self.prompt(ref, text))
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # type: ignore[override]
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         prompt, t, pad = self.prompt(batch.ref, batch.text)
         q = self.compose(prompt, t, pad)
         g = self.encode_gallery(batch.target)
-        contrastive = self.info_nce(q, g, batch)
+        hn = self.hard_negatives(batch)  # mined negatives: more multi-vector gallery columns, scored by max-sim
+        contrastive = self.info_nce(q, g, batch) if hn is None else self.info_nce(q, g, batch, self.encode_gallery(hn[0]), hn[1])
         align = self.align_loss(self.prompt_embedding(prompt), g)
-        loss = contrastive + float(self.hparams["align_weight"]) * align
+        loss = contrastive + self.params.align_weight * align
         return loss, {"loss": float(loss.detach()), "loss_contrastive": float(contrastive.detach()),
                       "loss_align": float(align.detach()), "scale": float(self.scale().detach())}
 

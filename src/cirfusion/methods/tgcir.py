@@ -40,12 +40,14 @@ regularisation are not reproduced: they tune the CLIP feature extractor, which o
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
-from .base import Batch, CIRMethod, MethodDims, l2norm
+from .base import Batch, CIRMethod, MethodDims, hparam, l2norm
 from .encoders import TokenEncoder
 from .registry import register_method
 
@@ -54,43 +56,48 @@ def _mlp(inp: int, hidden: int, out: int, dropout: float) -> nn.Sequential:
     return nn.Sequential(nn.Linear(inp, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, out))
 
 
+@dataclass
+class TgCirParams:
+    """TG-CIR's hyper-parameters."""
+
+    embed_dim: int = hparam(256, "D")
+    width: int = hparam(128, "TokenEncoder width and local-attention width")
+    hidden_dim: int = hparam(256, "width of the gate / residual MLPs")
+    heads: int = hparam(4, "attention heads")
+    dropout: float = hparam(0.1, "dropout")
+    token_layers: int = hparam(0, "TokenEncoder blocks over the image tokens")
+    token_queries: int = hparam(1, "TokenEncoder pooling queries")
+    teacher_weight: float = hparam(1.0, "weight of the teacher's own InfoNCE")
+    kd_weight: float = hparam(1.0, "weight of KL(teacher || student) over the in-batch gallery")
+    kd_temperature: float = hparam(2.0, "softens both distributions for the KL")
+    gate_weight: float = hparam(1.0, "weight of the MSE between the student's gates and the (stop-grad) teacher's")
+    logit_scale_init: float = hparam(20.0, "initial InfoNCE logit scale (learned)")
+
+
 @register_method("tg-cir")
 class TGCIR(CIRMethod):
     """TG-CIR: a target-free student composition (gated reference + gated residual over global + local features)
     distilled from a target-aware teacher branch during training. See the module docstring."""
 
-    default_hparams = {
-        "embed_dim": 256,  # D
-        "width": 128,  # TokenEncoder width and local-attention width
-        "hidden_dim": 256,  # width of the gate / residual MLPs
-        "heads": 4,
-        "dropout": 0.1,
-        "token_layers": 0,  # TokenEncoder blocks over the image tokens
-        "token_queries": 1,
-        "teacher_weight": 1.0,  # the teacher's own InfoNCE
-        "kd_weight": 1.0,  # KL(teacher || student) over the in-batch gallery
-        "kd_temperature": 2.0,  # softens both distributions for the KL
-        "gate_weight": 1.0,  # MSE between the student's gate and the (stop-grad) teacher's
-        "logit_scale_init": 20.0,
-    }
+    Params = TgCirParams
+    params: TgCirParams
 
     def __init__(self, dims: MethodDims, **hparams: object) -> None:
         super().__init__(dims, **hparams)
-        h = self.hparams
+        h = self.params
         if dims.num_image_tokens < 1:
             raise ValueError(f"method {self.method_name!r} needs image tokens; backbone {dims.backbone_id!r} has none")
         for k in ("teacher_weight", "kd_weight", "gate_weight"):
-            if float(h[k]) < 0:
-                raise ValueError(f"{self.method_name}: {k} must be >= 0, got {h[k]}")
-        if float(h["kd_temperature"]) <= 0:
-            raise ValueError(f"{self.method_name}: kd_temperature must be > 0, got {h['kd_temperature']}")
+            if getattr(h, k) < 0:
+                raise ValueError(f"{self.method_name}: {k} must be >= 0, got {getattr(h, k)}")
+        if h.kd_temperature <= 0:
+            raise ValueError(f"{self.method_name}: kd_temperature must be > 0, got {h.kd_temperature}")
         self.uses_image_tokens = True
-        d, w, hid, heads, drop = (int(h["embed_dim"]), int(h["width"]), int(h["hidden_dim"]), int(h["heads"]),
-                                  float(h["dropout"]))
+        d, w, hid, heads, drop = h.embed_dim, h.width, h.hidden_dim, h.heads, h.dropout
         self.embed_dim = d
         self.image_enc = TokenEncoder(dims.image_token_dim, dims.num_image_tokens, d, global_dim=dims.image_dim,
-                                      width=w, layers=int(h["token_layers"]), heads=heads,
-                                      queries=int(h["token_queries"]), dropout=drop)
+                                      width=w, layers=h.token_layers, heads=heads,
+                                      queries=h.token_queries, dropout=drop)
         self.text_proj = nn.Linear(dims.text_dim, d)
         # local feature: the text queries the reference's encoded tokens
         self.local_q = nn.Linear(d, w)
@@ -103,7 +110,7 @@ class TGCIR(CIRMethod):
         self.residual = _mlp(3 * d, hid, d, drop)
         # teacher: target-aware gates (both) over the student's shared reference vector and residual
         self.teacher = nn.ModuleDict({"gate": _mlp(6 * d, hid, 2 * d, drop)})
-        self.init_logit_scale(float(h["logit_scale_init"]))
+        self.init_logit_scale(h.logit_scale_init)
 
     # ---- pieces -------------------------------------------------------------------------------------------------
     def image(self, img: ImageFeatures) -> tuple[torch.Tensor, torch.Tensor]:
@@ -139,33 +146,41 @@ class TGCIR(CIRMethod):
         i, h = self.features(ref, text)
         return self.student(i, h)[0]
 
-    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:  # type: ignore[override]
-        hp = self.hparams
+    def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
+        hp = self.params
         i, h = self.features(batch.ref, batch.text)
         q_s, g_s, r = self.student(i, h)
         v = self.image(batch.target)[0]
         q_t, g_t = self.teacher_query(i, h, r, v)
 
-        logits_s, logits_t = self.batch_logits(q_s, v, batch), self.batch_logits(q_t, v, batch)
+        # Mined hard negatives are extra gallery columns for both branches (and so for the distillation too).
+        hn = self.hard_negatives(batch)
+        hard = None if hn is None else (self.image(hn[0])[0], hn[1])
+        logits_s, logits_t = self.batch_logits(q_s, v, batch, hard), self.batch_logits(q_t, v, batch, hard)
         labels = torch.arange(len(batch), device=logits_s.device)
         student = F.cross_entropy(logits_s, labels)
         teacher = F.cross_entropy(logits_t, labels)
-        tau = float(hp["kd_temperature"])
-        kd = self.distill(logits_s, logits_t, tau)
+        kd = self.distill(logits_s, logits_t, hp.kd_temperature)
         gate = F.mse_loss(g_s, g_t.detach())
-        loss = (student + float(hp["teacher_weight"]) * teacher + float(hp["kd_weight"]) * kd
-                + float(hp["gate_weight"]) * gate)
+        loss = student + hp.teacher_weight * teacher + hp.kd_weight * kd + hp.gate_weight * gate
         return loss, {"loss": float(loss.detach()), "loss_student": float(student.detach()),
                       "loss_teacher": float(teacher.detach()), "loss_kd": float(kd.detach()),
                       "loss_gate": float(gate.detach()), "gate": float(g_s.mean().detach()),
                       "scale": float(self.scale().detach())}
 
-    def batch_logits(self, q: torch.Tensor, g: torch.Tensor, batch: Batch) -> torch.Tensor:
-        """Scaled in-batch logits with other positives of row i masked out (as :meth:`info_nce` does)."""
+    def batch_logits(self, q: torch.Tensor, g: torch.Tensor, batch: Batch,
+                     hard: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """Scaled in-batch logits with other positives of row i masked out (as :meth:`info_nce` does), plus the
+        columns of ``hard`` = (hard-negative vectors, their image rows), positives of row i masked out."""
         logits = self.similarity(q, g) * self.scale()
         pos = batch.positive_mask(batch.target_rows).to(logits.device)
         pos.fill_diagonal_(False)
-        return logits.masked_fill(pos, float("-inf"))
+        logits = logits.masked_fill(pos, float("-inf"))
+        if hard is None:
+            return logits
+        hl = (self.similarity(q, hard[0]) * self.scale()).masked_fill(batch.positive_mask(hard[1]).to(logits.device),
+                                                                      float("-inf"))
+        return torch.cat([logits, hl], dim=1)
 
     @staticmethod
     def distill(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float) -> torch.Tensor:
