@@ -11,8 +11,8 @@ import math
 import subprocess
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
 
 import numpy as np
 import pytest
@@ -24,7 +24,7 @@ from cirfusion import api
 from cirfusion import fusion as FU
 from cirfusion.backbones import create_backbone
 from cirfusion.backbones.base import ImageFeatures, TextFeatures
-from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config
+from cirfusion.checkpoint import CheckpointError, load_checkpoint, read_config, save_checkpoint
 from cirfusion.cli import main
 from cirfusion.commands import fuse as fuse_cmd
 from cirfusion.data.registry import load_dataset
@@ -34,6 +34,7 @@ from cirfusion.evaluation import evaluate
 from cirfusion.features import FeatureCache
 from cirfusion.fusion import kernels as K
 from cirfusion.methods import CIRMethod, MethodDims, cosine_or_maxsim, create_method
+from cirfusion.methods.base import hparam
 from cirfusion.methods.dafm import DAFM
 from cirfusion.quickstart import QuickstartConfig
 from cirfusion.seeding import seed_everything
@@ -46,25 +47,35 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 # ---------------------------------------------------------------------------------------------------------------------
 # Test-only base models (not registered): each reads a fixed slice of the global features.
 # ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class ProbeParams:
+    t: list[int] = hparam(help="text slice", factory=lambda: [0, 0])
+    r: list[int] = hparam(help="reference slice", factory=lambda: [0, 0])
+    g: list[int] = hparam(help="gallery slice", factory=lambda: [0, 0])
+    multi: int = hparam(1, "gallery vectors per image")
+    noise: float = hparam(0.0, "noise of the extra gallery vectors")
+
+
 class Probe(CIRMethod):
     """query = normalised [text[t0:t1], ref[r0:r1]], gallery = normalised [img[g0:g1], img[r0:r1]]; ``multi`` > 1 makes
     the gallery multi-vector (max-sim), the extra vectors being noisy copies."""
 
-    default_hparams: ClassVar[dict[str, Any]] = {"t": [0, 0], "r": [0, 0], "g": [0, 0], "multi": 1, "noise": 0.0}
+    Params = ProbeParams
+    params: ProbeParams
 
     def _img(self, f: torch.Tensor, a: list[int], b: list[int]) -> torch.Tensor:
         return torch.cat([f[:, a[0]:a[1]], f[:, b[0]:b[1]]], 1).float()
 
     def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> torch.Tensor:
-        h = self.hparams
-        return F.normalize(torch.cat([text.global_[:, h["t"][0]:h["t"][1]], ref.global_[:, h["r"][0]:h["r"][1]]], 1).float(), dim=-1)
+        h = self.params
+        return F.normalize(torch.cat([text.global_[:, h.t[0]:h.t[1]], ref.global_[:, h.r[0]:h.r[1]]], 1).float(), dim=-1)
 
     def encode_gallery(self, img: ImageFeatures) -> torch.Tensor:
-        h = self.hparams
-        g = self._img(img.global_, h["g"], h["r"])
-        if h["multi"] > 1:
+        h = self.params
+        g = self._img(img.global_, h.g, h.r)
+        if h.multi > 1:
             gen = torch.Generator().manual_seed(int(g.abs().sum() * 1000) % (2**31))
-            extra = g[:, None, :] + h["noise"] * torch.randn(g.shape[0], h["multi"] - 1, g.shape[1], generator=gen)
+            extra = g[:, None, :] + h.noise * torch.randn(g.shape[0], h.multi - 1, g.shape[1], generator=gen)
             g = torch.cat([g[:, None, :], extra], 1)
         return F.normalize(g, dim=-1)
 
@@ -181,9 +192,9 @@ def test_tiled_equals_full_and_eval_paths_agree(tmp_path):
     _tr, va = colour_shape_world(tmp_path)
     t = FU.SplitTable.build(bases, ["colour", "shape"], va)
     q, g = t.query_bundle(slice(0, t.num_queries)), t.gallery_bundle()
-    m.hparams["tile"] = 10_000
+    m.params.tile = 10_000
     full = m.similarity(q, g)
-    m.hparams["tile"] = 7
+    m.params.tile = 7
     tiled = m.similarity(q, g)
     assert torch.allclose(tiled, full, rtol=0, atol=1e-5)
     # raw scores of a tile equal the rows of the whole block
@@ -196,9 +207,9 @@ def test_tiled_equals_full_and_eval_paths_agree(tmp_path):
     m16 = DAFM.from_bases(bases, score_dtype="float16")
     m16.fusion.load_state_dict(m.fusion.state_dict())
     g16 = t.gallery_bundle(torch.float16)
-    m16.hparams["tile"] = 10_000
+    m16.params.tile = 10_000
     a = m16.similarity(q, g16)
-    m16.hparams["tile"] = 7
+    m16.params.tile = 7
     assert (m16.similarity(q, g16) - a).abs().max() < 1e-2 and (a - full).abs().max() < 5e-2
     assert FU.evaluate_fused(m16, t)["R@10"] == pytest.approx(evaluate(m16, va)["R@10"], abs=2.0)
 
@@ -383,7 +394,7 @@ def test_save_load_gives_identical_fused_scores(tmp_path):
     t = FU.SplitTable.build(bases, ["clip4cir", "image-only"], tr)
     v = FU.SplitTable.build(bases, ["clip4cir", "image-only"], va)
     model, _ = FU.fuse(t, v, FU.FusionConfig(epochs=1, min_steps=0, batch_size=32), base_info=[{"dataset": "toy/train"}] * 2)
-    model.save(tmp_path / "fused", dataset="toy/train")
+    save_checkpoint(model, tmp_path / "fused", dataset="toy/train")
     files = sorted(str(p.relative_to(tmp_path / "fused")) for p in (tmp_path / "fused").rglob("*") if p.is_file())
     assert files == ["bases/00-clip4cir/config.json", "bases/00-clip4cir/model.safetensors",
                      "bases/01-image-only/config.json", "bases/01-image-only/model.safetensors",

@@ -14,6 +14,7 @@ import torch
 
 import cirfusion
 from cirfusion.backbones import create_backbone
+from cirfusion.checkpoint import save_checkpoint
 from cirfusion.cli import main
 from cirfusion.index import brute_force_search
 from cirfusion.methods import create_method
@@ -59,14 +60,14 @@ def world(tmp_path_factory):
     bb = create_backbone("tiny")
     seed_everything(0)
     ckpts = {}
-    ckpts["clip"] = create_method("clip4cir", bb, embed_dim=16, hidden_dim=32).save(root / "ck" / "clip")
+    ckpts["clip"] = save_checkpoint(create_method("clip4cir", bb, embed_dim=16, hidden_dim=32), root / "ck" / "clip")
     seed_everything(1)
-    ckpts["clip_other"] = create_method("clip4cir", bb, embed_dim=16, hidden_dim=32).save(root / "ck" / "clip_other")
+    ckpts["clip_other"] = save_checkpoint(create_method("clip4cir", bb, embed_dim=16, hidden_dim=32), root / "ck" / "clip_other")
     seed_everything(2)
-    ckpts["other_bb"] = create_method("image-only", create_backbone("tiny:seed=1")).save(root / "ck" / "other_bb")
+    ckpts["other_bb"] = save_checkpoint(create_method("image-only", create_backbone("tiny:seed=1")), root / "ck" / "other_bb")
     seed_everything(3)
     bases = [create_method("clip4cir", bb, embed_dim=16, hidden_dim=32), create_method("image-only", bb)]
-    ckpts["dafm"] = DAFM.from_bases(bases, score_dtype="float32").save(root / "ck" / "dafm")
+    ckpts["dafm"] = save_checkpoint(DAFM.from_bases(bases, score_dtype="float32"), root / "ck" / "dafm")
     return {"root": root, "gallery": gallery, "ref": ref, "ckpt": ckpts, "cache": root / "cache"}
 
 

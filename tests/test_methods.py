@@ -240,9 +240,6 @@ def test_train_list_is_generated_from_the_dataclasses():
     assert sorted(blocks) == list_methods()
     for name, block in blocks.items():
         cls = get_method_class(name)
-        if cls.default_hparams:  # not yet converted (DAFM): its dict, one line per entry
-            assert len(block) == len(cls.default_hparams)
-            continue
         params = fields(cls.Params)
         assert len(block) == len(params), name
         for f, line in zip(params, block, strict=True):

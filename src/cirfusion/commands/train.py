@@ -28,7 +28,7 @@ from ..data.registry import load_dataset
 from ..errors import CirfusionError
 from ..methods.base import CIRMethod, params_help
 from ..methods.registry import create_method, get_method_class, list_methods
-from ..options import parse_options, parse_pairs
+from ..options import parse_options
 from ..rundir import check_fresh, check_unlocked
 from ..seeding import seed_everything
 from ..train import TrainConfig, check_trainable, load_state, train
@@ -43,8 +43,6 @@ __all__ = ["add_feature_args", "default_cache_dir", "list_methods_text", "make_c
 
 def parse_hparams(items: list[str], cls: type[CIRMethod]) -> dict[str, Any]:
     """``--hparam KEY=VALUE`` items, checked against the method's hyper-parameter dataclass (names and types)."""
-    if cls.default_hparams:  # a method not yet converted to a Params dataclass: it checks the names itself
-        return parse_pairs(items, what="--hparam")
     return parse_options(items, cls.Params, what=f"--hparam ({cls.method_name})")
 
 
@@ -103,9 +101,6 @@ def list_methods_text() -> str:
     for name in list_methods():
         cls = get_method_class(name)
         lines.append(f"{name}{'' if cls.trainable else ' (no parameters)'}: {_summary_line(cls)}")
-        if cls.default_hparams:  # a method not yet converted to a Params dataclass
-            lines.extend(f"    {k} = {json.dumps(v)}" for k, v in cls.default_hparams.items())
-            continue
         for field_name, tp, default, help_text in params_help(cls.Params):
             lines.append(f"    {field_name} ({tp}) = {json.dumps(default)}{': ' + help_text if help_text else ''}")
     return "\n".join(lines)

@@ -267,24 +267,12 @@ class CIRMethod(nn.Module):
     # False: the method's losses cannot use mined hard negatives; training refuses hard_negatives > 0.
     supports_hard_negatives: ClassVar[bool] = True
     Params: ClassVar[type] = NoParams
-    # Untyped hyper-parameters {name: default}: only for a method not yet converted to a ``Params`` dataclass
-    # (DAFM). Converting one: add the dataclass, set ``Params``, delete ``default_hparams``.
-    default_hparams: ClassVar[dict[str, Any]] = {}
-    params: Any  # an instance of ``Params`` (None for a ``default_hparams`` method)
+    params: Any  # an instance of ``Params``
 
     def __init__(self, dims: MethodDims, **hparams: Any) -> None:
         super().__init__()
         self.dims = dims
-        self._untyped: dict[str, Any] | None = None
-        if self.default_hparams:
-            unknown = set(hparams) - set(self.default_hparams)
-            if unknown:
-                raise HyperParameterError(f"method {self.method_name!r}: unknown hyper-parameter(s) {sorted(unknown)}; "
-                                          f"accepted: {', '.join(sorted(self.default_hparams))}")
-            self._untyped = {**self.default_hparams, **hparams}
-            self.params = None
-        else:
-            self.params = make_params(self.Params, hparams, self.method_name or type(self).__name__)
+        self.params = make_params(self.Params, hparams, self.method_name or type(self).__name__)
         # Which cached features the method reads. The loop skips gathering what is not needed.
         self.uses_image_tokens: bool = False
         self.uses_text_tokens: bool = False
@@ -292,8 +280,6 @@ class CIRMethod(nn.Module):
     @property
     def hparams(self) -> dict[str, Any]:
         """The hyper-parameters as a plain JSON-able dict (a fresh copy of ``params``)."""
-        if self._untyped is not None:
-            return self._untyped
         return asdict(self.params)
 
     # ---- the contract -------------------------------------------------------------------------------------------

@@ -35,15 +35,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Literal
 
 import torch
-from safetensors.torch import load_file
 
 from ..backbones.base import ImageFeatures, TextFeatures
 from ..backbones.multi import PartSlice, composite_fields, feature_parts, part_slices
-from ..checkpoint import MODEL_FILE, CheckpointError, load_state_strict, read_config, write_checkpoint_files
+from ..checkpoint import MODEL_FILE, CheckpointError, load_state_strict, load_weights, read_config, write_checkpoint_files
 from ..embeddings import rows_of
 from ..fusion.kernels import (
     SCORE_DTYPES,
@@ -57,7 +57,7 @@ from ..fusion.kernels import (
     uses_default_similarity,
 )
 from ..fusion.network import FusionNet
-from .base import CIRMethod, MethodDims, Stage
+from .base import CIRMethod, MethodDims, Stage, hparam
 from .registry import create_method, register_method
 
 BASES_DIR = "bases"
@@ -102,35 +102,45 @@ def _check_same_features(dims: MethodDims, other: MethodDims, what: str) -> None
                              "bases on several backbones, their multi: composite)")
 
 
+def _default_bases() -> list[dict[str, Any]]:
+    return [{"method": "image-only"}, {"method": "clip4cir"}]
+
+
+@dataclass
+class DafmParams:
+    """DAFM's hyper-parameters."""
+
+    bases: list[dict[str, Any]] = hparam(help="base models: [{method, hparams, dims, name, dataset, source}]; the default "
+                                         "(two fresh models) only makes create_method('dafm', dims) work; cirfusion fuse "
+                                         "and DAFM.from_bases set trained ones", factory=_default_bases)
+    hidden: int = hparam(16, "width of each residual block's 1x1 convolutions")
+    blocks: int = hparam(1, "residual refinement blocks")
+    gate_hidden: int = hparam(32, "width of the MLP from score statistics to model weights")
+    topk: int = hparam(32, "top-k candidates the score statistics look at")
+    beta: float = hparam(4.0, "sharpness of the softmax whose entropy is a statistic")
+    exclude_reference: bool = hparam(True, "leave the reference out of the statistics (set from the training dataset)")
+    tile: int = hparam(64, "queries fused at once (fewer when the gallery is large)")
+    tau0: float = hparam(0.02, "temperature of the in-batch loss until a fit sets the final one")
+    # float16 halves the bytes read per query (products accumulate in float32); int8 reads an int8 copy of the
+    # float16 gallery
+    score_dtype: Literal["float16", "float32", "int8"] = hparam(
+        "float16", "precision of default-similarity base scores: float16 (rounded ~1e-4), float32 (exact), int8 "
+        "(~1.7x faster than float16 on CPU, within ~3e-3)")
+
+
 @register_method("dafm")
 class DAFM(CIRMethod):
     """Dynamic Adaptive Fusion of K >= 2 frozen CIR models: per-query normalised scores, query-aware model weights,
     residual 1x1-convolution refinement (see cirfusion.fusion)."""
 
-    default_hparams: ClassVar[dict[str, Any]] = {
-        # Base models: [{"method", "hparams", "dims", "name", "dataset", "source"}]. The default (two fresh models)
-        # only makes `create_method("dafm", dims)` work; `cirfusion fuse` / `DAFM.from_bases` set trained ones.
-        "bases": [{"method": "image-only"}, {"method": "clip4cir"}],
-        "hidden": 16,  # width of each residual block's 1x1 convolutions
-        "blocks": 1,  # residual refinement blocks
-        "gate_hidden": 32,  # width of the MLP from score statistics to model weights
-        "topk": 32,  # top-k candidates the score statistics look at
-        "beta": 4.0,  # sharpness of the softmax whose entropy is a statistic
-        "exclude_reference": True,  # leave the reference out of the statistics (set from the training dataset)
-        "tile": 64,  # queries fused at once (fewer when the gallery is large)
-        "tau0": 0.02,  # temperature of the in-batch loss until a fit sets the final one
-        # Precision of the base scores of models using the default (cosine / max-sim) similarity: "float16" halves
-        # the bytes read per query (products accumulate in float32; scores rounded to ~1e-4), "float32" is exact,
-        # "int8" reads an int8 copy of the float16 gallery (base scores ~1.7x faster than float16 on CPU; scores
-        # within ~3e-3).
-        "score_dtype": "float16",
-    }
+    Params = DafmParams
+    params: DafmParams
 
     tau: torch.Tensor  # the temperature (a buffer: saved with the fusion network)
 
     def __init__(self, dims: MethodDims, _bases: Sequence[CIRMethod] | None = None, **hparams: Any) -> None:
         super().__init__(dims, **hparams)
-        specs = _normalise_specs(self.hparams["bases"], dims)
+        specs = _normalise_specs(self.params.bases, dims)
         if _bases is None:
             bases = [create_method(s["method"], MethodDims.from_dict(s["dims"]), **s["hparams"]) for s in specs]
         else:
@@ -156,17 +166,15 @@ class DAFM(CIRMethod):
             b.eval()
             for p in b.parameters():
                 p.requires_grad_(False)
-        self.hparams["bases"] = specs
+        self.params.bases = specs
         # Not registered as sub-modules: frozen, outside parameters()/state_dict(), saved in their own directories.
         self._bases: list[CIRMethod] = bases
         self.uses_image_tokens = any(b.uses_image_tokens for b in bases)
         self.uses_text_tokens = any(b.uses_text_tokens for b in bases)
-        h = self.hparams
-        if h["score_dtype"] not in SCORE_DTYPES:
-            raise ValueError(f"dafm: score_dtype must be one of {sorted(SCORE_DTYPES)}, got {h['score_dtype']!r}")
-        self.score_dtype: torch.dtype = SCORE_DTYPES[h["score_dtype"]]
-        self.fusion = FusionNet(len(bases), int(h["hidden"]), int(h["blocks"]), int(h["gate_hidden"]))
-        self.register_buffer("tau", torch.tensor(float(h["tau0"])))
+        h = self.params
+        self.score_dtype: torch.dtype = SCORE_DTYPES[h.score_dtype]  # the Literal type checked the name
+        self.fusion = FusionNet(len(bases), h.hidden, h.blocks, h.gate_hidden)
+        self.register_buffer("tau", torch.tensor(h.tau0))
 
     # ---- construction -------------------------------------------------------------------------------------------------
     @classmethod
@@ -191,7 +199,7 @@ class DAFM(CIRMethod):
 
     @property
     def base_names(self) -> list[str]:
-        return [s["name"] for s in self.hparams["bases"]]
+        return [s["name"] for s in self.params.bases]
 
     @property
     def num_models(self) -> int:
@@ -238,14 +246,14 @@ class DAFM(CIRMethod):
         if len(q["q"]) != self.num_models or len(g["g"]) != self.num_models:
             raise ValueError(f"dafm: embeddings hold {len(q['q'])}/{len(g['g'])} models, the fused model {self.num_models}")
         b, n = int(q["fp"].shape[0]), int(g["fp"].shape[0])
-        h = self.hparams
-        tile = block_rows(n, max(self.num_models, int(h["hidden"])), int(h["tile"]))
+        h = self.params
+        tile = block_rows(n, max(self.num_models, h.hidden), h.tile)
         for s in range(0, b, tile):
             rows = slice(s, min(b, s + tile))
             raw = base_scores(self._bases, [rows_of(x, rows) for x in q["q"]], g["g"], self.score_dtype)
-            excl = (q["fp"][rows][:, None] == g["fp"][None, :]) if h["exclude_reference"] else None
+            excl = (q["fp"][rows][:, None] == g["fp"][None, :]) if h.exclude_reference else None
             with single_thread_if_small(raw.numel()):
-                norm = normalise_scores(raw, excl, int(h["topk"]), float(h["beta"]))
+                norm = normalise_scores(raw, excl, h.topk, h.beta)
             yield norm
 
     def similarity(self, q: Any, g: Any) -> torch.Tensor:
@@ -271,19 +279,19 @@ class DAFM(CIRMethod):
 
     # ---- persistence: the bases live in sub-directories -----------------------------------------------------------
     def component_dirs(self) -> list[str]:
-        return [f"{BASES_DIR}/{i:02d}-{s['name']}" for i, s in enumerate(self.hparams["bases"])]
+        return [f"{BASES_DIR}/{i:02d}-{s['name']}" for i, s in enumerate(self.params.bases)]
 
     def save_components(self, directory: str | Path) -> None:
         """Write each base model's checkpoint into ``directory/bases/NN-NAME`` (called by the checkpoint writer inside
         its temporary directory, so the whole fused checkpoint appears atomically)."""
-        for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases, strict=True):
+        for sub, s, b in zip(self.component_dirs(), self.params.bases, self._bases, strict=True):
             d = Path(directory) / sub
             d.mkdir(parents=True, exist_ok=True)
             write_checkpoint_files(b, d, dataset=s.get("dataset"), extra={"dafm_base": s["name"], "source": s.get("source")})
 
     def load_components(self, directory: str | Path) -> None:
         """Load each base model's weights from its sub-directory; its config must match the fused model's record."""
-        for sub, s, b in zip(self.component_dirs(), self.hparams["bases"], self._bases, strict=True):
+        for sub, s, b in zip(self.component_dirs(), self.params.bases, self._bases, strict=True):
             d = Path(directory) / sub
             cfg = read_config(d)
             if cfg["method"] != s["method"] or cfg["hparams"] != s["hparams"] or cfg["dims"] != s["dims"]:
@@ -292,5 +300,5 @@ class DAFM(CIRMethod):
             weights = d / MODEL_FILE
             if not weights.is_file():
                 raise CheckpointError(f"{d}: missing {MODEL_FILE}")
-            load_state_strict(b, load_file(str(weights)), weights)
+            load_state_strict(b, load_weights(weights), weights)
             b.eval()
