@@ -23,9 +23,9 @@ from typing import Any
 import torch
 from PIL import Image
 
-from .backbones import create_backbone
+from .backbones import backbone_from_checkpoint
 from .backbones.base import Backbone, ImageFeatures, TextFeatures
-from .checkpoint import CheckpointError, load_checkpoint, read_config
+from .checkpoint import CONFIG_FILE, CheckpointError, load_checkpoint, read_config
 from .data.images import load_image
 from .embeddings import Embedding, cat_embeddings, embedding_len
 from .errors import CirfusionError
@@ -44,11 +44,15 @@ class CIRInputError(CirfusionError, ValueError, TypeError):
 class CIRModel:
     """A loaded checkpoint (``.method``, ``.config``) with lazy access to its backbone."""
 
-    def __init__(self, method: CIRMethod, config: dict[str, Any], path: Path | None = None, backbone: Backbone | None = None) -> None:
+    def __init__(self, method: CIRMethod, config: dict[str, Any], path: Path | None = None, backbone: Backbone | None = None,
+                 *, backbone_dirs: Sequence[str | Path] = (), allow_download: bool = False) -> None:
         self.method = method.eval()
         self.config = config
         self.path = path
         self._backbone = backbone
+        # Where the backbone named in the (untrusted) checkpoint may be read from: see backbone_from_checkpoint.
+        self._backbone_dirs = [*([path] if path is not None else []), *(Path(d) for d in backbone_dirs)]
+        self._allow_download = allow_download
         if backbone is not None:
             self._check_backbone(backbone)
 
@@ -73,7 +77,8 @@ class CIRModel:
         if self._backbone is None:
             if not self.backbone_id:
                 raise CheckpointError(f"{self.path}: the checkpoint names no backbone; pass backbone= to cirfusion.load")
-            bb = create_backbone(self.backbone_id)
+            source = self.path / CONFIG_FILE if self.path is not None else None
+            bb = backbone_from_checkpoint(self.backbone_id, source, self._backbone_dirs, self._allow_download)
             self._check_backbone(bb)
             self._backbone = bb.eval()
         return self._backbone
@@ -165,14 +170,17 @@ def _fp16(x: torch.Tensor) -> torch.Tensor:
     return x.detach().float().cpu().half().float()
 
 
-def load(path: str | Path, backbone: Backbone | None = None) -> CIRModel:
+def load(path: str | Path, backbone: Backbone | None = None, *, backbone_dirs: Sequence[str | Path] = (),
+         allow_download: bool = False) -> CIRModel:
     """Load a checkpoint directory (``config.json`` + ``model.safetensors``) as a ready :class:`CIRModel`.
 
     ``backbone``: an already built backbone to use (must match the checkpoint's weights hash); by default the
-    backbone named in the checkpoint is created when first needed."""
+    backbone named in the checkpoint is created when first needed, and only from files shipped with cirfusion, the
+    checkpoint directory, ``backbone_dirs``, or (``allow_download=True``) the Hugging Face hub: a checkpoint from
+    elsewhere never makes cirfusion download or read other directories."""
     path = Path(path)
     config = read_config(path)
-    return CIRModel(load_checkpoint(path), config, path, backbone)
+    return CIRModel(load_checkpoint(path), config, path, backbone, backbone_dirs=backbone_dirs, allow_download=allow_download)
 
 
 def load_method(path: str | Path) -> CIRMethod:

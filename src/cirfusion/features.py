@@ -42,7 +42,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .backbones.base import Backbone, ImageFeatures, TextFeatures
-from .data.images import ImageLoadError, load_image
+from .data.images import ImageLoadError, load_image, read_image_bytes
 from .data.schema import CIRDataset
 from .feature_store import FeatureCacheError, FeatureCacheWarning, InterruptGuard, ShardStore
 
@@ -273,12 +273,9 @@ class FeatureCache:
     def _read_one(self, store: ShardStore, path: Path) -> tuple[str, torch.Tensor | None] | ImageLoadError:
         """Read the bytes once: hash them, and decode those same bytes only on a cache miss."""
         try:
-            with open(path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
-            return ImageLoadError(path, "file does not exist")
-        except OSError as exc:
-            return ImageLoadError(path, f"cannot read file ({exc})")
+            data = read_image_bytes(path)  # format and size checked before the bytes are read (capped)
+        except ImageLoadError as exc:
+            return exc
         key = sha256_bytes(data)
         if key in store:
             return key, None

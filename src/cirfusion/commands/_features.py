@@ -45,3 +45,12 @@ def format_metrics(title: str, metrics: dict[str, Any]) -> str:
         s = str(v) if isinstance(v, int) or k.startswith("num_") else f"{v:.2f}"
         lines.append(f"  {k:<{width}}  {s:>6}")
     return "\n".join(lines)
+
+
+def add_backbone_access_args(p: argparse.ArgumentParser) -> None:
+    """--backbone-dir DIR (repeatable) and --allow-download: where a checkpoint's backbone may be read from."""
+    p.add_argument("--backbone-dir", action="append", type=Path, default=[], metavar="DIR",
+                   help="directory the checkpoint's backbone may be read from (repeatable; its sub-directories too); "
+                        "a directory inside the checkpoint is always allowed")
+    p.add_argument("--allow-download", action="store_true",
+                   help="let the checkpoint's backbone be fetched from the Hugging Face hub (or its local cache)")

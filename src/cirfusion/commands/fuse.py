@@ -42,7 +42,7 @@ import torch
 from ..errors import CirfusionError
 from ..fusion import FuseSplits, FusionConfig, fuse_checkpoints
 from ._common import add_dataset_args, dataset_kwargs
-from .train import add_feature_args, default_cache_dir
+from ._features import add_backbone_access_args, add_feature_args, default_cache_dir
 
 
 def _split(value: str) -> str | None:
@@ -65,6 +65,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--out", type=Path, required=True, help="output directory")
     p.add_argument("--overwrite", action="store_true", help="replace an existing fused checkpoint in --out")
     add_feature_args(p)
+    add_backbone_access_args(p)
     g = p.add_argument_group("fusion training (defaults: cirfusion.fusion.FusionConfig)")
     g.add_argument("--epochs", type=int, default=d.epochs, help=f"at least this many epochs (default {d.epochs})")
     g.add_argument("--holdout", type=float, default=d.holdout,
@@ -142,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         run_ = fuse_checkpoints(
             args.checkpoints, args.dataset, args.root, args.out, cfg, cache_dir=args.cache_dir or default_cache_dir(),
             splits=splits, dataset_options=kw, hparams=hparams, compare_tau=args.compare_tau,
-            incremental=args.base if args.incremental else None, feature_batch_size=args.feature_batch_size,
+            incremental=args.base if args.incremental else None, backbone_dirs=args.backbone_dir,
+            allow_download=args.allow_download, feature_batch_size=args.feature_batch_size,
             workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
             say=_say_nothing if args.json else print)
     except CirfusionError as exc:

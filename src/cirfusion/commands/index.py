@@ -44,8 +44,8 @@ import torch
 
 from .. import __version__
 from ..api import CIRModel, load
-from ..backbones import BackboneAccessError, backbone_from_checkpoint
-from ..checkpoint import CONFIG_FILE, CheckpointError, read_config
+from ..backbones import BackboneAccessError
+from ..checkpoint import CheckpointError
 from ..data.custom import IMAGE_SUFFIXES, _gallery_from_folder
 from ..data.registry import load_dataset
 from ..data.schema import DataError
@@ -57,7 +57,7 @@ from ..index import META_FILE, CIRIndexError, build_index
 from ..io import recover_directory
 from ..views import FeatureView
 from ._common import add_dataset_args, dataset_kwargs
-from .train import add_feature_args, make_cache
+from ._features import add_backbone_access_args, add_feature_args, make_cache
 
 # Recorded in the index meta; `cirfusion search` recognises its indexes by it.
 META_CREATOR = "cirfusion index build"
@@ -136,15 +136,6 @@ def checkpoint_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def add_backbone_access_args(p: argparse.ArgumentParser) -> None:
-    """--backbone-dir DIR (repeatable) and --allow-download: where a checkpoint's backbone may be read from."""
-    p.add_argument("--backbone-dir", action="append", type=Path, default=[], metavar="DIR",
-                   help="directory the checkpoint's backbone may be read from (repeatable; its sub-directories too); "
-                        "a directory inside the checkpoint is always allowed")
-    p.add_argument("--allow-download", action="store_true",
-                   help="let the checkpoint's backbone be fetched from the Hugging Face hub (or its local cache)")
-
-
 def load_model(path: Path, backbone_dirs: Sequence[Path] = (), allow_download: bool = False) -> CIRModel:
     """``cirfusion.load(path)`` with the user-facing errors (missing directory, not a checkpoint), its backbone built
     only from where the user allows (:func:`cirfusion.backbones.backbone_from_checkpoint`): files shipped with
@@ -155,11 +146,10 @@ def load_model(path: Path, backbone_dirs: Sequence[Path] = (), allow_download: b
     if not path.is_dir():
         raise CommandError(f"{path}: not a checkpoint directory")
     try:
-        cfg = read_config(path)
-        backbone_id = str((cfg.get("backbone") or {}).get("id") or cfg["dims"].get("backbone_id") or "")
-        backbone = (backbone_from_checkpoint(backbone_id, path / CONFIG_FILE, [path, *backbone_dirs], allow_download)
-                    if backbone_id else None)
-        return load(path, backbone=backbone)
+        model = load(path, backbone_dirs=backbone_dirs, allow_download=allow_download)
+        if model.backbone_id:
+            model.backbone  # noqa: B018 -- built now, so a backbone it may not read fails here as a one-line error
+        return model
     except (CheckpointError, BackboneAccessError) as exc:
         raise CommandError(str(exc)) from None
 

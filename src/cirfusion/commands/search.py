@@ -29,9 +29,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import torch
 
 from ..data.images import ImageLoadError, load_image
 from ..index import META_FILE, CIRIndexError, brute_force_search, load_index
+from ..io import recover_directory
+from ._features import add_backbone_access_args, add_feature_args
 from .index import (
     META_CREATOR,
     CommandError,
@@ -43,7 +46,6 @@ from .index import (
     indexable,
     load_model,
 )
-from .train import add_feature_args
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -70,6 +72,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     s.add_argument("--nprobe", type=int, default=None, help="ivf: lists searched per query (default: as built)")
     s.add_argument("--ef-search", type=int, default=None, help="hnsw: search beam width (default: as built)")
     add_feature_args(p)
+    add_backbone_access_args(p)
     p.add_argument("--json", action="store_true", help="print the results as a JSON list")
     p.set_defaults(func=run)
 
@@ -89,13 +92,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _search(args: argparse.Namespace) -> list[dict[str, Any]]:
-    import torch  # lazy: keeps `cirfusion --help` free of torch
-
     if args.k < 1:
         raise CommandError(f"-k must be a positive integer, got {args.k}")
     if args.threads:
         torch.set_num_threads(args.threads)
     target = Path(args.target)
+    recover_directory(target)  # an index whose rebuild crashed between its two renames is put back first
     if not target.exists():
         raise CommandError(f"{target}: no such index or checkpoint directory")
     if (target / "meta.json").is_file():
@@ -155,8 +157,6 @@ def _query(model: "CIRModel", image: "Image.Image", text: str) -> Any:
 
 
 def _search_index(args: argparse.Namespace, target: Path) -> list[dict[str, Any]]:
-    import torch  # lazy: keeps `cirfusion --help` free of torch
-
     if has_gallery_args(args):
         raise CommandError(f"{target} is an index: its gallery is fixed (--images/--dataset/--root/--split apply to a "
                            "checkpoint TARGET)")
@@ -180,7 +180,7 @@ def _search_index(args: argparse.Namespace, target: Path) -> list[dict[str, Any]
         how = "given with --checkpoint" if args.checkpoint is not None else \
             f"recorded in {meta_path}; pass --checkpoint DIR if it moved"
         raise CommandError(f"{ckpt}: checkpoint not found ({how})")
-    model = load_model(ckpt)
+    model = load_model(ckpt, args.backbone_dir, args.allow_download)
     _check_same_model(model, ckpt, meta, rec, target)
 
     paths = meta.get("paths") if isinstance(meta.get("paths"), list) and len(meta["paths"]) == len(index) else None
@@ -222,14 +222,12 @@ def _check_same_model(model: "CIRModel", ckpt: Path, meta: dict[str, Any], rec: 
 
 
 def _search_checkpoint(args: argparse.Namespace, target: Path) -> list[dict[str, Any]]:
-    import torch  # lazy: keeps `cirfusion --help` free of torch
-
     if args.checkpoint is not None or args.nprobe is not None or args.ef_search is not None:
         raise CommandError(f"{target} is a checkpoint: --checkpoint, --nprobe and --ef-search apply to an index TARGET")
     if not has_gallery_args(args):
         raise CommandError(f"{target} is a checkpoint: name the gallery to search with --images DIR or "
                            "--dataset D --root DIR --split S (or give an index built by `cirfusion index build`)")
-    model = load_model(target)
+    model = load_model(target, args.backbone_dir, args.allow_download)
     ids, paths, _ = gallery_from_args(args)
     image, ref_id = resolve_reference(args.image, ids, paths)
     exclude, k = _exclusion(ref_id, len(ids), args.k, args.keep_reference)

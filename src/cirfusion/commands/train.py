@@ -60,6 +60,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--split-val", default="val", help="validation split, or 'none' (default: val)")
     p.add_argument("--backbone", default="embedded", help="backbone name (default: embedded)")
     add_feature_args(p)
+    p.add_argument("--allow-download", action="store_true",
+                   help="let --backbone hf-clip:ID / hf-blip2:ID fetch a hub id from the Hugging Face hub (default: local only)")
     p.add_argument("--out", type=Path, default=None, help="run directory (default: runs/METHOD-DATASET)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its last saved state")
     p.add_argument("--overwrite", action="store_true",
@@ -161,7 +163,7 @@ def _run(args: argparse.Namespace) -> int:
     check_unlocked(out)
     cfg = _config(args, saved["config"] if saved else None)
 
-    backbone = create_backbone(args.backbone)
+    backbone = create_backbone(args.backbone, allow_download=args.allow_download)
     seed_everything(cfg.seed)  # the method's initial weights
     method = create_method(args.method, backbone, **hparams)
     check_trainable(method, cfg)

@@ -94,6 +94,8 @@ def fuse_checkpoints(
     compare_tau: bool = False,
     incremental: str | None = None,
     backbones: Mapping[str, Backbone] | None = None,
+    backbone_dirs: Sequence[str | Path] = (),
+    allow_download: bool = False,
     feature_batch_size: int = 64,
     workers: int = 0,
     overwrite: bool = False,
@@ -107,7 +109,8 @@ def fuse_checkpoints(
     select and report (default :class:`FuseSplits()`: fit on val, report test); ``hparams``: the fused model's
     hyper-parameters (DAFM's defaults otherwise); ``incremental``: a base model (name, index or checkpoint path) to
     start the incremental analysis from; ``backbones``: already built backbones by id, used instead of building them
-    again; ``cache_dir``: the feature cache. Raises :class:`FusionError` (or another
+    again; ``backbone_dirs`` / ``allow_download``: where else the checkpoints' backbones may be read from (see
+    :func:`cirfusion.load`); ``cache_dir``: the feature cache. Raises :class:`FusionError` (or another
     :class:`~cirfusion.errors.CirfusionError`) on anything the user can fix: an existing ``out/best`` without
     ``overwrite``, incompatible or unreadable checkpoints, a missing split."""
     t_start = time.perf_counter()
@@ -126,7 +129,8 @@ def fuse_checkpoints(
     for n in notes:
         say(f"note: {n}")
     built = dict(backbones or {})
-    models = [load(b["path"], backbone=built.get(str(b["config"].get("backbone", {}).get("id")))) for b in bases_info]
+    models = [load(b["path"], backbone=built.get(str(b["config"].get("backbone", {}).get("id"))), backbone_dirs=backbone_dirs,
+                   allow_download=allow_download) for b in bases_info]
     backbone = fusion_backbone([m.backbone for m in models])  # bases on several backbones: a multi: composite
     methods = [m.method for m in models]
     names = [b["name"] for b in bases_info]

@@ -18,6 +18,7 @@ from ..colors import (
     COLOUR_NAMES,
     REPRESENTATIVE,
 )
+from ..images import load_image
 from .config import QUERY_KINDS, SPLITS
 from .loader import _read_jsonl, _read_manifest, _split_name
 
@@ -132,7 +133,7 @@ def contact_sheet(root: str | Path, out_png: str | Path, split: str = "train", n
 
     def cell(k: int, r: dict[str, Any], label: str) -> None:
         p = Path(r["path"])
-        im = Image.open(p if p.is_absolute() else root / p).convert("RGB")
+        im = load_image(p if p.is_absolute() else root / p)
         im.thumbnail((W - 4, H - 4))
         x, y = (k % cols) * W, (k // cols) * (H + T)
         sheet.paste(im, (x + 2, y + 2))
