@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cirfusion.data.registry import load_dataset
 from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.metrics import ScoresError
 from cirfusion.submission import (
@@ -20,8 +20,6 @@ from cirfusion.submission import (
     write_circo_submission,
     write_cirr_submission,
 )
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def cirr_like(n_q=23, n_g=70, seed=0, with_targets=False):
@@ -303,19 +301,14 @@ def test_circo_reference_allowed_when_not_excluded():
 
 
 # ----------------------------------------------------------------------------------------------- real files
-def test_cirr_test1_submission_on_the_real_annotations(tmp_path):
-    """Needs the CIRR loader (another module) and ../shared/data; skipped cleanly without them."""
-    if not (SHARED / "cirr").is_dir():
-        pytest.skip("../shared/data/cirr is absent")
-    pytest.importorskip("cirfusion.data.cirr")  # importing it registers the "cirr" loader
-    from cirfusion.data import registry
-
-    ds = registry._LOADERS["cirr"](SHARED / "cirr", "test1")
+def test_cirr_test1_submission_on_the_real_annotations(shared_data, tmp_path):
+    """The real CIRR test1 annotations (conftest.shared_data): every pair id, 50 ids each, valid files."""
+    ds = load_dataset("cirr", shared_data / "cirr", "test1")
     assert (len(ds.queries), len(ds.gallery)) == (4148, 2315)
     scores = np.random.default_rng(0).standard_normal((4148, 2315)).astype(np.float32)
     p_rec, p_sub = write_cirr_submission(scores, ds, tmp_path, "random")
     rec = json.loads(p_rec.read_text())
     assert len(rec) == 4148 + 2 and all(len(v) == 50 for k, v in rec.items() if k not in ("version", "metric"))
-    raw = json.loads((SHARED / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+    raw = json.loads((shared_data / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
     assert set(rec) - {"version", "metric"} == {str(e["pairid"]) for e in raw}
     validate_cirr_submission(p_sub, ds)

@@ -159,10 +159,15 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp)
 
 
+def describe_accepted(accepted: Mapping[str, tuple[Any, Any]]) -> str:
+    """``"a (int), b (str)"``: the valid keys and their types, for error messages."""
+    return ", ".join(f"{k} ({_type_name(t)})" for k, (t, _) in sorted(accepted.items())) or "none"
+
+
 def check_options(opts: Mapping[str, Any], accepted: Mapping[str, tuple[Any, Any]], what: str) -> dict[str, Any]:
     """``opts`` checked against ``accepted`` (from :func:`accepted_options`): an unknown key or a wrong type raises
     :class:`OptionError` naming the valid keys."""
-    valid = ", ".join(f"{k} ({_type_name(t)})" for k, (t, _) in sorted(accepted.items())) or "none"
+    valid = describe_accepted(accepted)
     out: dict[str, Any] = {}
     for key, value in opts.items():
         if key not in accepted:
