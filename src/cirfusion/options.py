@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import sys
 import types
 import typing
@@ -152,11 +153,12 @@ def _coerce(value: Any, tp: Any, default: Any) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    """``str | Path``, ``Sequence[str] | None``: a type as a user reads it (no module prefixes)."""
     if tp is Any:
         return "any"
-    if typing.get_origin(tp) is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", None) or str(tp)
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return tp.__name__
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_])", "", str(tp)).replace("NoneType", "None")
 
 
 def describe_accepted(accepted: Mapping[str, tuple[Any, Any]]) -> str:
