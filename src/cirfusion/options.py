@@ -16,7 +16,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -95,17 +95,19 @@ def accepted_options(receiver: Callable[..., Any] | type, skip: Iterable[str] = 
     for p in sig.parameters.values():
         if p.name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
             continue
-        tp = Any if p.annotation is inspect.Parameter.empty else _resolve(p.annotation, module)
-        out[p.name] = (tp, _MISSING if p.default is inspect.Parameter.empty else p.default)
+        default = _MISSING if p.default is inspect.Parameter.empty else p.default
+        if p.annotation is inspect.Parameter.empty:  # unannotated: the default's type, if it says anything
+            tp = type(default) if default is not _MISSING and default is not None else Any
+        else:
+            tp = _resolve(p.annotation, module)
+        out[p.name] = (tp, default)
     return out
 
 
 def _coerce(value: Any, tp: Any, default: Any) -> Any:
     """``value`` as type ``tp``, or raise ``TypeError``. Ints pass as floats; JSON lists as tuples."""
-    if tp is Any or tp is inspect.Parameter.empty:
-        tp = type(default) if default not in (_MISSING, None) else Any
-        if tp is Any:
-            return value
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for arm in typing.get_args(tp):
@@ -138,14 +140,14 @@ def _coerce(value: Any, tp: Any, default: Any) -> Any:
         if isinstance(value, str):
             return value
         raise TypeError
-    if origin in (list, tuple, typing.Sequence, Iterable) or tp in (list, tuple):
+    if origin in (list, tuple, Sequence, Iterable) or tp in (list, tuple):
         if not isinstance(value, list):
             raise TypeError
         args = typing.get_args(tp)
         item = args[0] if args and (origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)) else Any
         items = [_coerce(v, item, _MISSING) for v in value]
         return tuple(items) if (origin is tuple or tp is tuple) else items
-    if origin in (dict, Mapping, typing.Mapping) or tp is dict:
+    if origin in (dict, Mapping) or tp is dict:
         if isinstance(value, dict):
             return value
         raise TypeError
