@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import types
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+import cirfusion.registry
 from cirfusion import io as cio
 from cirfusion.data.schema import CIRDataset, Gallery, Query, reference_columns, reference_mask
 from cirfusion.embeddings import (
@@ -194,17 +194,14 @@ def test_registry_imports_its_modules_once_on_first_lookup(monkeypatch):
     imported = []
 
     mod = types.ModuleType("cirfusion_test_plugin")
-    monkeypatch.setitem(sys.modules, mod.__name__, mod)
-    real_import = __import__("importlib").import_module
 
-    def fake_import(name, *args):
-        if name == mod.__name__:
-            imported.append(name)
-            reg.register("from-module")(42)
-            return mod
-        return real_import(name, *args)
+    def fake_import(name):
+        imported.append(name)
+        reg.register("from-module")(42)  # what importing a plug-in module does
+        return mod
 
-    monkeypatch.setattr("cirfusion.registry.importlib.import_module", fake_import)
+    # Only the registry module's view of importlib is replaced (restored after the test).
+    monkeypatch.setattr(cirfusion.registry, "importlib", types.SimpleNamespace(import_module=fake_import))
     assert imported == []  # nothing imported at construction
     assert reg.get("from-module") == 42
     assert reg.names() == ["from-module"] and "from-module" in reg
