@@ -70,8 +70,6 @@ def error_line(exc: BaseException) -> str:
         text = f"{exc.filename}: {exc.strerror}"
         if exc.filename2 is not None:
             text = f"{exc.filename} -> {exc.filename2}: {exc.strerror}"
-    elif isinstance(exc, KeyError) and not isinstance(exc, CirfusionError) and exc.args:
-        text = str(exc.args[0])  # str(KeyError) would quote the message
     else:
         text = str(exc) or type(exc).__name__
     return "; ".join(line.strip() for line in text.splitlines() if line.strip())
