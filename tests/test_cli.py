@@ -232,7 +232,7 @@ def test_dataset_kwargs_json_values_checked_against_the_loader():
         _common.dataset_kwargs(_ns("cirr", category="dress"))
     with pytest.raises(OptionError, match=r"--category and --option category=\.\.\. are both given"):
         _common.dataset_kwargs(_ns("fashioniq", "category=shirt", category="dress"))
-    with pytest.raises(UnknownNameError, match="unknown dataset 'nope'; known: catalog, circo, cirr"):
+    with pytest.raises(UnknownNameError, match=r"unknown dataset 'nope'; known: (.*, )?catalog, circo, cirr"):
         _common.dataset_kwargs(_ns("nope"))
 
 
