@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# The read-only real annotation files: ../shared/data next to the repository, or $CIRFUSION_SHARED_DATA (a checkout
+# elsewhere, e.g. a git worktree).
+SHARED_DATA = Path(os.environ.get("CIRFUSION_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
-    """The read-only real annotation files (``../shared/data`` next to the repository); skips when absent."""
-    p = REPO_ROOT.parent / "shared" / "data"
+    """The real annotation files (see ``SHARED_DATA``); skips when absent."""
+    p = SHARED_DATA
     if not p.is_dir():
         pytest.skip(f"real data folder {p} is not available")
     return p

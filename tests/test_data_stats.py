@@ -2,38 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
-import importlib
 import json
 
 import pytest
 
-from cirfusion.commands import data_stats
-from cirfusion.data import registry
+from cirfusion import cli
+from cirfusion.options import OptionError, parse_pairs
 from test_loaders import make_circo, make_cirr, make_custom, make_finecir_fiq
-
-MINE = ["cirfusion.data.cirr", "cirfusion.data.fashioniq", "cirfusion.data.shoes", "cirfusion.data.circo",
-        "cirfusion.data.finecir", "cirfusion.data.custom"]
-
-
-@pytest.fixture(autouse=True)
-def loaders_registered(monkeypatch):
-    """load_dataset imports every registered loader module; while some of them (the embedded benchmarks) may
-    not be written yet, fall back to the real-format loaders so this command is still tested end to end."""
-    try:
-        registry.list_datasets()
-    except ModuleNotFoundError as exc:
-        if exc.name not in registry.DATASETS.modules:
-            raise
-        for m in MINE:
-            importlib.import_module(m)
 
 
 def run(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="cirfusion data")
-    data_stats.register(parser.add_subparsers(dest="data_command", required=True))
-    args = parser.parse_args(["stats", *argv])
-    return args.func(args)
+    """`cirfusion data stats ...` through the real entry point (errors become exit 2 + one stderr line there)."""
+    return cli.main(["data", "stats", *argv])
 
 
 def stats_json(capsys, argv: list[str]) -> dict:
@@ -151,22 +131,31 @@ def test_errors_exit_2_with_message(tmp_path, capsys):
     assert "split.rc2.val.json: CIRR image split file not found" in capsys.readouterr().err
 
 
-def test_parse_options():
-    assert data_stats.parse_options(["a=1", "b=true", "c=text", "d=[\"x\"]", "e=", "f=null"]) == {
+def test_option_values_are_json_and_checked_against_the_loader(tmp_path, capsys):
+    make_custom(tmp_path / "custom")
+    base = ["custom", "--root", str(tmp_path / "custom"), "--split", "train"]
+    assert stats_json(capsys, base)["exclude_reference"] is True
+    # "false" is JSON false: it used to reach the loader as the (true) string "false".
+    assert stats_json(capsys, [*base, "--option", "exclude_reference=false"])["exclude_reference"] is False
+    for bad in ("exclude_reference=0", "exclude_reference=flase", "exclude_reference"):
+        assert run([*base, "--option", bad]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and err.startswith("cirfusion: error: ")
+        if "=" in bad:
+            assert "'exclude_reference' must be bool" in err and "image_dir" in err and "text_policy" in err
+    assert run([*base, "--option", "exclude_refrence=false"]) == 2
+    assert "unknown option 'exclude_refrence'; valid options: exclude_reference (bool)" in capsys.readouterr().err
+
+
+def test_parse_pairs():
+    assert parse_pairs(["a=1", "b=true", "c=text", "d=[\"x\"]", "e=", "f=null"]) == {
         "a": 1, "b": True, "c": "text", "d": ["x"], "e": "", "f": None}
     for bad in (["=1"], ["no-equals"], ["a-b=1"], ["a=1", "a=2"]):
-        with pytest.raises(ValueError):
-            data_stats.parse_options(bad)
+        with pytest.raises(OptionError):
+            parse_pairs(bad)
 
 
 def test_through_the_cli(shared_data, capsys):
-    """`cirfusion data stats` via the real entry point, once every data sub-command module exists."""
-    from cirfusion import cli
-
-    try:
-        cli.build_parser()
-    except ModuleNotFoundError as exc:
-        pytest.skip(f"CLI not assembled yet ({exc.name} missing)")
     assert cli.main(["data", "stats", "cirr", "--root", str(shared_data / "cirr"), "--split", "val", "--json"]) == 0
     s = json.loads(capsys.readouterr().out)
     assert (s["queries"], s["gallery"]) == (4181, 2297)

@@ -13,13 +13,12 @@ from cirfusion.data import registry
 from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.metrics import evaluate_scores, fashioniq_summary
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 CALLS: list[dict] = []
 
 
-def toy_dataset(root, split, category=None, **kwargs):
+def toy_dataset(root, split, category: str | None = None, text: str = "coarse"):
     """CIRR-like toy (val: targets + subsets; test: none); categories get their own gallery sizes."""
-    CALLS.append({"root": str(root), "split": split, "category": category, **kwargs})
+    CALLS.append({"root": str(root), "split": split, "category": category, "text": text})
     n_g = {None: 7, "dress": 6, "shirt": 9}[category]
     ids = [f"{category or 'img'}{j}" for j in range(n_g)]
     queries = []
@@ -33,10 +32,8 @@ def toy_dataset(root, split, category=None, **kwargs):
 
 @pytest.fixture
 def run_cli(monkeypatch):
-    # A private loader table with the toy registered through the public decorator; only our verb in the parser
-    # (the other verbs are other modules' business).
+    # The toy registered through the public decorator (unregistered after the test).
     registry.register_dataset("toy-eval")(toy_dataset)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cirfusion.commands.eval_scores"])
     CALLS.clear()
 
     def run(*args):
@@ -88,6 +85,22 @@ def test_loader_options_are_passed_through(run_cli, tmp_path, capsys):
     assert run_cli("--dataset", "toy-eval", "--root", tmp_path, "--split", "val", "--scores", tmp_path / "s.npy",
                    "--option", "text=fine", "--json") == 0
     assert CALLS[-1]["text"] == "fine"
+
+
+def test_loader_options_are_checked_against_the_loader(run_cli, tmp_path, capsys):
+    _, s = scores_for()
+    np.save(tmp_path / "s.npy", s)
+    base = ["--dataset", "toy-eval", "--root", tmp_path, "--split", "val", "--scores", tmp_path / "s.npy"]
+    assert run_cli(*base, "--option", "text=3") == 2
+    err = capsys.readouterr().err
+    assert "option 'text' must be str, got 3" in err and "valid options: category (str | None), text (str)" in err
+    assert run_cli(*base, "--option", "nope=1") == 2
+    assert "unknown option 'nope'" in capsys.readouterr().err
+    assert run_cli(*base, "--option", "category=\"dress\"", "--category", "dress") == 2
+    assert "--category and --option category=... are both given" in capsys.readouterr().err
+    assert CALLS == []  # refused before the loader ran
+    assert run_cli("--dataset", "no-such", "--root", tmp_path, "--split", "val", "--scores", tmp_path / "s.npy") == 2
+    assert "unknown dataset 'no-such'; known: " in capsys.readouterr().err
 
 
 def test_several_categories_and_their_average(run_cli, tmp_path, capsys):
@@ -156,39 +169,29 @@ def test_split_without_targets_is_refused(run_cli, tmp_path, capsys):
     assert "no targets" in capsys.readouterr().err
 
 
-def test_real_cirr_val_oracle_scores(monkeypatch, tmp_path, capsys):
+def test_real_cirr_val_oracle_scores(shared_data, tmp_path, capsys):
     """Row/column order of the real CIRR loader: a matrix that scores each target highest gives 100 everywhere.
-    Needs the CIRR loader (another module) and ../shared/data; skipped cleanly without them."""
-    if not (SHARED / "cirr").is_dir():
-        pytest.skip("../shared/data/cirr is absent")
-    pytest.importorskip("cirfusion.data.cirr")  # registers "cirr"
-    monkeypatch.setattr(registry, "_imported", True)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cirfusion.commands.eval_scores"])
-    ds = registry.load_dataset("cirr", SHARED / "cirr", "val")
+    Needs the real annotations (conftest.shared_data)."""
+    ds = registry.load_dataset("cirr", shared_data / "cirr", "val")
     assert (len(ds.queries), len(ds.gallery)) == (4181, 2297)
     s = np.zeros((4181, 2297), dtype=np.float32)
     for i, q in enumerate(ds.queries):
         s[i, ds.gallery.index(q.reference)] = 2.0  # excluded by the CIRR convention
         s[i, ds.gallery.index(q.targets[0])] = 1.0
     np.save(tmp_path / "oracle.npy", s)
-    assert cli.main(["eval-scores", "--dataset", "cirr", "--root", str(SHARED / "cirr"), "--split", "val",
+    assert cli.main(["eval-scores", "--dataset", "cirr", "--root", str(shared_data / "cirr"), "--split", "val",
                      "--scores", str(tmp_path / "oracle.npy"), "--json"]) == 0
     m = json.loads(capsys.readouterr().out)["metrics"]
     assert m["R@1"] == m["Rsubset@1"] == m["Rmean"] == m["mAP@5"] == 100.0
     assert m["num_queries_evaluated"] == 4181 and m["num_queries_subset"] == 4181
 
 
-def test_real_fashioniq_val_three_categories_oracle(monkeypatch, tmp_path, capsys):
+def test_real_fashioniq_val_three_categories_oracle(shared_data, tmp_path, capsys):
     """The multi-category flow on the real FashionIQ annotations (the reference is kept in the ranking there).
-    Needs the FashionIQ loader (another module) and ../shared/data; skipped cleanly without them."""
-    if not (SHARED / "fashioniq").is_dir():
-        pytest.skip("../shared/data/fashioniq is absent")
-    pytest.importorskip("cirfusion.data.fashioniq")  # registers "fashioniq"
-    monkeypatch.setattr(registry, "_imported", True)
-    monkeypatch.setattr(cli, "COMMAND_MODULES", ["cirfusion.commands.eval_scores"])
-    args = ["eval-scores", "--dataset", "fashioniq", "--root", str(SHARED / "fashioniq"), "--split", "val", "--json"]
+    Needs the real annotations (conftest.shared_data)."""
+    args = ["eval-scores", "--dataset", "fashioniq", "--root", str(shared_data / "fashioniq"), "--split", "val", "--json"]
     for cat in ("dress", "shirt", "toptee"):
-        ds = registry.load_dataset("fashioniq", SHARED / "fashioniq", "val", category=cat)
+        ds = registry.load_dataset("fashioniq", shared_data / "fashioniq", "val", category=cat)
         s = np.zeros((len(ds.queries), len(ds.gallery)), dtype=np.float32)
         for i, q in enumerate(ds.queries):
             s[i, ds.gallery.index(q.targets[0])] = 1.0
@@ -196,6 +199,6 @@ def test_real_fashioniq_val_three_categories_oracle(monkeypatch, tmp_path, capsy
         args += ["--category", cat, "--scores", str(tmp_path / f"{cat}.npy")]
     assert cli.main(args) == 0
     res = json.loads(capsys.readouterr().out)
-    assert [r["metrics"]["num_queries_evaluated"] for r in res["results"]][0] == 2017
+    assert [r["metrics"]["num_queries_evaluated"] for r in res["results"]] == [2017, 2038, 1961]
     assert all(r["exclude_reference"] is False for r in res["results"])
     assert res["average"]["average/R@10"] == res["average"]["average/R@50"] == res["average"]["average"] == 100.0

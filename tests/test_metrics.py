@@ -6,6 +6,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -316,7 +317,6 @@ def test_streaming_tiles_in_any_order_equal_one_shot():
 
 
 def test_memmap_float16_and_torch_inputs(tmp_path):
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(2)
     scores, queries, ids = random_problem(rng, n_q=30, n_g=25, n_levels=7)
     ds = make_dataset(ids, queries)

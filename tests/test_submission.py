@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import copy
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from cirfusion.data.registry import load_dataset
 from cirfusion.data.schema import CIRDataset, Gallery, Query
 from cirfusion.metrics import ScoresError
 from cirfusion.submission import (
@@ -20,8 +20,6 @@ from cirfusion.submission import (
     write_circo_submission,
     write_cirr_submission,
 )
-
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 
 def cirr_like(n_q=23, n_g=70, seed=0, with_targets=False):
@@ -74,7 +72,8 @@ def test_cirr_tiles_and_memmap_give_the_same_files(tmp_path):
     b = write_cirr_submission(iter(tiles), ds, tmp_path / "b", "m")
     np.save(tmp_path / "s.npy", scores)
     c = write_cirr_submission(np.load(tmp_path / "s.npy", mmap_mode="r"), ds, tmp_path / "c", "m", chunk=3)
-    for x, y, z in zip(a, b, c):
+    assert len(a) == len(b) == len(c) == 2
+    for x, y, z in zip(a, b, c, strict=True):
         assert x.read_bytes() == y.read_bytes() == z.read_bytes()
 
 
@@ -93,7 +92,7 @@ def test_cirr_refuses_bad_scores_and_writes_nothing(tmp_path):
     no_subset = CIRDataset("cirr", "test1", [Query("1", ds.queries[0].reference, "t")], ds.gallery)
     with pytest.raises(SubmissionError, match="'1' has no subset"):
         CIRRSubmissionBuilder(no_subset)
-    assert not tmp_path.exists() or list(tmp_path.iterdir()) == []
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_cirr_small_gallery_lists_every_candidate(tmp_path):
@@ -303,19 +302,14 @@ def test_circo_reference_allowed_when_not_excluded():
 
 
 # ----------------------------------------------------------------------------------------------- real files
-def test_cirr_test1_submission_on_the_real_annotations(tmp_path):
-    """Needs the CIRR loader (another module) and ../shared/data; skipped cleanly without them."""
-    if not (SHARED / "cirr").is_dir():
-        pytest.skip("../shared/data/cirr is absent")
-    pytest.importorskip("cirfusion.data.cirr")  # importing it registers the "cirr" loader
-    from cirfusion.data import registry
-
-    ds = registry.dataset_loader("cirr")(SHARED / "cirr", "test1")
+def test_cirr_test1_submission_on_the_real_annotations(shared_data, tmp_path):
+    """The real CIRR test1 annotations (conftest.shared_data): every pair id, 50 ids each, valid files."""
+    ds = load_dataset("cirr", shared_data / "cirr", "test1")
     assert (len(ds.queries), len(ds.gallery)) == (4148, 2315)
     scores = np.random.default_rng(0).standard_normal((4148, 2315)).astype(np.float32)
     p_rec, p_sub = write_cirr_submission(scores, ds, tmp_path, "random")
     rec = json.loads(p_rec.read_text())
     assert len(rec) == 4148 + 2 and all(len(v) == 50 for k, v in rec.items() if k not in ("version", "metric"))
-    raw = json.loads((SHARED / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
+    raw = json.loads((shared_data / "cirr" / "captions" / "cap.rc2.test1.json").read_text())
     assert set(rec) - {"version", "metric"} == {str(e["pairid"]) for e in raw}
     validate_cirr_submission(p_sub, ds)

@@ -1,6 +1,9 @@
 """cirfusion: composed image retrieval (CIR) — DetailFusion, FineCIR, DAFM and their baselines on shared
 infrastructure."""
 
+import importlib
+from typing import Any
+
 __version__ = "0.1.0"
 
 # Public API, imported lazily so `import cirfusion` (and the CLI start-up) stays light.
@@ -11,10 +14,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):  # PEP 562
+def __getattr__(name: str) -> Any:  # PEP 562
     if name in _LAZY:
-        import importlib
-
         module, attr = _LAZY[name]
         return getattr(importlib.import_module(module), attr)
     raise AttributeError(f"module 'cirfusion' has no attribute {name!r}")

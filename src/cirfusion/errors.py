@@ -9,3 +9,11 @@ from __future__ import annotations
 
 class CirfusionError(Exception):
     """An expected failure with a message that names the file or item and what is wrong with it."""
+
+
+class UnknownNameError(CirfusionError, KeyError):
+    """A name (method, backbone, dataset, command) that no registry knows. A ``KeyError`` for callers that catch
+    that, with the plain message as its text (a bare ``KeyError`` would quote it)."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

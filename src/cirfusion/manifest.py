@@ -15,6 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy
+import torch
+
 from . import __version__
 from .io import atomic_write_json
 
@@ -55,9 +58,6 @@ def code_version() -> dict[str, Any]:
 
 
 def environment() -> dict[str, Any]:
-    import numpy
-    import torch
-
     return {
         "python": sys.version.split()[0],
         "torch": torch.__version__,

@@ -98,9 +98,9 @@ def _resolve(source: CIRDataset | tuple[Sequence[Query], Sequence[str]]) -> tupl
     """(queries, gallery ids, id -> column, file for error messages, default exclude_reference)."""
     if isinstance(source, CIRDataset):
         g = source.gallery
-        index = {gid: i for i, gid in enumerate(g.ids)}
+        columns = {gid: i for i, gid in enumerate(g.ids)}
         src = source.files[0] if source.files else (g.source or source.key)
-        return list(source.queries), list(g.ids), index, src, source.exclude_reference
+        return list(source.queries), list(g.ids), columns, src, source.exclude_reference
     try:
         queries, gallery_ids = source
     except (TypeError, ValueError):
@@ -418,10 +418,10 @@ def topk_ids(scores_block: Any, k: int, exclude: Any = None) -> np.ndarray:
     vals = np.take_along_axis(work, idx, axis=1)
     kth = vals.min(axis=1)
     # argpartition picks arbitrarily among ties at the k-th value; make those rows deterministic (lowest index).
-    for r in np.flatnonzero((work >= kth[:, None]).sum(axis=1) > k):
-        above = np.flatnonzero(work[r] > kth[r])
-        tied = np.flatnonzero(work[r] == kth[r])[: k - len(above)]
-        idx[r] = np.concatenate([above, tied])
+    for row in np.flatnonzero((work >= kth[:, None]).sum(axis=1) > k):
+        above = np.flatnonzero(work[row] > kth[row])
+        tied = np.flatnonzero(work[row] == kth[row])[: k - len(above)]
+        idx[row] = np.concatenate([above, tied])
     vals = np.take_along_axis(work, idx, axis=1)
     order = np.lexsort((idx, -vals), axis=1)
     return np.take_along_axis(idx, order, axis=1)

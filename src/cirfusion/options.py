@@ -12,10 +12,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
@@ -94,17 +95,19 @@ def accepted_options(receiver: Callable[..., Any] | type, skip: Iterable[str] = 
     for p in sig.parameters.values():
         if p.name in skip or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD, p.POSITIONAL_ONLY):
             continue
-        tp = Any if p.annotation is inspect.Parameter.empty else _resolve(p.annotation, module)
-        out[p.name] = (tp, _MISSING if p.default is inspect.Parameter.empty else p.default)
+        default = _MISSING if p.default is inspect.Parameter.empty else p.default
+        if p.annotation is inspect.Parameter.empty:  # unannotated: the default's type, if it says anything
+            tp = type(default) if default is not _MISSING and default is not None else Any
+        else:
+            tp = _resolve(p.annotation, module)
+        out[p.name] = (tp, default)
     return out
 
 
 def _coerce(value: Any, tp: Any, default: Any) -> Any:
     """``value`` as type ``tp``, or raise ``TypeError``. Ints pass as floats; JSON lists as tuples."""
-    if tp is Any or tp is inspect.Parameter.empty:
-        tp = type(default) if default not in (_MISSING, None) else Any
-        if tp is Any:
-            return value
+    if tp is Any:
+        return value
     origin = typing.get_origin(tp)
     if origin in (Union, types.UnionType):
         for arm in typing.get_args(tp):
@@ -137,14 +140,14 @@ def _coerce(value: Any, tp: Any, default: Any) -> Any:
         if isinstance(value, str):
             return value
         raise TypeError
-    if origin in (list, tuple, typing.Sequence, Iterable) or tp in (list, tuple):
+    if origin in (list, tuple, Sequence, Iterable) or tp in (list, tuple):
         if not isinstance(value, list):
             raise TypeError
         args = typing.get_args(tp)
         item = args[0] if args and (origin is not tuple or (len(args) == 2 and args[1] is Ellipsis)) else Any
         items = [_coerce(v, item, _MISSING) for v in value]
         return tuple(items) if (origin is tuple or tp is tuple) else items
-    if origin in (dict, Mapping, typing.Mapping) or tp is dict:
+    if origin in (dict, Mapping) or tp is dict:
         if isinstance(value, dict):
             return value
         raise TypeError
@@ -152,17 +155,23 @@ def _coerce(value: Any, tp: Any, default: Any) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    """``str | Path``, ``Sequence[str] | None``: a type as a user reads it (no module prefixes)."""
     if tp is Any:
         return "any"
-    if typing.get_origin(tp) is not None:
-        return str(tp).replace("typing.", "")
-    return getattr(tp, "__name__", None) or str(tp)
+    if isinstance(tp, type) and typing.get_origin(tp) is None:
+        return tp.__name__
+    return re.sub(r"\b(?:[A-Za-z_]\w*\.)+(?=[A-Za-z_])", "", str(tp)).replace("NoneType", "None")
+
+
+def describe_accepted(accepted: Mapping[str, tuple[Any, Any]]) -> str:
+    """``"a (int), b (str)"``: the valid keys and their types, for error messages."""
+    return ", ".join(f"{k} ({_type_name(t)})" for k, (t, _) in sorted(accepted.items())) or "none"
 
 
 def check_options(opts: Mapping[str, Any], accepted: Mapping[str, tuple[Any, Any]], what: str) -> dict[str, Any]:
     """``opts`` checked against ``accepted`` (from :func:`accepted_options`): an unknown key or a wrong type raises
     :class:`OptionError` naming the valid keys."""
-    valid = ", ".join(f"{k} ({_type_name(t)})" for k, (t, _) in sorted(accepted.items())) or "none"
+    valid = describe_accepted(accepted)
     out: dict[str, Any] = {}
     for key, value in opts.items():
         if key not in accepted:

@@ -11,6 +11,8 @@ import importlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Generic, TypeVar
 
+from .errors import UnknownNameError
+
 T = TypeVar("T")
 
 
@@ -56,7 +58,7 @@ class Registry(Generic[T]):
     def get(self, name: str) -> T:
         self.load()
         if name not in self._entries:
-            raise KeyError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}")
+            raise UnknownNameError(f"unknown {self.kind} {name!r}; known: {', '.join(sorted(self._entries))}")
         return self._entries[name]
 
     def meta(self, name: str) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.schema import CIRDataset
+from .data.schema import CIRDataset, Gallery
 from .errors import CirfusionError
 from .io import atomic_write_json
 from .metrics import ScoresError, as_score_array, iter_row_blocks, topk_ids
@@ -89,7 +89,7 @@ def _top_lists(block: np.ndarray, ref: np.ndarray, top_k: int, ids: list[str]) -
         rows = np.flatnonzero((ref >= 0) == has)
         if len(rows):
             top = topk_ids(block[rows], min(top_k, n - int(has)), exclude=ref[rows])
-            for r, cols in zip(rows, top):
+            for r, cols in zip(rows, top, strict=True):
                 out[r] = [ids[c] for c in cols]
     return out
 
@@ -209,6 +209,7 @@ def validate_cirr_submission(obj: dict[str, Any] | str | Path, dataset: CIRDatas
         if not isinstance(ids, list) or not all(isinstance(x, str) for x in ids):
             problems.append(f"pair id {q.qid!r}: value must be a list of image id strings")
             continue
+        allowed: Gallery | set[str]
         if metric == "recall":
             allowed = g
             want = min(top_k, len(g) - (1 if q.reference in g else 0))
@@ -274,7 +275,8 @@ class CIRCOSubmissionBuilder(_RowCollector):
         if int_ids is None:
             int_ids = all(_is_plain_int(i) for i in self.dataset.gallery.ids)
         conv = int if int_ids else str
-        return {q.qid: [conv(x) for x in self._lists[qi]] for qi, q in enumerate(self.dataset.queries)}
+        lists = [lst or [] for lst in self._lists]  # complete: _require_complete() checked every row
+        return {q.qid: [conv(x) for x in lists[qi]] for qi, q in enumerate(self.dataset.queries)}
 
 
 def validate_circo_submission(obj: dict[str, Any] | str | Path, dataset: CIRDataset, top_k: int = CIRCO_TOP_K,

@@ -1,5 +1,5 @@
 """`cirfusion data stats DATASET --root DIR --split S`: counts of a dataset split, read from its annotations only
-(no image is opened), and optionally the query/gallery order that score matrices follow (``--ids OUT.json``)."""
+(no image is opened), and optionally the query/gallery order that score matrices follow (--ids OUT.json)."""
 
 from __future__ import annotations
 
@@ -10,27 +10,11 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from ..data._jsonio import write_json_atomic
 from ..data.registry import load_dataset
-from ..data.schema import CIRDataset
-
-
-def parse_options(items: list[str]) -> dict[str, Any]:
-    """``["key=value", ...]`` -> kwargs. A value that parses as JSON (``true``, ``3``, ``null``, ``["a"]``) is
-    taken as that value, anything else as a plain string."""
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key.isidentifier():
-            raise ValueError(f"--option expects KEY=VALUE with a Python identifier as KEY, got {item!r}")
-        if key in out:
-            raise ValueError(f"--option {key} is given twice")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+from ..data.schema import CIRDataset, DataError
+from ..errors import CirfusionError
+from ..io import atomic_write_json
+from ._common import loader_options
 
 
 def _summary(values: list[int]) -> dict[str, float | int] | None:
@@ -93,30 +77,18 @@ def _print_human(stats: dict[str, Any], out: Any) -> None:
 
 
 def handler(args: argparse.Namespace) -> int:
-    kwargs: dict[str, Any] = {}
+    kwargs = loader_options(args.dataset, args.option or [], category=args.category, which=args.which)
     try:
-        kwargs.update(parse_options(args.option or []))
-        for name in ("category", "which"):
-            value = getattr(args, name, None)
-            if value is not None:
-                if name in kwargs:
-                    raise ValueError(f"--{name} and --option {name}=... both given")
-                kwargs[name] = value
         ds = load_dataset(args.dataset, args.root, args.split, **kwargs)
-        ds.validate()
-    except TypeError as exc:
-        if "unexpected keyword argument" not in str(exc):
+    except ValueError as exc:
+        if isinstance(exc, CirfusionError):
             raise
-        print(f"cirfusion: error: dataset {args.dataset!r} does not take these options {sorted(kwargs)}: {exc}",
-              file=sys.stderr)
-        return 2
-    except (ValueError, KeyError) as exc:  # DataError is a ValueError: it names file, entry and problem
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"cirfusion: error: {msg}", file=sys.stderr)
-        return 2
+        # Some loaders still refuse a bad split or option with a plain ValueError: it is about the arguments.
+        raise DataError(args.root, None, f"dataset {args.dataset!r}, split {args.split!r}: {exc}") from exc
+    ds.validate()  # a DataError names the file and entry; cli.main prints it in one line (exit 2)
     stats = compute_stats(ds, args.dataset)
     if args.ids is not None:
-        write_json_atomic(args.ids, {"queries": [q.qid for q in ds.queries], "gallery": list(ds.gallery.ids)})
+        atomic_write_json(args.ids, {"queries": [q.qid for q in ds.queries], "gallery": list(ds.gallery.ids)}, indent=None)
         stats["ids_written"] = str(args.ids)
     if args.json:
         print(json.dumps(stats, indent=2, ensure_ascii=False))
@@ -138,7 +110,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--category", help="FashionIQ category (dress, shirt, toptee); also for finecir --which fiq")
     p.add_argument("--which", help="finecir: cirr or fiq")
     p.add_argument("--option", "-o", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra loader keyword argument, repeatable (value parsed as JSON when it parses)")
+                   help="extra loader keyword argument, repeatable; VALUE is JSON (true, 3, \"x\") or a bare word, "
+                        "checked against what the loader accepts")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--ids", type=Path, metavar="OUT.json", help='write {"queries": [qid...], "gallery": [id...]}')
     p.set_defaults(func=handler)

@@ -1,22 +1,33 @@
 """`cirfusion eval CHECKPOINT --dataset D --root DIR --split S`: retrieval metrics of a trained checkpoint.
 
 The checkpoint's backbone (recorded in its config.json, weights hash checked) encodes the split through the
-feature cache; the whole gallery is scored in query chunks. Prints a metrics table (``--json``: JSON; ``--save
-FILE``: also write the JSON). ``--category dress,shirt,toptee`` evaluates several FashionIQ categories and adds
-their average. Test splits of CIRR and CIRCO have no targets: their validated test-server submission files are
-written to ``--submission-dir`` (default ``submissions/``) instead.
+feature cache; the whole gallery is scored in query chunks. Prints a metrics table (--json: JSON; --save FILE:
+also write the JSON). --category dress,shirt,toptee evaluates several FashionIQ categories and adds their
+average. Test splits of CIRR and CIRCO have no targets: their validated test-server submission files are written
+to --submission-dir (default submissions/) instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
-from ._common import add_dataset_args, dataset_kwargs
+import torch
+
+from ..api import load
+from ..data.registry import load_dataset
+from ..data.schema import DataError
+from ..evaluation import evaluate, score_blocks
+from ..io import atomic_write_json
+from ..metrics import fashioniq_summary
+from ..submission import write_circo_submission, write_cirr_submission
+from ..views import FeatureView
+from ._common import add_dataset_args, dataset_kwargs, format_metrics
 from .train import add_feature_args, make_cache, split_data
+
+__all__ = ["SUBMISSION_DATASETS", "format_metrics", "register", "run"]
 
 SUBMISSION_DATASETS = ("cirr", "circo")
 
@@ -37,37 +48,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.set_defaults(func=run)
 
 
-def format_metrics(title: str, metrics: dict[str, Any]) -> str:
-    """A two-column table; metric values as percentages with 2 decimals, counts as integers."""
-    width = max((len(k) for k in metrics), default=6)
-    lines = [title, f"  {'metric':<{width}}  value"]
-    for k, v in metrics.items():
-        s = str(v) if isinstance(v, int) or k.startswith("num_") else f"{v:.2f}"
-        lines.append(f"  {k:<{width}}  {s:>6}")
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from ..api import load
-    from ..checkpoint import CheckpointError
-    from ..data.registry import load_dataset
-    from ..data.schema import DataError
-    from ..evaluation import evaluate, score_blocks
-    from ..metrics import fashioniq_summary
-    from ..submission import write_circo_submission, write_cirr_submission
-    from ..views import FeatureView
-
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
-    try:
-        model = load(args.checkpoint)
-        backbone = model.backbone
-    except CheckpointError as exc:
-        print(f"cirfusion eval: error: {exc}", file=sys.stderr)
-        return 2
+    model = load(args.checkpoint)  # a CheckpointError names the file; cli.main prints it in one line
+    backbone = model.backbone
     method = model.method
     cache = make_cache(args, backbone)
     kw = dataset_kwargs(args)
@@ -83,6 +69,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.dataset in SUBMISSION_DATASETS:
             name = f"{model.config['method']}-{ds.split}"
             blocks = ((s, b.numpy()) for s, b in score_blocks(method, FeatureView(data.images, data.texts), ds, args.chunk, progress))
+            paths: tuple[Path, ...]
             if args.dataset == "cirr":
                 paths = write_cirr_submission(blocks, ds, args.submission_dir, name)
             else:
@@ -98,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
     if len(results) > 1 and all("metrics" in r for r in results):
         out["average"] = fashioniq_summary({r["category"]: r["metrics"] for r in results})
     if args.save:
-        from ..io import atomic_write_json
-
         atomic_write_json(args.save, out)
     if args.json:
         print(json.dumps(out, indent=2))

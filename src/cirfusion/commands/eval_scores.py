@@ -1,9 +1,9 @@
 """`cirfusion eval-scores`: metrics of a saved score matrix, so any model's scores can be evaluated (and our
 metric code cross-checked) without cirfusion producing them.
 
-The matrix is a 2-D ``.npy``: rows follow the query order of the captions file, columns the image order of the
-split file (CIRR: keys of ``split.rc2.S.json`` in file order; FashionIQ: the ``split.{cat}.S.json`` list) — i.e.
-``CIRDataset.queries`` / ``CIRDataset.gallery``; ``cirfusion data stats ... --ids OUT.json`` prints both orders.
+The matrix is a 2-D .npy file: rows follow the query order of the captions file, columns the image order of the
+split file (CIRR: keys of split.rc2.S.json in file order; FashionIQ: the split.CATEGORY.S.json list), i.e. the
+order of CIRDataset.queries and CIRDataset.gallery; cirfusion data stats ... --ids OUT.json writes both orders.
 It is memory-mapped and read in row blocks, never loaded whole.
 """
 
@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from ..data import registry
+from ..data.registry import load_dataset
 from ..data.schema import CIRDataset, DataError
 from ..metrics import ScoresError, evaluate_scores, fashioniq_summary
-from ._common import parse_options
+from ._common import format_metrics, loader_options
 
 
 def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -39,7 +39,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--category", action="append", default=None,
                    help="FashionIQ/FineCIR category (dress, shirt, toptee); one per --scores, in the same order")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
-                   help="extra keyword passed to the dataset loader (repeatable)")
+                   help="extra keyword passed to the dataset loader (repeatable); VALUE is JSON or a bare word, "
+                   "checked against what the loader accepts")
     p.add_argument("--exclude-reference", dest="exclude_reference", action=argparse.BooleanOptionalAction,
                    default=None, help="remove each query's reference image from its ranking (default: the "
                    "dataset's convention, e.g. on for CIRR)")
@@ -83,17 +84,6 @@ def evaluate_file(path: str | Path, ds: CIRDataset, exclude_reference: bool | No
     return res
 
 
-def _fmt(v: float | int) -> str:
-    return str(v) if isinstance(v, (int, np.integer)) else f"{v:.2f}"
-
-
-def _table(title: str, metrics: dict[str, Any]) -> str:
-    width = max(len(k) for k in metrics)
-    lines = [title, f"  {'metric':<{width}}  value"]
-    lines += [f"  {k:<{width}}  {_fmt(v):>6}" for k, v in metrics.items()]
-    return "\n".join(lines)
-
-
 def run(args: argparse.Namespace) -> int:
     cats = args.category or [None]
     if len(cats) != len(args.scores):
@@ -103,11 +93,10 @@ def run(args: argparse.Namespace) -> int:
     if len(set(cats)) != len(cats):
         print(f"cirfusion eval-scores: error: a --category is repeated: {cats}", file=sys.stderr)
         return 2
-    kwargs = parse_options(args.option)
     results = []
-    for cat, path in zip(cats, args.scores):
-        kw = dict(kwargs, **({"category": cat} if cat else {}))
-        ds = registry.load_dataset(args.dataset, args.root, args.split, **kw)
+    for cat, path in zip(cats, args.scores, strict=True):
+        kw = loader_options(args.dataset, args.option, category=cat)
+        ds = load_dataset(args.dataset, args.root, args.split, **kw)
         excl = ds.exclude_reference if args.exclude_reference is None else args.exclude_reference
         metrics = evaluate_file(path, ds, excl, args.chunk)
         results.append({"dataset": ds.key, "category": cat, "scores": str(path), "exclude_reference": excl,
@@ -122,8 +111,8 @@ def run(args: argparse.Namespace) -> int:
         m = r["metrics"]
         title = (f"{r['dataset']}  scores={r['scores']}  reference "
                  f"{'excluded from' if r['exclude_reference'] else 'kept in'} the ranking")
-        print(_table(title, m))
+        print(format_metrics(title, m))
         print()
     if average is not None:
-        print(_table("FashionIQ average over categories", average))
+        print(format_metrics("FashionIQ average over categories", average))
     return 0
