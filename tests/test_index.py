@@ -63,15 +63,15 @@ def test_brute_force_matches_explicit_loops():
 
 
 def test_brute_force_chunking_does_not_change_results(monkeypatch):
-    import cirfusion.index as index_mod
+    import cirfusion.exact_search as exact_search
 
     rng = np.random.default_rng(14)
     g = unit(rng.normal(size=(300, 3, 16)))
     q = unit(rng.normal(size=(25, 2, 16)))
     exclude = [[str(i)] for i in range(25)]
     want = brute_force_search(q, g, 7, exclude=exclude)
-    monkeypatch.setattr(index_mod, "_SCORE_BLOCK", 1000)  # 3 queries per block
-    monkeypatch.setattr(index_mod, "_SCORE_CHUNK", 100)  # a few gallery items per step
+    monkeypatch.setattr(exact_search, "_SCORE_BLOCK", 1000)  # 3 queries per block
+    monkeypatch.setattr(exact_search, "_SCORE_CHUNK", 100)  # a few gallery items per step
     got = brute_force_search(q, g, 7, exclude=exclude)
     assert got[1] == want[1] and np.array_equal(got[0], want[0])
 

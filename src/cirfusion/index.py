@@ -52,7 +52,20 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .errors import CirfusionError
+from .exact_search import (
+    METRICS,
+    NORM_TOLERANCE,
+    CIRIndexError,
+    as_vectors,
+    brute_force_rows,
+    brute_force_search,
+    check_enough,
+    check_ids,
+    check_k,
+    exact_scores,
+    exclude_rows,
+    topk_rows,
+)
 from .io import atomic_directory, recover_directory
 
 __all__ = [
@@ -69,9 +82,6 @@ __all__ = [
 ]
 
 INDEX_KINDS = ("exact", "ivf", "hnsw")
-METRICS = ("ip", "cosine")
-# fp16-cached unit vectors have norms within ~1e-3 of 1; an un-normalised embedding is far off.
-NORM_TOLERANCE = 1e-2
 THREADS_ENV = "CIRFUSION_THREADS"
 
 FORMAT_NAME = "cirfusion.index"
@@ -94,17 +104,7 @@ _MAX_NLIST = 65536
 _EXACT_MARGIN = 16
 _PARALLEL_MIN_QUERY_VECTORS = 20  # smaller searches run on one thread (see CIRIndex._faiss_search)
 _QUERY_CHUNK = 1024  # query vectors per faiss call: bounds the [chunk, k_cand] result arrays
-_SCORE_CHUNK = 1 << 22  # float64 products per brute-force step (32 MiB)
-_SCORE_BLOCK = 1 << 24  # float32 query x gallery scores held at once by brute force (64 MiB)
 
-
-class CIRIndexError(CirfusionError, ValueError):
-    """Bad index input or a bad index directory. The message names the file (when there is one) and the problem."""
-
-    def __init__(self, problem: str, file: str | Path | None = None) -> None:
-        self.file = None if file is None else str(file)
-        self.problem = problem
-        super().__init__(problem if file is None else f"{file}: {problem}")
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -134,163 +134,6 @@ def set_threads(threads: int | None = None) -> int:
     if resolved is not None:
         faiss.omp_set_num_threads(resolved)
     return int(faiss.omp_get_max_threads())
-
-
-# ----------------------------------------------------------------------------------------------------------------
-# input checks and exact scoring (shared by the index and brute force, so both give bit-identical scores)
-
-
-def _as_vectors(x: Any, what: str, metric: str, dim: int | None = None) -> np.ndarray:
-    """Validate embeddings ``[N, D]`` / ``[N, M, D]`` and return them as a C-contiguous float32 ``[N, M, D]``."""
-    if metric not in METRICS:
-        raise CIRIndexError(f"metric must be one of {METRICS}, got {metric!r}")
-    arr = np.asarray(x)
-    if arr.dtype.kind != "f":
-        raise CIRIndexError(f"{what} must be a floating-point array, got dtype {arr.dtype}")
-    if arr.ndim == 2:
-        arr = arr[:, None, :]
-    elif arr.ndim != 3:
-        raise CIRIndexError(f"{what} must have shape [N, D] or [N, M, D], got shape {tuple(arr.shape)}")
-    n, m, d = arr.shape
-    if m == 0 or d == 0:
-        raise CIRIndexError(f"{what} has an empty dimension: shape {tuple(arr.shape)}")
-    if dim is not None and d != dim:
-        raise CIRIndexError(f"{what} have dimension {d} but the index has dimension {dim}")
-    arr = np.ascontiguousarray(arr, dtype=np.float32)
-    if n == 0:
-        return arr
-    norms = np.sqrt(np.einsum("nmd,nmd->nm", arr, arr))  # [N, M]; no float64 copy of a large gallery
-    if not np.isfinite(norms).all():
-        row, tok = np.argwhere(~np.isfinite(norms))[0]
-        raise CIRIndexError(f"{what}: row {row} (vector {tok}) contains NaN or infinity (or overflows float32)")
-    if (norms == 0).any():
-        row, tok = np.argwhere(norms == 0)[0]
-        raise CIRIndexError(f"{what}: row {row} (vector {tok}) is all zeros and has no direction")
-    if metric == "cosine":
-        return np.ascontiguousarray((arr / norms[:, :, None]).astype(np.float32))
-    bad = np.abs(norms - 1.0) > NORM_TOLERANCE
-    if bad.any():
-        row, tok = np.argwhere(bad)[0]
-        raise CIRIndexError(
-            f"{what}: row {row} (vector {tok}) has L2 norm {norms[row, tok]:.6g}; metric 'ip' expects unit vectors "
-            f"(tolerance {NORM_TOLERANCE}). Normalise the embeddings or use metric='cosine'."
-        )
-    return arr
-
-
-def _check_k(k: Any) -> int:
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise CIRIndexError(f"k must be a positive integer, got {k!r}")
-    return int(k)
-
-
-def _exclude_rows(exclude: Sequence[Sequence[str]] | None, n_queries: int, row_of: dict[str, int]) -> list[np.ndarray]:
-    """Per query, the sorted gallery rows to drop. Ids that are not in the gallery are ignored."""
-    if exclude is None:
-        return [np.empty(0, np.int64)] * n_queries
-    if isinstance(exclude, (str, bytes)) or len(exclude) != n_queries:
-        got = "a string" if isinstance(exclude, (str, bytes)) else f"{len(exclude)} lists"
-        raise CIRIndexError(f"exclude must hold one list of ids per query ({n_queries}), got {got}")
-    out = []
-    for b, ids in enumerate(exclude):
-        if isinstance(ids, (str, bytes)):
-            raise CIRIndexError(f"exclude[{b}] must be a list of ids, got the string {ids!r}")
-        out.append(np.array(sorted({row_of[i] for i in ids if i in row_of}), dtype=np.int64))
-    return out
-
-
-def _check_enough(k: int, n_items: int, excl: list[np.ndarray]) -> None:
-    if k > n_items:
-        raise CIRIndexError(f"k={k} exceeds the {n_items} items in the gallery")
-    for b, rows in enumerate(excl):
-        if k > n_items - rows.size:
-            raise CIRIndexError(f"query {b}: k={k} but only {n_items - rows.size} gallery items remain after exclusions")
-
-
-def _exact_scores(q: np.ndarray, g: np.ndarray) -> np.ndarray:
-    """Max-max inner products: q ``[B, Mq, D]``, g ``[C, M, D]`` -> ``[B, C]`` float32.
-
-    float64 accumulation then one rounding to float32: the result does not depend on BLAS blocking, so the index's
-    rescoring of candidates and brute force over the whole gallery agree bit for bit.
-    """
-    b, mq, d = q.shape
-    c, m, _ = g.shape
-    s = g.reshape(c * m, d).astype(np.float64) @ q.reshape(b * mq, d).astype(np.float64).T  # [C*M, B*Mq]
-    return s.reshape(c, m, b, mq).max(axis=(1, 3)).T.astype(np.float32)
-
-
-def _topk(scores: np.ndarray, rows: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Best k by score, ties broken by the lower row."""
-    if scores.size > k:
-        kth = np.partition(scores, scores.size - k)[scores.size - k]
-        keep = np.flatnonzero(scores >= kth)  # every item tied with the k-th competes on row
-        scores, rows = scores[keep], rows[keep]
-    order = np.lexsort((rows, -scores))[:k]
-    return scores[order], rows[order]
-
-
-def _brute_force_rows(q: np.ndarray, g: np.ndarray, k: int, excl: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-k rows for validated q ``[B, Mq, D]`` against g ``[N, M, D]``.
-
-    Queries go in blocks whose float32 score rows fit ``_SCORE_BLOCK``; within a block the gallery goes in chunks
-    whose float64 products fit ``_SCORE_CHUNK``, so memory stays bounded whatever B and N are.
-    """
-    n, m = g.shape[0], g.shape[1]
-    mq = q.shape[1]
-    out_s = np.empty((q.shape[0], k), np.float32)
-    out_r = np.empty((q.shape[0], k), np.int64)
-    q_block = max(1, min(q.shape[0], _SCORE_BLOCK // n))
-    g_chunk = max(1, _SCORE_CHUNK // (q_block * mq * m))
-    all_rows = np.arange(n, dtype=np.int64)
-    for b0 in range(0, q.shape[0], q_block):
-        qb = q[b0 : b0 + q_block]
-        s = np.empty((qb.shape[0], n), np.float32)
-        for i in range(0, n, g_chunk):
-            s[:, i : i + g_chunk] = _exact_scores(qb, g[i : i + g_chunk])
-        for j in range(qb.shape[0]):
-            s[j, excl[b0 + j]] = -np.inf
-            out_s[b0 + j], out_r[b0 + j] = _topk(s[j], all_rows, k)
-    return out_s, out_r
-
-
-def brute_force_search(
-    queries: np.ndarray,
-    gallery: np.ndarray,
-    k: int,
-    exclude: Sequence[Sequence[str]] | None = None,
-    ids: Sequence[str] | None = None,
-    metric: str = "ip",
-) -> tuple[np.ndarray, list[list[str]]]:
-    """Reference search by scoring every gallery item (numpy, float64 accumulation).
-
-    ``queries`` ``[B, D]`` / ``[B, Mq, D]``, ``gallery`` ``[N, D]`` / ``[N, M, D]``; max-max scoring as in the
-    module doc. ``ids`` names the gallery rows (default: the row number as a string); ``exclude[b]`` lists ids that
-    query b must not return. Returns float32 scores ``[B, k]`` (descending; ties by lower row) and the ids.
-    """
-    k = _check_k(k)
-    g = _as_vectors(gallery, "gallery embeddings", metric)
-    q = _as_vectors(queries[None] if np.ndim(queries) == 1 else queries, "queries", metric, dim=g.shape[2])
-    names = [str(i) for i in range(g.shape[0])] if ids is None else _check_ids(ids, g.shape[0])
-    excl = _exclude_rows(exclude, q.shape[0], {name: i for i, name in enumerate(names)})
-    _check_enough(k, g.shape[0], excl)
-    scores, rows = _brute_force_rows(q, g, k, excl)
-    return scores, [[names[r] for r in row] for row in rows]
-
-
-def _check_ids(ids: Sequence[str], n: int, file: str | Path | None = None) -> list[str]:
-    if isinstance(ids, (str, bytes)) or (not isinstance(ids, Sequence) and not isinstance(ids, np.ndarray)):
-        raise CIRIndexError(f"ids must be a list of strings, got {type(ids).__name__}", file)
-    ids = list(ids)
-    if len(ids) != n:
-        raise CIRIndexError(f"{len(ids)} ids for {n} embeddings", file)
-    seen: dict[str, int] = {}
-    for i, name in enumerate(ids):
-        if not isinstance(name, str) or not name:
-            raise CIRIndexError(f"id at position {i} must be a non-empty string, got {name!r}", file)
-        if name in seen:
-            raise CIRIndexError(f"duplicate id {name!r} at positions {seen[name]} and {i}", file)
-        seen[name] = i
-    return [str(name) for name in ids]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -405,10 +248,10 @@ class CIRIndex:
         self, queries: np.ndarray, k: int, exclude: Sequence[Sequence[str]] | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Like :meth:`search` but returns gallery row numbers ``[B, k]`` (int64) instead of ids."""
-        k = _check_k(k)
-        q = _as_vectors(queries[None] if np.ndim(queries) == 1 else queries, "queries", self.metric, dim=self.dim)
-        excl = _exclude_rows(exclude, q.shape[0], self._row_of)
-        _check_enough(k, len(self), excl)
+        k = check_k(k)
+        q = as_vectors(queries[None] if np.ndim(queries) == 1 else queries, "queries", self.metric, dim=self.dim)
+        excl = exclude_rows(exclude, q.shape[0], self._row_of)
+        check_enough(k, len(self), excl)
         if self.threads is not None:
             faiss.omp_set_num_threads(self.threads)
         out_s = np.empty((q.shape[0], k), np.float32)
@@ -445,7 +288,7 @@ class CIRIndex:
                     # Approximate structures can run dry (IVF probes too few lists); ask for more or go exact.
                     (retry if labels.size == fl[j].size and not complete else fallback).append(b)
                     continue
-                s, r = _topk(_exact_scores(q[b : b + 1], self._vectors[cand])[0], cand, k)
+                s, r = topk_rows(exact_scores(q[b : b + 1], self._vectors[cand])[0], cand, k)
                 if exact and not complete:
                     # Anything faiss did not return scores (in float32) at most the last score it returned per
                     # query vector; if that, plus round-off, cannot reach our k-th score, the result is exact.
@@ -456,7 +299,7 @@ class CIRIndex:
                 out_s[b], out_r[b] = s, r
             if fallback:
                 fb = np.array(fallback)
-                out_s[fb], out_r[fb] = _brute_force_rows(q[fb], self._vectors, k, [excl[b] for b in fb])
+                out_s[fb], out_r[fb] = brute_force_rows(q[fb], self._vectors, k, [excl[b] for b in fb])
             pending = np.array(retry, dtype=np.int64)
             k_cand = min(n_vectors, 2 * k_cand)
         return out_s, out_r
@@ -552,11 +395,11 @@ def build_index(
         meta = json.loads(json.dumps(meta))
     except (TypeError, ValueError) as exc:
         raise CIRIndexError(f"meta must be JSON-serialisable: {exc}") from None
-    x = _as_vectors(embeddings, "gallery embeddings", metric)
+    x = as_vectors(embeddings, "gallery embeddings", metric)
     n, m, d = x.shape
     if n == 0:
         raise CIRIndexError("cannot build an index from 0 embeddings")
-    ids = _check_ids(ids, n)
+    ids = check_ids(ids, n)
     threads = resolve_threads(threads)
     set_threads(threads)
     params = {**_DEFAULT_OPTS[kind], **opts}
@@ -650,7 +493,7 @@ def load_index(path: str | Path, threads: int | None = None) -> CIRIndex:
         raise CIRIndexError(f"must hold a JSON list of ids, got {type(ids).__name__}", ids_path)
     if len(ids) != n:
         raise CIRIndexError(f"holds {len(ids)} ids but {META_FILE} says num_items={n}", ids_path)
-    ids = _check_ids(ids, n, file=ids_path)
+    ids = check_ids(ids, n, file=ids_path)
 
     index_path = path / INDEX_FILE
     raw = _read_checked(index_path, index_sum)

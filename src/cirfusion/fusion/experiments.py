@@ -107,11 +107,10 @@ def incremental_analysis(train: SplitTable, val: SplitTable | None, evaluate_on:
 
 def plot_incremental(figures: Mapping[str, Any], path: str | Path) -> Path:
     """The Figure-3-style plot: x = number of models, one line per order of addition (PNG, written atomically)."""
-    # lazy: matplotlib is an optional heavy dependency, needed only for this plot (cirfusion fuse --incremental).
-    import matplotlib
+    import matplotlib  # lazy: heavy, needed only for this plot (cirfusion fuse --incremental)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
     for o in figures["orders"]:
