@@ -362,3 +362,24 @@ def test_reference_columns_and_mask():
     assert mask.dtype == bool and mask.tolist() == [[False, False, True, False], [False] * 4,
                                                     [True, False, False, False]]
     assert reference_mask(np.array([], dtype=np.int64), 4).shape == (0, 4)
+
+
+def test_recover_directory_removes_only_dead_writers_temporary_directories(tmp_path):
+    import subprocess
+    import sys
+
+    from cirfusion.io import atomic_directory, recover_directory
+
+    target = tmp_path / "best"
+    with atomic_directory(target) as tmp:
+        (tmp / "a").write_text("1")
+        assert tmp.name.startswith(f".best.{os.getpid()}.") and tmp.name.endswith(".tmp")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True)
+    orphan = tmp_path / f".best.{int(dead.stdout)}.abcd.tmp"  # a writer killed mid-write left this
+    live = tmp_path / f".best.{os.getpid()}.efgh.tmp"  # a writer still working (this process)
+    other = tmp_path / f".best2.{int(dead.stdout)}.ijkl.tmp"  # another target's: not ours to touch
+    for d in (orphan, live, other):
+        d.mkdir()
+    recover_directory(target)
+    assert not orphan.exists() and live.exists() and other.exists()
+    assert (target / "a").read_text() == "1"

@@ -48,6 +48,23 @@ def recover_directory(path: str | Path) -> None:
         os.replace(olds.pop(), path)
     for old in olds:
         shutil.rmtree(old, ignore_errors=True)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # .NAME.PID.XXXX.tmp: a writer's unfinished directory
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (a writer that may still finish its temporary directory)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by someone else
+        return True
+    return True
 
 
 @contextlib.contextmanager
@@ -63,7 +80,7 @@ def atomic_directory(path: str | Path, overwrite: bool = True) -> Iterator[Path]
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
     except BaseException:

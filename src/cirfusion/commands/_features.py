@@ -37,16 +37,6 @@ def split_data(cache: FeatureCache, dataset: CIRDataset, training: bool, progres
     return load_split_data(cache, dataset, training=training, progress=progress)
 
 
-def format_metrics(title: str, metrics: dict[str, Any]) -> str:
-    """A two-column table; metric values as percentages with 2 decimals, counts as integers."""
-    width = max((len(k) for k in metrics), default=6)
-    lines = [title, f"  {'metric':<{width}}  value"]
-    for k, v in metrics.items():
-        s = str(v) if isinstance(v, int) or k.startswith("num_") else f"{v:.2f}"
-        lines.append(f"  {k:<{width}}  {s:>6}")
-    return "\n".join(lines)
-
-
 def add_backbone_access_args(p: argparse.ArgumentParser) -> None:
     """--backbone-dir DIR (repeatable) and --allow-download: where a checkpoint's backbone may be read from."""
     p.add_argument("--backbone-dir", action="append", type=Path, default=[], metavar="DIR",

@@ -25,9 +25,9 @@ from ..metrics import fashioniq_summary
 from ..submission import write_circo_submission, write_cirr_submission
 from ..views import FeatureView
 from ._common import add_dataset_args, dataset_kwargs, format_metrics
-from .train import add_feature_args, make_cache, split_data
+from ._features import add_backbone_access_args, add_feature_args, make_cache, split_data
 
-__all__ = ["SUBMISSION_DATASETS", "format_metrics", "register", "run"]
+__all__ = ["SUBMISSION_DATASETS", "register", "run"]
 
 SUBMISSION_DATASETS = ("cirr", "circo")
 
@@ -40,6 +40,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     add_dataset_args(p, positional=False)
     p.add_argument("--split", required=True, help="split to evaluate, e.g. val or test1")
     add_feature_args(p)
+    add_backbone_access_args(p)
     p.add_argument("--chunk", type=int, default=512, help="queries scored at once")
     p.add_argument("--submission-dir", type=Path, default=Path("submissions"),
                    help="where CIRR/CIRCO test-split submission files go (default: submissions/)")
@@ -52,7 +53,9 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
-    model = load(args.checkpoint)  # a CheckpointError names the file; cli.main prints it in one line
+    # a CheckpointError names the file; cli.main prints it in one line. The checkpoint's backbone is read only from
+    # the checkpoint, --backbone-dir or files shipped with cirfusion (the hub with --allow-download)
+    model = load(args.checkpoint, backbone_dirs=args.backbone_dir, allow_download=args.allow_download)
     backbone = model.backbone
     method = model.method
     cache = make_cache(args, backbone)

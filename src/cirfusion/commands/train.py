@@ -32,13 +32,12 @@ from ..options import parse_options
 from ..rundir import check_fresh, check_unlocked
 from ..seeding import seed_everything
 from ..train import TrainConfig, check_trainable, load_state, train
-from ._common import add_dataset_args, dataset_kwargs
-from ._features import add_feature_args, default_cache_dir, format_metrics, make_cache, split_data
+from ._common import add_dataset_args, dataset_kwargs, format_metrics
+from ._features import add_feature_args, make_cache, split_data
 
 # Re-exported for the commands that still import them from here (eval, fuse, index, search); their home is
 # cirfusion.commands._features.
-__all__ = ["add_feature_args", "default_cache_dir", "list_methods_text", "make_cache", "parse_hparams", "register",
-           "run", "split_data"]
+__all__ = ["list_methods_text", "parse_hparams", "register", "run"]
 
 
 def parse_hparams(items: list[str], cls: type[CIRMethod]) -> dict[str, Any]:
