@@ -15,6 +15,7 @@ from ..data.catalog import (
     build_catalog,
     format_stats,
 )
+from ..options import OptionError
 
 
 def _kinds(value: str, allowed: tuple[str, ...], what: str) -> tuple[str, ...]:
@@ -74,21 +75,18 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def run(args: argparse.Namespace) -> int:
     if not args.photos and not args.csv:
-        raise SystemExit("cirfusion data make-catalog: give --photos DIR or --csv FILE")
-    try:
-        cfg = CatalogConfig(
-            seed=args.seed,
-            image_size=args.image_size,
-            edit_fraction=args.edit_fraction,
-            kinds=args.kinds,
-            edit_kinds=args.edit_kinds,
-            min_positives=args.min_positives,
-            max_per_category=args.max_per_category,
-            limit=args.limit,
-            skip_bad=args.skip_bad,
-        )
-    except ValueError as exc:
-        raise SystemExit(f"cirfusion data make-catalog: {exc}") from None
+        raise OptionError("make-catalog: give --photos DIR or --csv FILE")
+    cfg = CatalogConfig(  # a bad value is an OptionError: one line, exit 2 (cli.main)
+        seed=args.seed,
+        image_size=args.image_size,
+        edit_fraction=args.edit_fraction,
+        kinds=args.kinds,
+        edit_kinds=args.edit_kinds,
+        min_positives=args.min_positives,
+        max_per_category=args.max_per_category,
+        limit=args.limit,
+        skip_bad=args.skip_bad,
+    )
     t0 = time.time()
     m = build_catalog(
         args.out, photos=args.photos, csv_path=args.csv, config=cfg, cache_dir=args.cache_dir,

@@ -11,8 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from ..data.registry import load_dataset
-from ..data.schema import CIRDataset, DataError
-from ..errors import CirfusionError
+from ..data.schema import CIRDataset
 from ..io import atomic_write_json
 from ._common import loader_options
 
@@ -78,13 +77,7 @@ def _print_human(stats: dict[str, Any], out: Any) -> None:
 
 def handler(args: argparse.Namespace) -> int:
     kwargs = loader_options(args.dataset, args.option or [], category=args.category, which=args.which)
-    try:
-        ds = load_dataset(args.dataset, args.root, args.split, **kwargs)
-    except ValueError as exc:
-        if isinstance(exc, CirfusionError):
-            raise
-        # Some loaders still refuse a bad split or option with a plain ValueError: it is about the arguments.
-        raise DataError(args.root, None, f"dataset {args.dataset!r}, split {args.split!r}: {exc}") from exc
+    ds = load_dataset(args.dataset, args.root, args.split, **kwargs)  # a bad split or option: an OptionError
     ds.validate()  # a DataError names the file and entry; cli.main prints it in one line (exit 2)
     stats = compute_stats(ds, args.dataset)
     if args.ids is not None:

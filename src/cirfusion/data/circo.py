@@ -29,6 +29,7 @@ import string
 from pathlib import Path
 from typing import Any
 
+from ..options import OptionError
 from ._jsonio import (
     ImagePaths,
     entry_name,
@@ -57,10 +58,10 @@ def check_template(template: str) -> str:
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
     except ValueError as exc:
-        raise ValueError(f"text_template {template!r} is not a valid format string: {exc}") from None
+        raise OptionError(f"text_template {template!r} is not a valid format string: {exc}") from None
     bad = [f for f in fields if f not in TEMPLATE_FIELDS]
     if bad or not fields:
-        raise ValueError(f"text_template {template!r} may only use {{relative_caption}} and {{shared_concept}} "
+        raise OptionError(f"text_template {template!r} may only use {{relative_caption}} and {{shared_concept}} "
                          f"(and at least one of them); got fields {fields}")
     return template
 

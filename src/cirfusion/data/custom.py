@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..options import OptionError
 from ._jsonio import (
     ImagePaths,
     expect_object,
@@ -104,7 +105,7 @@ def load_custom(root: Path, split: str, *, image_dir: str | Path = "images", exc
                 text_policy: str = "fixed") -> CIRDataset:
     """Load ``root/queries.{split}.jsonl`` over the gallery described in the module docstring."""
     if text_policy not in TEXT_POLICIES:
-        raise ValueError(f"text_policy must be one of {TEXT_POLICIES} (got {text_policy!r})")
+        raise OptionError(f"text_policy must be one of {TEXT_POLICIES} (got {text_policy!r})")
     root = Path(root)
     qpath = root / f"queries.{split}.jsonl"
     files = [qpath]

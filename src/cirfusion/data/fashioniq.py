@@ -29,6 +29,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..options import OptionError
 from ._jsonio import (
     ImagePaths,
     entry_name,
@@ -49,7 +50,7 @@ CATEGORIES = ("dress", "shirt", "toptee")
 
 def check_category(category: str | None, dataset: str = "fashioniq") -> str:
     if category not in CATEGORIES:
-        raise ValueError(f"{dataset} needs category= one of {', '.join(CATEGORIES)} (got {category!r})")
+        raise OptionError(f"{dataset} needs category= one of {', '.join(CATEGORIES)} (got {category!r})")
     return category
 
 

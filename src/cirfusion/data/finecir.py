@@ -36,6 +36,7 @@ import re
 from pathlib import Path
 from typing import Any
 
+from ..options import OptionError
 from ._jsonio import (
     entry_name,
     expect_list,
@@ -236,16 +237,16 @@ def load_finecir(root: Path, split: str, *, which: str = "cirr", category: str |
                  add_missing_to_gallery: bool = False) -> CIRDataset:
     """Load a FineCIR split over CIRR (``which="cirr"``) or FashionIQ (``which="fiq"``, ``category=``)."""
     if text_mode not in ("joined", "raw"):
-        raise ValueError(f"text_mode must be 'joined' or 'raw' (got {text_mode!r})")
+        raise OptionError(f"text_mode must be 'joined' or 'raw' (got {text_mode!r})")
     root = Path(root)
     sroot = root if split_root is None else Path(split_root)
     if which == "cirr":
         if category is not None:
-            raise ValueError("finecir which='cirr' takes no category")
+            raise OptionError("finecir which='cirr' takes no category")
         return _load_cirr(root, split, sroot, "." if image_dir is None else image_dir, version, text_mode,
                           with_captions)
     if which == "fiq":
         cat = check_category(category, "finecir which='fiq'")
         return _load_fiq(root, split, cat, sroot, "images" if image_dir is None else image_dir, ext, text_mode,
                          with_captions, add_missing_to_gallery)
-    raise ValueError(f"finecir which must be 'cirr' or 'fiq' (got {which!r})")
+    raise OptionError(f"finecir which must be 'cirr' or 'fiq' (got {which!r})")

@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from ..errors import CirfusionError
+from ..options import OptionError
 
 
 class DataError(CirfusionError, ValueError):
@@ -206,7 +207,7 @@ class CIRDataset:
 
     def __post_init__(self) -> None:
         if self.text_policy not in TEXT_POLICIES:
-            raise ValueError(f"unknown text_policy {self.text_policy!r}; expected one of {TEXT_POLICIES}")
+            raise OptionError(f"unknown text_policy {self.text_policy!r}; expected one of {TEXT_POLICIES}")
 
     def __len__(self) -> int:
         return len(self.queries)

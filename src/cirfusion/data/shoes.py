@@ -30,6 +30,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..options import OptionError
 from ._jsonio import (
     ImagePaths,
     entry_name,
@@ -51,9 +52,9 @@ SPLIT_LISTS = {"train": "train", "eval": "eval", "val": "eval", "test": "eval"}
 def load_shoes(root: Path, split: str, *, image_dir: str | Path = "images", straddling: str = "error") -> CIRDataset:
     """Load Shoes split ``train`` or ``eval`` (``val``/``test`` are aliases of ``eval``)."""
     if split not in SPLIT_LISTS:
-        raise ValueError(f"shoes split must be one of {', '.join(SPLIT_LISTS)} (got {split!r})")
+        raise OptionError(f"shoes split must be one of {', '.join(SPLIT_LISTS)} (got {split!r})")
     if straddling not in ("error", "exclude"):
-        raise ValueError(f"straddling must be 'error' or 'exclude' (got {straddling!r})")
+        raise OptionError(f"straddling must be 'error' or 'exclude' (got {straddling!r})")
     root = Path(root)
     ddir = root / "dataset"
     cap_path = ddir / "relative_captions_shoes.json"

@@ -8,6 +8,8 @@ import hashlib
 from dataclasses import dataclass
 from typing import Any
 
+from ...options import OptionError
+
 FORMAT_VERSION = 1
 # Bump when the pixels an edit / resize / analysis produces change: they are part of every cache key.
 EDIT_VERSION = 1
@@ -60,22 +62,22 @@ class CatalogConfig:
         self.split_ratios = tuple(float(r) for r in self.split_ratios)  # type: ignore[assignment]
         bad = [k for k in self.kinds if k not in QUERY_KINDS]
         if bad or not self.kinds:
-            raise ValueError(f"unknown query kind(s) {bad}; choose from {', '.join(QUERY_KINDS)}")
+            raise OptionError(f"unknown query kind(s) {bad}; choose from {', '.join(QUERY_KINDS)}")
         bad = [k for k in self.edit_kinds if k not in EDIT_KINDS]
         if bad:
-            raise ValueError(f"unknown edit kind(s) {bad}; choose from {', '.join(EDIT_KINDS)}")
+            raise OptionError(f"unknown edit kind(s) {bad}; choose from {', '.join(EDIT_KINDS)}")
         if not 0.0 <= self.edit_fraction <= 1.0:
-            raise ValueError(f"edit_fraction must be in [0, 1], got {self.edit_fraction}")
+            raise OptionError(f"edit_fraction must be in [0, 1], got {self.edit_fraction}")
         if self.image_size < 32:
-            raise ValueError(f"image_size must be at least 32 pixels, got {self.image_size}")
+            raise OptionError(f"image_size must be at least 32 pixels, got {self.image_size}")
         if self.min_positives < 1:
-            raise ValueError(f"min_positives must be at least 1, got {self.min_positives}")
+            raise OptionError(f"min_positives must be at least 1, got {self.min_positives}")
         for name in ("max_per_category", "limit"):
             v = getattr(self, name)
             if v is not None and v < 1:
-                raise ValueError(f"{name} must be at least 1, got {v}")
+                raise OptionError(f"{name} must be at least 1, got {v}")
         if len(self.split_ratios) != 3 or min(self.split_ratios) < 0 or sum(self.split_ratios) <= 0:
-            raise ValueError(f"split_ratios must be three non-negative numbers, got {self.split_ratios}")
+            raise OptionError(f"split_ratios must be three non-negative numbers, got {self.split_ratios}")
 
 
 def _h(*parts: Any) -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ...io import atomic_directory
+from ...options import OptionError
 from ..colors import (
     COLOUR_NAMES,
     PALETTE,
@@ -114,7 +115,7 @@ def build_catalog(
         entries = scan_photo_folder(photos)
         source_root = Path(photos)
     else:
-        raise ValueError("give photos (a folder) or csv_path")
+        raise OptionError("give photos (a folder) or csv_path")
     entries = _select_entries(entries, cfg)
     out = Path(out)
     OUTPUT.check_replaceable(out / "annotations")  # a rebuild replaces annotations/ only if a build wrote it

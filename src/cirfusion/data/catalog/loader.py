@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from ...options import OptionError
 from .._jsonio import read_jsonl, require_file
 from ..generated import EditPair, read_edit_pairs, read_manifest
 from ..registry import register_dataset
@@ -40,14 +41,14 @@ def _parse_kinds(kinds: str | Sequence[str] | None) -> tuple[str, ...] | None:
     ks = tuple(k.strip() for k in (kinds.split(",") if isinstance(kinds, str) else kinds) if k.strip())
     bad = [k for k in ks if k not in QUERY_KINDS]
     if bad or not ks:
-        raise ValueError(f"unknown query kind(s) {bad or ks}; choose from {', '.join(QUERY_KINDS)}")
+        raise OptionError(f"unknown query kind(s) {bad or ks}; choose from {', '.join(QUERY_KINDS)}")
     return ks
 
 
 def _split_name(split: str) -> str:
     s = SPLIT_ALIASES.get(split.strip().lower())
     if s is None:
-        raise ValueError(f"unknown catalog split {split!r}; expected train, val or test")
+        raise OptionError(f"unknown catalog split {split!r}; expected train, val or test")
     return s
 
 

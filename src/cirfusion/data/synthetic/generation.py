@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ...io import atomic_directory
+from ...options import OptionError
 from ..generated import OutputKind, write_json, write_jsonl
 from ..schema import DataError, Query
 from .language import _coarse_phrase, _edits_between, _fine_line, _join_coarse, _modification_graph
@@ -90,21 +91,21 @@ def generate(
     """
     out = Path(out)
     if n_images < 1:
-        raise ValueError(f"n_images must be positive, got {n_images}")
+        raise OptionError(f"n_images must be positive, got {n_images}")
     if image_size < 48:
-        raise ValueError(f"image_size must be at least 48 px, got {image_size}")
+        raise OptionError(f"image_size must be at least 48 px, got {image_size}")
     fr = [float(f) for f in split_fractions]
     if len(fr) != 3 or any(f <= 0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
-        raise ValueError(f"split_fractions must be three positive numbers summing to 1, got {list(split_fractions)}")
+        raise OptionError(f"split_fractions must be three positive numbers summing to 1, got {list(split_fractions)}")
     sizes = _split_sizes(n_images, fr)
     if min(sizes) < 12:
-        raise ValueError(f"every split needs at least 12 images; {n_images} images split {fr} gives {sizes}")
+        raise OptionError(f"every split needs at least 12 images; {n_images} images split {fr} gives {sizes}")
     for name, v in (("train_queries_per_image", train_queries_per_image), ("eval_queries_per_image", eval_queries_per_image),
                     ("edit_pairs_per_image", edit_pairs_per_image)):  # fmt: skip
         if v < 0:
-            raise ValueError(f"{name} must be >= 0, got {v}")
+            raise OptionError(f"{name} must be >= 0, got {v}")
     if not 0.0 <= held_out_test_share <= 1.0:
-        raise ValueError(f"held_out_test_share must be in [0, 1], got {held_out_test_share}")
+        raise OptionError(f"held_out_test_share must be in [0, 1], got {held_out_test_share}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         if not overwrite:
             raise DataError(out, None, "output exists and is not an empty directory; pass --overwrite to replace it")

@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
+from ...options import OptionError
 from ..schema import Entity, Relation, SceneGraph
 
 GENERATOR_VERSION = "1.0"
@@ -243,7 +244,7 @@ def _choose_held_out(rng: random.Random, n: int) -> list[tuple[str, str]]:
     """``n`` colour x shape pairs, no colour or shape twice, so every colour and shape is still seen in
     training with other partners."""
     if not 0 <= n <= min(len(SHAPES), len(COLOURS)):
-        raise ValueError(f"n_held_out must be in 0..{min(len(SHAPES), len(COLOURS))}, got {n}")
+        raise OptionError(f"n_held_out must be in 0..{min(len(SHAPES), len(COLOURS))}, got {n}")
     shapes = rng.sample(SHAPES, n)
     colours = rng.sample(list(COLOURS), n)
     return sorted(zip(colours, shapes, strict=False))
