@@ -12,8 +12,9 @@ from PIL import Image
 from cirfusion.backbones import Backbone, create_backbone, list_backbones, parse_backbone_name
 from cirfusion.backbones.hf_blip2 import save_tiny_blip2
 from cirfusion.backbones.hf_clip import save_tiny_clip
+from conftest import SHARED_DATA
 
-SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+SHARED = SHARED_DATA  # conftest: ../shared/data or $CIRFUSION_SHARED_DATA
 TEXTS = ["make it red", "Same shirt but with long sleeves and a small green star on the left", ""]
 
 

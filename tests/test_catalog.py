@@ -26,8 +26,9 @@ from cirfusion.data.catalog import (
     scan_photo_folder,
 )
 from cirfusion.data.colors import COLOUR_NAMES, PALETTE, REPRESENTATIVE, estimate_colour, foreground_mask, name_lab, srgb_to_lab
+from conftest import SHARED_DATA
 
-REAL = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "clothing-small"
+REAL = SHARED_DATA / "clothing-small"  # conftest: ../shared/data or $CIRFUSION_SHARED_DATA
 
 
 # ------------------------------------------------------------------------------------------------ synthetic photos

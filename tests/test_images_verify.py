@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+from cirfusion.cli import main
 from cirfusion.data import CIRDataset, Gallery, Query, register_dataset
 from cirfusion.data.images import ImageLoadError, load_image
+from cirfusion.data.registry import DATASETS
 from cirfusion.data.verify import verify_dataset
 
 
@@ -87,9 +89,16 @@ def _folder_dataset(root: Path) -> CIRDataset:
     return CIRDataset("folder-test", "val", queries, gallery, root=root)
 
 
-@register_dataset("_verify_test_folder")
-def _load_folder(root: Path, split: str, **kw) -> CIRDataset:
+def _load_folder(root: Path, split: str) -> CIRDataset:
     return _folder_dataset(root)
+
+
+@pytest.fixture
+def folder_loader():
+    """The test folder registered as a dataset for the CLI, and unregistered after (no leak into other tests)."""
+    register_dataset("_verify_test_folder")(_load_folder)
+    yield
+    DATASETS.unregister("_verify_test_folder")
 
 
 def test_verify_collects_all_problems(tmp_path):
@@ -100,9 +109,7 @@ def test_verify_collects_all_problems(tmp_path):
     assert rep.images_checked == 4 and rep.queries_checked == 2
 
 
-def test_verify_cli_names_both_bad_files_and_fails(tmp_path, capsys):
-    from cirfusion.cli import main
-
+def test_verify_cli_names_both_bad_files_and_fails(tmp_path, capsys, folder_loader):
     _folder_dataset(tmp_path)
     rc = main(["data", "verify", "_verify_test_folder", "--root", str(tmp_path), "--no-progress"])
     out = capsys.readouterr().out
