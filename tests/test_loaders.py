@@ -15,6 +15,7 @@ import pytest
 from cirfusion.data import _jsonio, circo, cirr, custom, fashioniq, finecir, shoes
 from cirfusion.data.images import load_image
 from cirfusion.data.schema import CIRDataset, DataError, join_fashioniq
+from cirfusion.io import atomic_write_json
 
 # ------------------------------------------------------------------------------------------- builders
 
@@ -814,9 +815,9 @@ def test_jsonio_encoding_and_atomic_write(tmp_path):
     names.write_bytes(b"\xef\xbb\xbfa.jpg\n\n  b.jpg  \n")
     assert _jsonio.read_name_list(names) == ["a.jpg", "b.jpg"]
     out = tmp_path / "deep" / "out.json"
-    _jsonio.write_json_atomic(out, {"x": "\u00e9"})
+    atomic_write_json(out, {"x": "\u00e9"})  # the one atomic writer (cirfusion.io)
     assert json.loads(out.read_text(encoding="utf-8")) == {"x": "\u00e9"}
     with pytest.raises(TypeError):
-        _jsonio.write_json_atomic(out, {"x": object()})
+        atomic_write_json(out, {"x": object()})
     assert json.loads(out.read_text(encoding="utf-8")) == {"x": "\u00e9"}  # old content intact, no temp left
     assert sorted(p.name for p in out.parent.iterdir()) == ["out.json"]

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +13,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 
 from . import __version__
 from .data.images import ImageLoadError, load_image
-from .io import atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text
 
 THUMB_PX = 128
 
@@ -53,9 +53,9 @@ def _thumb(src: Path, thumbs_dir: Path) -> str:
         except ImageLoadError:
             return ""
         im.thumbnail((THUMB_PX, THUMB_PX))
-        tmp = dst.with_suffix(".tmp.jpg")
-        im.save(tmp, "JPEG", quality=85)
-        os.replace(tmp, dst)
+        buf = io.BytesIO()
+        im.save(buf, "JPEG", quality=85)
+        atomic_write_bytes(dst, buf.getvalue())
     return f"{thumbs_dir.name}/{dst.name}"
 
 

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -128,24 +127,6 @@ def find_file(candidates: Iterable[Path], what: str) -> Path:
         if c.is_file():
             return c
     raise DataError(cands[0] if cands else None, None, f"{what} not found (looked at: {', '.join(str(c) for c in cands)})")
-
-
-def write_json_atomic(path: Path, obj: Any, indent: int | None = None) -> None:
-    """Write JSON to ``path`` via a temp file in the same folder and ``os.replace``: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=indent, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 # ---------------------------------------------------------------------------------------------- fields
