@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 
 from .errors import CirfusionError
-from .io import atomic_write_bytes, atomic_write_text
+from .io import atomic_write_bytes, atomic_write_text, pid_alive
 
 FORMAT_VERSION = 1
 # An uncommitted file whose writer cannot be checked (another host, an old name) is an orphan after this long.
@@ -77,18 +77,6 @@ def _npy_ok(path: Path, shape: tuple[int, ...], dtype: str) -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool | None:
-    """Whether process ``pid`` exists on this host (None: cannot tell)."""
-    if os.name != "posix":
-        return None  # os.kill(pid, 0) is not a probe on Windows
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # exists but is not ours (EPERM), or cannot tell
-        return True
     return True
 
 
@@ -97,7 +85,7 @@ def _writer_alive(shard: str) -> bool | None:
     parts = shard.split("-")
     if len(parts) != 4 or parts[1] != _HOST or not parts[2].isdigit():
         return None
-    return _pid_alive(int(parts[2]))
+    return pid_alive(int(parts[2]))
 
 
 class InterruptGuard:

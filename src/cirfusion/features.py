@@ -180,6 +180,38 @@ def _pad_last(a: np.ndarray, width: int) -> np.ndarray:
     return np.pad(a, [(0, 0)] * (a.ndim - 1) + [(0, width - a.shape[-1])])
 
 
+class _ShardBuffer:
+    """Rows computed since the last shard write. They become one shard when the buffer is big enough
+    (``SHARD_BYTES`` / ``SHARD_MAX_ROWS``) or ``flush_seconds`` have passed since the last write, so an interrupted run
+    keeps its work; a shard is written inside the interrupt guard's critical section (a signal waits for it)."""
+
+    def __init__(self, store: ShardStore, names: Sequence[str], guard: InterruptGuard, flush_seconds: float) -> None:
+        self.store, self.guard, self.flush_seconds = store, guard, flush_seconds
+        self.keys: list[str] = []
+        self.arrays: dict[str, list[np.ndarray]] = {n: [] for n in names}
+        self.nbytes = 0
+        self.last_write = time.monotonic()
+
+    def add(self, keys: Sequence[str], **arrays: np.ndarray) -> None:
+        self.keys.extend(keys)
+        for name, a in arrays.items():
+            self.arrays[name].append(a)
+            self.nbytes += a.nbytes
+        if (self.nbytes >= SHARD_BYTES or len(self.keys) >= SHARD_MAX_ROWS
+                or time.monotonic() - self.last_write >= self.flush_seconds):
+            self.commit()
+
+    def commit(self) -> None:
+        with self.guard.critical():
+            if self.keys:
+                self.store.write(list(self.keys), {n: np.concatenate(v) for n, v in self.arrays.items()})
+            self.keys.clear()
+            self.nbytes = 0
+            for v in self.arrays.values():
+                v.clear()
+            self.last_write = time.monotonic()
+
+
 class FeatureCache:
     """Frozen-backbone features for images and texts, computed once and read back memory-mapped.
 
@@ -311,13 +343,12 @@ class FeatureCache:
         batch_x: list[torch.Tensor] = []
         batch_k: list[str] = []
         pending: dict[str, int] = {}  # keys computed in this call but not yet committed -> buffer row
-        buf_k: list[str] = []
-        buf: dict[str, list[np.ndarray]] = {"global": [], "tokens": []}
-        buf_bytes = 0
+        interrupts = InterruptGuard()
+        buf = _ShardBuffer(store, ("global", "tokens"), interrupts, self.flush_seconds)
         computed = 0
 
         def encode() -> None:
-            nonlocal buf_bytes, computed
+            nonlocal computed
             if not batch_x:
                 return
             with torch.inference_mode():
@@ -334,29 +365,12 @@ class FeatureCache:
                 k = batch_k[int(np.argmax(bad))]
                 where = files[keys.index(k)]
                 raise FeatureCacheError(f"{where}: backbone {b.backbone_id!r} gives non-finite features (in fp16)")
-            buf_k.extend(batch_k)
-            buf["global"].append(g)
-            buf["tokens"].append(t)
-            buf_bytes += g.nbytes + t.nbytes
+            buf.add(batch_k, **{"global": g, "tokens": t})
             computed += len(batch_k)
             batch_x.clear()
             batch_k.clear()
 
-        last_commit = time.monotonic()
-
-        def commit() -> None:
-            nonlocal buf_bytes, last_commit
-            with interrupts.critical():  # a signal now waits until the shard is written
-                if buf_k:
-                    store.write(list(buf_k), {n: np.concatenate(v) for n, v in buf.items()})
-                buf_k.clear()
-                buf_bytes = 0
-                for v in buf.values():
-                    v.clear()
-                last_commit = time.monotonic()
-
         bar = tqdm(total=len(files), desc=f"image features [{b.backbone_id}]", unit="img", disable=not progress)
-        interrupts = InterruptGuard()
         try:
             interrupts.__enter__()
             for i, res in enumerate(self._iter_read(store, files)):
@@ -374,15 +388,12 @@ class FeatureCache:
                 if len(batch_x) >= self.batch_size:
                     encode()
                     bar.set_postfix(computed=computed, refresh=False)
-                    if (buf_bytes >= SHARD_BYTES or len(buf_k) >= SHARD_MAX_ROWS
-                            or time.monotonic() - last_commit >= self.flush_seconds):
-                        commit()
             encode()
             bar.set_postfix(computed=computed, refresh=False)
         finally:
             # Whatever happened (a bad file, Ctrl-C or SIGTERM, a backbone error), keep the features already computed.
             try:
-                commit()
+                buf.commit()
             finally:
                 interrupts.__exit__()
                 bar.close()
@@ -442,24 +453,9 @@ class FeatureCache:
         todo = [i for i, k in enumerate(keys) if k not in store]
         # Similar lengths per batch: little padding, the same results (the mask hides padding).
         todo.sort(key=lambda i: len(unique[i]))
-        buf_k: list[str] = []
-        buf: dict[str, list[np.ndarray]] = {"global": [], "tokens": [], "mask": []}
-        buf_bytes = 0
-        last_commit = time.monotonic()
-
-        def commit() -> None:
-            nonlocal buf_bytes, last_commit
-            with interrupts.critical():
-                if buf_k:
-                    store.write(list(buf_k), {n: np.concatenate(v) for n, v in buf.items()})
-                buf_k.clear()
-                buf_bytes = 0
-                for v in buf.values():
-                    v.clear()
-                last_commit = time.monotonic()
-
-        bar = tqdm(total=len(todo), desc=f"text features [{b.backbone_id}]", unit="text", disable=not progress or not todo)
         interrupts = InterruptGuard()
+        buf = _ShardBuffer(store, ("global", "tokens", "mask"), interrupts, self.flush_seconds)
+        bar = tqdm(total=len(todo), desc=f"text features [{b.backbone_id}]", unit="text", disable=not progress or not todo)
         try:
             interrupts.__enter__()
             for start in range(0, len(todo), self.batch_size):
@@ -481,18 +477,11 @@ class FeatureCache:
                 mask = np.zeros((n, L), np.bool_)
                 tokens[:, :width], mask[:, :width] = tok, m
                 tokens[~mask] = 0  # padding rows carry no information; zero them so the bytes are deterministic
-                buf_k.extend(keys[i] for i in idx)
-                buf["global"].append(g)
-                buf["tokens"].append(tokens)
-                buf["mask"].append(mask)
-                buf_bytes += g.nbytes + tokens.nbytes + mask.nbytes
+                buf.add([keys[i] for i in idx], **{"global": g, "tokens": tokens, "mask": mask})
                 bar.update(len(idx))
-                if (buf_bytes >= SHARD_BYTES or len(buf_k) >= SHARD_MAX_ROWS
-                        or time.monotonic() - last_commit >= self.flush_seconds):
-                    commit()
         finally:
             try:
-                commit()
+                buf.commit()
             finally:
                 interrupts.__exit__()
                 bar.close()

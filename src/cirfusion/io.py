@@ -50,19 +50,22 @@ def recover_directory(path: str | Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # .NAME.PID.XXXX.tmp: a writer's unfinished directory
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
-        if tmp.is_dir() and pid.isdigit() and not _alive(int(pid)):
+        if tmp.is_dir() and pid.isdigit() and pid_alive(int(pid)) is False:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists on this machine (a writer that may still finish its temporary directory)."""
+def pid_alive(pid: int) -> bool | None:
+    """Whether process ``pid`` exists on this machine (None: cannot tell): a writer whose unfinished files must not
+    be removed yet."""
+    if os.name != "posix":
+        return None  # os.kill(pid, 0) is not a probe on Windows
     if pid == os.getpid():
         return True
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:  # it exists, owned by someone else
+    except OSError:  # exists but is not ours (EPERM), or cannot tell
         return True
     return True
 
