@@ -11,6 +11,7 @@ from tqdm.auto import tqdm
 
 from .data.schema import CIRDataset
 from .embeddings import Embedding, cat_embeddings
+from .errors import UnknownNameError
 from .methods.base import CIRMethod
 from .metrics import RetrievalMetrics
 from .views import FeatureView, SplitData
@@ -55,7 +56,7 @@ def evaluate(method: CIRMethod, data: SplitData, chunk: int = 512, progress: boo
 def pick_val_metric(name: str, metrics: Mapping[str, float], dataset: CIRDataset) -> str:
     if name != "auto":
         if name not in metrics:
-            raise KeyError(f"validation metric {name!r} is not computed on {dataset.key}; available: {sorted(metrics)}")
+            raise UnknownNameError(f"validation metric {name!r} is not computed on {dataset.key}; available: {sorted(metrics)}")
         return name
     if "Rmean" in metrics:
         return "Rmean"

@@ -77,9 +77,6 @@ def _npy_ok(path: Path, shape: tuple[int, ...], dtype: str) -> str | None:
     return None
 
 
-    return True
-
-
 def _writer_alive(shard: str) -> bool | None:
     """Whether the process that named ``shard`` is still running (None: another host or an older name format)."""
     parts = shard.split("-")

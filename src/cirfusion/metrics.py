@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from .data.schema import CIRDataset, DataError, Query
+from .data.schema import CIRDataset, DataError, Query, reference_mask
 from .errors import CirfusionError
 
 DEFAULT_KS: tuple[int, ...] = (1, 5, 10, 50)
@@ -399,9 +399,8 @@ def topk_ids(scores_block: Any, k: int, exclude: Any = None) -> np.ndarray:
             if len(exclude) != b:
                 raise ValueError(f"exclude has {len(exclude)} entries for {b} rows")
             ex = exclude.astype(np.int64)
-            m = ex >= 0
-            work[np.flatnonzero(m), ex[m]] = -np.inf
-            n_excl = m.astype(np.int64)
+            work[reference_mask(ex, n)] = -np.inf
+            n_excl = (ex >= 0).astype(np.int64)
         else:
             ex_lists = list(exclude)
             if len(ex_lists) != b:

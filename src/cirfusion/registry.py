@@ -25,6 +25,7 @@ class Registry(Generic[T]):
         self._entries: dict[str, T] = {}
         self._meta: dict[str, dict[str, Any]] = {}
         self._loaded = False
+        self._loading = False
 
     def register(self, name: str, **meta: Any) -> Callable[[T], T]:
         """Decorator: register the decorated object under ``name``. Registering another object under a taken name
@@ -46,10 +47,15 @@ class Registry(Generic[T]):
 
     def load(self) -> None:
         """Import the built-in modules (once): their imports register the built-in entries."""
-        if not self._loaded:
-            self._loaded = True  # set first: a module importing this registry while it loads must not loop
+        if self._loaded or self._loading:  # _loading: a built-in module looking names up while it registers
+            return
+        self._loading = True
+        try:
             for m in self.modules:
                 importlib.import_module(m)
+            self._loaded = True  # only once all loaded: a failed import is raised again, never a partial registry
+        finally:
+            self._loading = False
 
     def names(self) -> list[str]:
         self.load()

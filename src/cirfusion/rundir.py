@@ -101,13 +101,13 @@ def check_fresh(run_dir: str | Path, overwrite: bool) -> list[Path]:
     if not entries:
         return []
     names = ", ".join(p.name for p in entries[:6]) + (" ..." if len(entries) > 6 else "")
+    foreign = [p.name for p in entries if not _is_run_entry(p.name)]
+    if foreign:  # checked first: --overwrite would not help, so it is not suggested
+        raise RunDirError(f"{run_dir}: --overwrite removes only a training run's own files, and this directory also "
+                          f"holds {', '.join(foreign[:6])}; choose another --out")
     if not overwrite:
         raise RunDirError(f"{run_dir} already holds a run ({names}); continue it with --resume, start it again with "
                           "--overwrite (deletes it), or choose another --out")
-    foreign = [p.name for p in entries if not _is_run_entry(p.name)]
-    if foreign:
-        raise RunDirError(f"{run_dir}: --overwrite removes only a training run's own files, and this directory also "
-                          f"holds {', '.join(foreign[:6])}; choose another --out")
     return entries
 
 

@@ -58,7 +58,8 @@ from .io import atomic_directory, recover_directory
 from .manifest import build_manifest, write_manifest
 from .methods.base import CIRMethod, HardNegativesUnsupported, stage_parameters
 from .optim import lr_at, make_optimizer
-from .rundir import METRICS_FILE, RunLock, append_metrics, check_fresh, clear_run_dir, truncate_metrics
+from .options import OptionError
+from .rundir import METRICS_FILE, RunDirError, RunLock, append_metrics, check_fresh, clear_run_dir, truncate_metrics
 from .seeding import seed_everything, step_seed
 from .views import FeatureView, SplitData
 
@@ -219,10 +220,10 @@ def _train(method: CIRMethod, train_data: SplitData, val_data: SplitData | None,
         diffs = [f.name for f in fields(TrainConfig)
                  if f.name not in TrainConfig.RESUME_FREE and getattr(old, f.name) != getattr(cfg, f.name)]
         if diffs:
-            raise ValueError(f"{last_dir}: cannot resume with a different configuration ({', '.join(diffs)}); "
+            raise RunDirError(f"{last_dir}: cannot resume with a different configuration ({', '.join(diffs)}); "
                              f"saved: {{{', '.join(f'{d}={getattr(old, d)!r}' for d in diffs)}}}")
         if saved["method"] != method.config():
-            raise ValueError(f"{last_dir}: the saved run trained {saved['method']['method']!r} with other "
+            raise RunDirError(f"{last_dir}: the saved run trained {saved['method']['method']!r} with other "
                              "hyper-parameters or features; cannot resume it with this method")
         load_state_strict(method, load_file(str(last_dir / "model.safetensors")), last_dir)
         state.update({k: saved[k] for k in state})
@@ -276,7 +277,7 @@ def _train(method: CIRMethod, train_data: SplitData, val_data: SplitData | None,
         is_last_stage = si == len(stages) - 1
         data = train_data if stage.split is None else (extra_splits or {}).get(stage.split)
         if data is None:
-            raise ValueError(f"stage {stage.name!r} trains on split {stage.split!r}, which was not provided")
+            raise OptionError(f"stage {stage.name!r} trains on split {stage.split!r}, which was not provided")
         view = FeatureView(data.images, data.texts)
         examples = Examples(data, view, cfg.hard_negatives, cfg.hard_negative_pool, cfg.hard_negative_source)
         epochs = cfg.stage_epochs.get(stage.name, stage.epochs if stage.epochs is not None else cfg.epochs)

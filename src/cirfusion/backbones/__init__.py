@@ -33,7 +33,7 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from ..errors import CirfusionError
+from ..errors import CirfusionError, UnknownNameError
 from ..options import OptionError, accepted_options, check_options, parse_pairs, split_option_string
 from ..registry import Registry
 from .base import Backbone, ImageFeatures, TextFeatures
@@ -112,16 +112,16 @@ def parse_backbone_name(name: str) -> tuple[str, str | None, dict[str, Any]]:
     family, _, rest = name.partition(":")
     family = family.strip()
     if family not in BACKBONES:
-        raise KeyError(f"unknown backbone {family!r} (from {name!r}); known: {', '.join(BACKBONES.names())}")
+        raise UnknownNameError(f"unknown backbone {family!r} (from {name!r}); known: {', '.join(BACKBONES.names())}")
     what = f"backbone {name!r}"
     if family == MULTI:  # its argument is a list of backbone names, each with its own options: taken verbatim
         if not rest.strip():
-            raise ValueError(f"backbone {MULTI!r} needs its parts: {MULTI}:ID1{MULTI_SEP}ID2...")
+            raise OptionError(f"backbone {MULTI!r} needs its parts: {MULTI}:ID1{MULTI_SEP}ID2...")
         return family, rest.strip(), {}
     if BACKBONES.meta(family).get("located"):
         location, _, opts = rest.partition("?")
         if not location.strip():
-            raise ValueError(f"backbone {family!r} needs a location: {family}:<directory or hub id>")
+            raise OptionError(f"backbone {family!r} needs a location: {family}:<directory or hub id>")
         return family, location.strip(), _checked(family, parse_pairs(split_option_string(opts), what), what)
     return family, None, _checked(family, parse_pairs(split_option_string(rest.replace("?", ",")), what), what)
 

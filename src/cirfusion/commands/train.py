@@ -28,8 +28,8 @@ from ..data.registry import load_dataset
 from ..errors import CirfusionError
 from ..methods.base import CIRMethod, params_help
 from ..methods.registry import create_method, get_method_class, list_methods
-from ..options import parse_options
-from ..rundir import check_fresh, check_unlocked
+from ..options import OptionError, parse_options
+from ..rundir import RunDirError, check_fresh, check_unlocked
 from ..seeding import seed_everything
 from ..train import TrainConfig, check_trainable, load_state, train
 from ._common import add_dataset_args, dataset_kwargs, format_metrics
@@ -117,7 +117,7 @@ def _config(args: argparse.Namespace, saved: dict[str, Any] | None) -> TrainConf
     for item in args.stage_epochs:
         stage, sep, n = item.partition("=")
         if not sep or not n.strip().isdigit():
-            raise ValueError(f"--stage-epochs expects STAGE=N, got {item!r}")
+            raise OptionError(f"--stage-epochs expects STAGE=N, got {item!r}")
         cfg.stage_epochs = {**cfg.stage_epochs, stage.strip(): int(n)}
     cfg.progress = not args.no_progress
     return cfg
@@ -132,8 +132,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     try:
         return _run(args)
-    except (CirfusionError, KeyError, ValueError) as exc:
-        # Expected failures (a bad option, a refused run directory, a changed config on --resume): one line.
+    except CirfusionError as exc:
+        # Expected failures (a bad option, a refused run directory, a changed config on --resume): one line. Anything
+        # else is a bug and reaches cli.main, which prints its traceback.
         print(f"cirfusion train: error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
         return 2
 
@@ -142,7 +143,7 @@ def _run(args: argparse.Namespace) -> int:
     cls = get_method_class(args.method)
     hparams = parse_hparams(args.hparam, cls)
     if args.resume and args.overwrite:
-        raise ValueError("--resume continues the run in --out, --overwrite replaces it: give one of them")
+        raise OptionError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     progress = not args.no_progress
@@ -155,7 +156,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume:
         saved = load_state(out / "last")
         if saved["method"]["method"] != args.method:
-            raise ValueError(f"{out} is a run of {saved['method']['method']!r}, not {args.method!r}")
+            raise RunDirError(f"{out} is a run of {saved['method']['method']!r}, not {args.method!r}")
         hparams = {**saved["method"]["hparams"], **hparams}
     else:
         check_fresh(out, args.overwrite)

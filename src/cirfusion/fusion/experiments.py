@@ -16,6 +16,7 @@ import torch
 from ..evaluation import pick_val_metric
 from ..io import atomic_write_bytes
 from .fit import FusionConfig, fuse
+from .kernels import FusionError
 from .tables import SplitTable, evaluate_base, evaluate_fused
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -61,7 +62,7 @@ def incremental_orders(names: Sequence[str], start: str, max_orders: int = 24, s
     """Every order of adding the other models after ``start`` (all of them for up to 4 others' permutations =
     24; beyond, ``max_orders`` drawn at random, seeded)."""
     if start not in names:
-        raise ValueError(f"--base {start!r} is not one of the base models {list(names)}")
+        raise FusionError(f"--base {start!r} is not one of the base models {list(names)}")
     others = [n for n in names if n != start]
     if math.factorial(len(others)) <= max_orders:
         return [[start, *p] for p in itertools.permutations(others)]

@@ -132,6 +132,12 @@ def image_fingerprint(global_: torch.Tensor) -> torch.Tensor:
     return (bits * coef).sum(-1)
 
 
+def fingerprint_exclusion(query_fp: torch.Tensor, gallery_fp: torch.Tensor) -> torch.Tensor:
+    """``[B, N]`` True where a gallery image's fingerprint equals the query reference's: how a fused model, which
+    sees only features (no image ids), leaves the reference out, at inference and when fitted alike."""
+    return query_fp[:, None] == gallery_fp[None, :]
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Raw scores: float32, float16 and int8 paths, and their reference
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from ..embeddings import Embedding, cat_embeddings, embedding_len, rows_of, take
 from ..methods.base import CIRMethod
 from ..metrics import RetrievalMetrics
 from ..views import FeatureView, SplitData
-from .kernels import FusionError, base_scores, image_fingerprint, storage_dtype, uses_default_similarity
+from .kernels import FusionError, base_scores, fingerprint_exclusion, image_fingerprint, storage_dtype, uses_default_similarity
 
 if TYPE_CHECKING:  # pragma: no cover
     from ..methods.dafm import DAFM
@@ -150,11 +150,11 @@ class SplitTable:
     def split_queries(self, fraction: float, seed: int = 0) -> tuple[SplitTable, SplitTable]:
         """``(fit, holdout)``: a seeded random ``fraction`` of the queries held out (for model selection)."""
         if not 0 < fraction < 1:
-            raise ValueError(f"holdout fraction must be in (0, 1), got {fraction}")
+            raise FusionError(f"holdout fraction must be in (0, 1), got {fraction}")
         order = np.random.default_rng([seed, 7]).permutation(self.num_queries)
         n_hold = max(1, round(fraction * self.num_queries))
         if n_hold >= self.num_queries:
-            raise ValueError(f"{self.dataset.key}: {self.num_queries} queries are too few to hold {fraction:.0%} out")
+            raise FusionError(f"{self.dataset.key}: {self.num_queries} queries are too few to hold {fraction:.0%} out")
         return self.query_subset(np.sort(order[n_hold:])), self.query_subset(np.sort(order[:n_hold]))
 
     def galleries(self, dtype: torch.dtype = torch.float32) -> list[Embedding]:
@@ -201,7 +201,7 @@ class SplitTable:
             return None
         fp = rows_of(self.query_fp, rows)
         assert isinstance(fp, torch.Tensor)
-        return fp[:, None] == self.gallery_fp[None, :]
+        return fingerprint_exclusion(fp, self.gallery_fp)
 
     def trainable_rows(self) -> np.ndarray:
         return np.array([i for i, p in enumerate(self.positives) if len(p)], dtype=np.int64)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from ..backbones.base import ImageFeatures, TextFeatures
-from .base import CIRMethod, MethodDims, l2norm
+from .base import CIRMethod, HyperParameterError, MethodDims, l2norm
 from .registry import register_method
 
 
@@ -33,13 +33,13 @@ class Sum(CIRMethod):
     def __init__(self, dims: MethodDims, **hparams: object) -> None:
         super().__init__(dims, **hparams)
         if not dims.aligned:
-            raise ValueError(
+            raise HyperParameterError(
                 f"method 'sum' needs a backbone whose image and text embeddings are aligned (CLIP/SigLIP); "
                 f"backbone {dims.backbone_id or '<unknown>'!r} is not (aligned=False): adding its image and text "
                 f"vectors is meaningless. Use a trained method such as 'clip4cir' instead."
             )
         if dims.image_dim != dims.text_dim:
-            raise ValueError(f"method 'sum': image dim {dims.image_dim} != text dim {dims.text_dim}")
+            raise HyperParameterError(f"method 'sum': image dim {dims.image_dim} != text dim {dims.text_dim}")
 
     def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> torch.Tensor:
         return l2norm(l2norm(ref.global_.float()) + l2norm(text.global_.float()))

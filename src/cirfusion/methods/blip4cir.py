@@ -28,14 +28,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
-from .base import Batch, CIRMethod, MethodDims, hparam, l2norm, trim_text_padding
+from .base import Batch, CIRMethod, HyperParameterError, MethodDims, hparam, l2norm, trim_text_padding
 from .encoders import TokenEncoder
 from .registry import register_method
 
 
 def _check_tokens(dims: MethodDims, name: str) -> None:
     if dims.num_image_tokens < 1 or dims.max_text_tokens < 1:
-        raise ValueError(
+        raise HyperParameterError(
             f"method {name!r} cross-attends from text tokens to image tokens; backbone "
             f"{dims.backbone_id or '<unknown>'!r} has {dims.num_image_tokens} image and {dims.max_text_tokens} text tokens"
         )
@@ -76,7 +76,7 @@ class BLIP4CIR(CIRMethod):
         h = self.params
         _check_tokens(dims, self.method_name)
         if h.bi_weight < 0:
-            raise ValueError(f"{self.method_name}: bi_weight must be >= 0, got {h.bi_weight}")
+            raise HyperParameterError(f"{self.method_name}: bi_weight must be >= 0, got {h.bi_weight}")
         self.uses_image_tokens = self.uses_text_tokens = True
         d, w, heads, drop = h.embed_dim, h.width, h.heads, h.dropout
         self.embed_dim = d

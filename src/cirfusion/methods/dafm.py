@@ -50,6 +50,7 @@ from ..fusion.kernels import (
     Normalised,
     base_scores,
     block_rows,
+    fingerprint_exclusion,
     image_fingerprint,
     normalise_scores,
     single_thread_if_small,
@@ -57,7 +58,7 @@ from ..fusion.kernels import (
     uses_default_similarity,
 )
 from ..fusion.network import FusionNet
-from .base import CIRMethod, MethodDims, Stage, hparam
+from .base import CIRMethod, HyperParameterError, MethodDims, Stage, hparam
 from .registry import create_method, register_method
 
 BASES_DIR = "bases"
@@ -66,17 +67,17 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]+")
 
 def _normalise_specs(specs: Sequence[Mapping[str, Any]], dims: MethodDims) -> list[dict[str, Any]]:
     if not isinstance(specs, (list, tuple)) or len(specs) < 2:
-        raise ValueError(f"dafm: 'bases' must list at least two base models, got {specs!r}")
+        raise HyperParameterError(f"dafm: 'bases' must list at least two base models, got {specs!r}")
     out: list[dict[str, Any]] = []
     used: set[str] = set()
     for i, s in enumerate(specs):
         if not isinstance(s, Mapping) or not isinstance(s.get("method"), str):
-            raise ValueError(f"dafm: base {i} must be a mapping with a 'method' name, got {s!r}")
+            raise HyperParameterError(f"dafm: base {i} must be a mapping with a 'method' name, got {s!r}")
         unknown = set(s) - {"name", "method", "hparams", "dims", "dataset", "source"}
         if unknown:
-            raise ValueError(f"dafm: base {i} has unknown field(s) {sorted(unknown)}")
+            raise HyperParameterError(f"dafm: base {i} has unknown field(s) {sorted(unknown)}")
         if s["method"] == "dafm":
-            raise ValueError("dafm: a base model cannot itself be a dafm fusion")
+            raise HyperParameterError("dafm: a base model cannot itself be a dafm fusion")
         name = _SAFE.sub("-", str(s.get("name") or s["method"])).strip("-") or f"model{i}"
         base_name, j = name, 2
         while name in used:
@@ -97,7 +98,7 @@ def composite_dims(parts: Sequence[Any]) -> MethodDims:
 def _check_same_features(dims: MethodDims, other: MethodDims, what: str) -> None:
     for f in ("backbone_id", "weights_hash", "preprocess_id", "image_dim", "text_dim", "num_image_tokens", "max_text_tokens"):
         if getattr(dims, f) != getattr(other, f):
-            raise ValueError(f"dafm: {what} reads features with {f}={getattr(other, f)!r}, the fused model "
+            raise HyperParameterError(f"dafm: {what} reads features with {f}={getattr(other, f)!r}, the fused model "
                              f"{getattr(dims, f)!r}: the fused model must read its base models' backbone (or, for "
                              "bases on several backbones, their multi: composite)")
 
@@ -183,7 +184,7 @@ class DAFM(CIRMethod):
         """A fused model over trained ``bases`` (used as they are, frozen). ``base_info[i]`` may give ``dataset``
         and ``source`` (recorded in the config)."""
         if len(bases) < 2:
-            raise ValueError(f"dafm: fusion needs at least two base models, got {len(bases)}")
+            raise HyperParameterError(f"dafm: fusion needs at least two base models, got {len(bases)}")
         specs = []
         for i, b in enumerate(bases):
             info = dict(base_info[i]) if base_info else {}
@@ -251,7 +252,7 @@ class DAFM(CIRMethod):
         for s in range(0, b, tile):
             rows = slice(s, min(b, s + tile))
             raw = base_scores(self._bases, [rows_of(x, rows) for x in q["q"]], g["g"], self.score_dtype)
-            excl = (q["fp"][rows][:, None] == g["fp"][None, :]) if h.exclude_reference else None
+            excl = fingerprint_exclusion(q["fp"][rows], g["fp"]) if h.exclude_reference else None
             with single_thread_if_small(raw.numel()):
                 norm = normalise_scores(raw, excl, h.topk, h.beta)
             yield norm

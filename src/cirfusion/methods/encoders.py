@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import ImageFeatures
+from ..options import OptionError
 
 
 class TokenEncoder(nn.Module):
@@ -40,9 +41,9 @@ class TokenEncoder(nn.Module):
     ) -> None:
         super().__init__()
         if width % heads:
-            raise ValueError(f"TokenEncoder: width {width} is not divisible by heads {heads}")
+            raise OptionError(f"TokenEncoder: width {width} is not divisible by heads {heads}")
         if layers < 0 or queries < 1:
-            raise ValueError(f"TokenEncoder: need layers >= 0 and queries >= 1, got {layers}, {queries}")
+            raise OptionError(f"TokenEncoder: need layers >= 0 and queries >= 1, got {layers}, {queries}")
         self.num_tokens = num_tokens
         self.proj = nn.Linear(token_dim, width)
         self.pos = nn.Parameter(torch.zeros(1, num_tokens, width))

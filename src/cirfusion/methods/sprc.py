@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
-from .base import Batch, CIRMethod, MethodDims, hparam, l2norm, trim_text_padding
+from .base import Batch, CIRMethod, HyperParameterError, MethodDims, hparam, l2norm, trim_text_padding
 from .registry import register_method
 
 
@@ -87,16 +87,16 @@ class SPRC(CIRMethod):
         super().__init__(dims, **hparams)
         h = self.params
         if dims.num_image_tokens < 1 or dims.max_text_tokens < 1:
-            raise ValueError(f"method {self.method_name!r} needs image and text tokens; backbone "
+            raise HyperParameterError(f"method {self.method_name!r} needs image and text tokens; backbone "
                              f"{dims.backbone_id or '<unknown>'!r} has {dims.num_image_tokens} and {dims.max_text_tokens}")
         if h.num_queries < 1:
-            raise ValueError(f"{self.method_name}: num_queries must be >= 1, got {h.num_queries}")
+            raise HyperParameterError(f"{self.method_name}: num_queries must be >= 1, got {h.num_queries}")
         if h.align_weight < 0:
-            raise ValueError(f"{self.method_name}: align_weight must be >= 0, got {h.align_weight}")
+            raise HyperParameterError(f"{self.method_name}: align_weight must be >= 0, got {h.align_weight}")
         self.uses_image_tokens = self.uses_text_tokens = True
         d, w, heads, drop, m = h.embed_dim, h.width, h.heads, h.dropout, h.num_queries
         if w % heads:
-            raise ValueError(f"{self.method_name}: width {w} is not divisible by heads {heads}")
+            raise HyperParameterError(f"{self.method_name}: width {w} is not divisible by heads {heads}")
         self.embed_dim, self.num_queries = d, m
         self.image_in = nn.Linear(dims.image_token_dim, w)
         self.image_global_in = nn.Linear(dims.image_dim, w)

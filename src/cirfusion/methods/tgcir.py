@@ -47,7 +47,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
-from .base import Batch, CIRMethod, MethodDims, hparam, l2norm
+from .base import Batch, CIRMethod, HyperParameterError, MethodDims, hparam, l2norm
 from .encoders import TokenEncoder
 from .registry import register_method
 
@@ -86,12 +86,12 @@ class TGCIR(CIRMethod):
         super().__init__(dims, **hparams)
         h = self.params
         if dims.num_image_tokens < 1:
-            raise ValueError(f"method {self.method_name!r} needs image tokens; backbone {dims.backbone_id!r} has none")
+            raise HyperParameterError(f"method {self.method_name!r} needs image tokens; backbone {dims.backbone_id!r} has none")
         for k in ("teacher_weight", "kd_weight", "gate_weight"):
             if getattr(h, k) < 0:
-                raise ValueError(f"{self.method_name}: {k} must be >= 0, got {getattr(h, k)}")
+                raise HyperParameterError(f"{self.method_name}: {k} must be >= 0, got {getattr(h, k)}")
         if h.kd_temperature <= 0:
-            raise ValueError(f"{self.method_name}: kd_temperature must be > 0, got {h.kd_temperature}")
+            raise HyperParameterError(f"{self.method_name}: kd_temperature must be > 0, got {h.kd_temperature}")
         self.uses_image_tokens = True
         d, w, hid, heads, drop = h.embed_dim, h.width, h.hidden_dim, h.heads, h.dropout
         self.embed_dim = d
