@@ -28,7 +28,8 @@ def add_dataset_args(p: argparse.ArgumentParser, positional: bool = False) -> No
         default=[],
         metavar="KEY=VALUE",
         help="extra keyword passed to the dataset loader (repeatable); VALUE is JSON (true, 3, \"x\") or a bare "
-        "word, checked against what the loader accepts, e.g. --option text=fine",
+        "word, checked against what the loader accepts, e.g. --option text=fine (a text that looks like a number "
+        "is quoted: --option 'name=\"123\"')",
     )
 
 
