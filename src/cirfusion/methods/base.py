@@ -325,19 +325,32 @@ class CIRMethod(nn.Module):
         hard: Embedding | None = None,
         hard_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """InfoNCE of queries against in-batch targets (+ hard negatives). Column j is masked for row i when its
-        image is another positive of query i (duplicates of the same target are not negatives)."""
+        """InfoNCE of queries against in-batch targets (+ hard negatives), on :meth:`batch_logits`."""
+        logits = self.batch_logits(q, g, batch, hard, hard_rows)
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def batch_logits(
+        self,
+        q: Embedding,
+        g: Embedding,
+        batch: Batch,
+        hard: Embedding | None = None,
+        hard_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Scaled logits of queries against in-batch targets, plus one column per hard negative. Column j is masked
+        for row i when its image is another positive of query i (duplicates of the same target are not negatives)."""
         scale = self.scale()
         logits = self.similarity(q, g) * scale
-        pos = batch.positive_mask(batch.target_rows)
+        pos = batch.positive_mask(batch.target_rows).to(logits.device)
         pos.fill_diagonal_(False)
         logits = logits.masked_fill(pos, float("-inf"))
         if hard is not None:
             assert hard_rows is not None, "hard negatives need their image rows for masking"
-            hl = (self.similarity(q, hard) * scale).masked_fill(batch.positive_mask(hard_rows), float("-inf"))
+            hl = (self.similarity(q, hard) * scale).masked_fill(batch.positive_mask(hard_rows).to(logits.device),
+                                                                float("-inf"))
             logits = torch.cat([logits, hl], dim=1)
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return F.cross_entropy(logits, labels)
+        return logits
 
     def loss(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         q = self.encode_query(batch.ref, batch.text)

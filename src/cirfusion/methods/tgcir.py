@@ -155,8 +155,9 @@ class TGCIR(CIRMethod):
 
         # Mined hard negatives are extra gallery columns for both branches (and so for the distillation too).
         hn = self.hard_negatives(batch)
-        hard = None if hn is None else (self.image(hn[0])[0], hn[1])
-        logits_s, logits_t = self.batch_logits(q_s, v, batch, hard), self.batch_logits(q_t, v, batch, hard)
+        hard, hard_rows = (None, None) if hn is None else (self.image(hn[0])[0], hn[1])
+        logits_s = self.batch_logits(q_s, v, batch, hard, hard_rows)
+        logits_t = self.batch_logits(q_t, v, batch, hard, hard_rows)
         labels = torch.arange(len(batch), device=logits_s.device)
         student = F.cross_entropy(logits_s, labels)
         teacher = F.cross_entropy(logits_t, labels)
@@ -167,20 +168,6 @@ class TGCIR(CIRMethod):
                       "loss_teacher": float(teacher.detach()), "loss_kd": float(kd.detach()),
                       "loss_gate": float(gate.detach()), "gate": float(g_s.mean().detach()),
                       "scale": float(self.scale().detach())}
-
-    def batch_logits(self, q: torch.Tensor, g: torch.Tensor, batch: Batch,
-                     hard: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """Scaled in-batch logits with other positives of row i masked out (as :meth:`info_nce` does), plus the
-        columns of ``hard`` = (hard-negative vectors, their image rows), positives of row i masked out."""
-        logits = self.similarity(q, g) * self.scale()
-        pos = batch.positive_mask(batch.target_rows).to(logits.device)
-        pos.fill_diagonal_(False)
-        logits = logits.masked_fill(pos, float("-inf"))
-        if hard is None:
-            return logits
-        hl = (self.similarity(q, hard[0]) * self.scale()).masked_fill(batch.positive_mask(hard[1]).to(logits.device),
-                                                                      float("-inf"))
-        return torch.cat([logits, hl], dim=1)
 
     @staticmethod
     def distill(logits_s: torch.Tensor, logits_t: torch.Tensor, tau: float) -> torch.Tensor:
