@@ -452,7 +452,7 @@ def test_shoes_real(shared_data):
     for ds in (tr, ev):
         ds.validate()
         assert ds.meta["straddling_pairs"] == [] and ds.meta["pairs_total"] == 10751
-        assert not ds.exclude_reference
+        assert ds.exclude_reference  # ARTEMIS removes the reference (issue 9)
     assert (tr.meta["self_pairs"], ev.meta["self_pairs"]) == (26, 1)
     assert tr.meta["pairs_in_other_split"] == 1761
     raw = _rjson(root / "dataset" / "relative_captions_shoes.json")
@@ -518,7 +518,7 @@ def test_shoes_malformed(case, tmp_path):
 def test_circo_val_mapping(tmp_path):
     make_circo(tmp_path)
     ds = circo.load_circo(tmp_path, "val")
-    assert len(ds.queries) == 3 and len(ds.gallery) == 8 and ds.exclude_reference
+    assert len(ds.queries) == 3 and len(ds.gallery) == 8 and not ds.exclude_reference  # SEARLE keeps it (issue 9)
     assert ds.gallery.ids[:2] == ["9761", "85932"]
     assert ds.gallery.path("9761") == tmp_path / "COCO2017_unlabeled" / "unlabeled2017" / "000000009761.jpg"
     q = ds.queries[0]

@@ -105,16 +105,26 @@ def test_map_hand_computed_circo_definition():
     assert r["R@1"] == pytest.approx(50.0) and r["R@2"] == pytest.approx(100.0)
 
 
-def test_ties_are_pessimistic():
+def test_ties_are_broken_by_the_lower_gallery_column():
+    # The ranking of search and of the submission files: equal scores rank in gallery order.
     ids = list("abcd")
     qs = [Query("0", "zz", "t", ("c",))]  # reference outside the gallery: nothing to exclude
-    r = evaluate_scores(np.ones((1, 4)), make_dataset(ids, qs), ks=(1, 3, 4))
-    assert (r["R@1"], r["R@3"], r["R@4"]) == (0.0, 0.0, 100.0)
-    # Two positives tied with a negative: order c(neg) a b d -> positives at 2 and 3.
+    r = evaluate_scores(np.ones((1, 4)), make_dataset(ids, qs), ks=(1, 2, 3, 4))
+    assert (r["R@1"], r["R@2"], r["R@3"], r["R@4"]) == (0.0, 0.0, 100.0, 100.0)  # a b c d -> c at 3
+    # Two positives tied with a negative: order a b c(neg) d -> positives at 1 and 2.
     qs2 = [Query("0", "zz", "t", ("a", "b"))]
     r2 = evaluate_scores(np.array([[1.0, 1.0, 1.0, 0.0]]), make_dataset(ids, qs2), ks=(1, 2), map_ks=(3,))
-    assert (r2["R@1"], r2["R@2"]) == (0.0, 100.0)
-    assert r2["mAP@3"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    assert (r2["R@1"], r2["R@2"]) == (100.0, 100.0)
+    assert r2["mAP@3"] == pytest.approx(100.0)
+    # Positives b, c tied with negatives a, d: a b c d -> positives at 2 and 3.
+    qs3 = [Query("0", "zz", "t", ("c", "b"))]
+    r3 = evaluate_scores(np.ones((1, 4)), make_dataset(ids, qs3), ks=(1, 2), map_ks=(3,))
+    assert (r3["R@1"], r3["R@2"]) == (0.0, 100.0)
+    assert r3["mAP@3"] == pytest.approx(100 * (1 / 2 + 2 / 3) / 2)
+    # The same in the subset ranking: members c, b, d tied -> b (target) first among them.
+    qs4 = [Query("0", "a", "t", ("b",), subset=("a", "c", "b", "d"))]
+    r4 = evaluate_scores(np.ones((1, 4)), make_dataset(ids, qs4), ks=(1,), subset_ks=(1,))
+    assert r4["Rsubset@1"] == 100.0 and r4["R@1"] == 100.0  # reference a excluded: b first
     # A strictly greater positive is not hurt by ties below it.
     r3 = evaluate_scores(np.array([[1.0, 1.0, 2.0, 1.0]]), make_dataset(ids, qs), ks=(1,))
     assert r3["R@1"] == 100.0
@@ -204,14 +214,14 @@ def test_fashioniq_summary_hand_computed():
 
 # ----------------------------------------------------------------------------------------------- brute force
 def naive_metrics(scores, queries, ids, exclude_reference, ks, subset_ks, map_ks):
-    """Full sort of every row by (-score, positives after negatives, index): the documented total order."""
+    """Full sort of every row by (-score, gallery index): the documented total order."""
     first_ranks, sub_ranks, aps = [], [], {k: [] for k in map_ks}
     for i, q in enumerate(queries):
         if not q.targets:
             continue
         cols = [j for j in range(len(ids)) if not (exclude_reference and ids[j] == q.reference)]
         pos = set(q.targets) - ({q.reference} if exclude_reference else set())
-        order = sorted(cols, key=lambda j: (-scores[i, j], ids[j] in pos, j))
+        order = sorted(cols, key=lambda j: (-scores[i, j], j))
         rel = [ids[j] in pos for j in order]
         first_ranks.append(rel.index(True) + 1 if True in rel else math.inf)
         for k in map_ks:
@@ -225,7 +235,7 @@ def naive_metrics(scores, queries, ids, exclude_reference, ks, subset_ks, map_ks
             members = [m for m in dict.fromkeys(q.subset) if m != q.reference]
             if members:
                 mcols = [ids.index(m) for m in members]
-                morder = sorted(mcols, key=lambda j: (-scores[i, j], ids[j] in q.targets, j))
+                morder = sorted(mcols, key=lambda j: (-scores[i, j], j))
                 mrel = [ids[j] in q.targets for j in morder]
                 sub_ranks.append(mrel.index(True) + 1)
     out = {}
@@ -371,10 +381,14 @@ def test_properties_bounds_monotone_permutation_and_brute_force(problem):
     assert recalls == sorted(recalls)
     subs = [r[f"Rsubset@{k}"] for k in PROP_SUB if f"Rsubset@{k}" in r]
     assert subs == sorted(subs)
-    # Permuting the gallery columns together with the gallery ids changes nothing (ties included).
+    # Permuting the gallery columns together with the gallery ids changes nothing when no scores tie (ties are
+    # broken by the gallery column, so they may reorder): distinct scores, same order within each tied group.
+    distinct = scores + np.arange(scores.shape[1])[::-1] * 1e-3
+    r_d = evaluate_scores(distinct, ds, chunk=2, ks=PROP_KS, subset_ks=PROP_SUB, map_ks=PROP_MAP)
     ds_p = make_dataset([ids[j] for j in perm], queries, exclude_reference=exclude)
-    r_p = evaluate_scores(scores[:, perm], ds_p, chunk=3, ks=PROP_KS, subset_ks=PROP_SUB, map_ks=PROP_MAP)
-    assert r_p == pytest.approx(r)
+    r_p = evaluate_scores(distinct[:, perm], ds_p, chunk=3, ks=PROP_KS, subset_ks=PROP_SUB, map_ks=PROP_MAP)
+    assert r_p == pytest.approx(r_d)
+    assert r_d == pytest.approx(r)  # the column tie-break is what the tiny offsets encode
     assert r == pytest.approx(naive_metrics(scores, queries, ids, exclude, PROP_KS, PROP_SUB, PROP_MAP))
 
 

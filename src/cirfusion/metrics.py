@@ -14,19 +14,26 @@ Definitions (every metric value is a percentage, 0-100):
 
 - ``R@K``: share of queries with at least one positive (target) among the first K ranked gallery images. With
   ``exclude_reference`` the query's reference image is removed from its ranking (the CIRR convention); a target
-  equal to the reference then cannot be retrieved and the query counts as a miss.
+  equal to the reference then cannot be retrieved and the query counts as a miss. With ``recall_target="first"``
+  (CIRCO; ``CIRDataset.recall_target``) only the query's first target counts, CIRCO's ``target_img_id``, as in
+  the official ``src/evaluation.py`` of miccunifi/CIRCO; the other ground truths rank like any other image there,
+  and the any-target figure is reported as ``Rgt@K``.
 - ``Rsubset@K``: the same, ranking only the query's subset members (CIRR ``img_set.members``) minus its reference
   (always removed here: it is part of the metric's definition), averaged over the queries that have a subset
   (``num_queries_subset``).
 - ``Rmean = (R@5 + Rsubset@1) / 2`` when subsets exist (and both ingredients are computed).
 - ``mAP@K`` (the CIRCO definition): AP@K = (1 / min(K, |G|)) * sum_{k<=K} P@k * rel(k), with G the query's distinct
-  positives (minus the reference when it is excluded), averaged over queries.
+  positives (every ground truth, minus the reference when it is excluded), averaged over queries.
+- Which target a benchmark scores is the loader's choice: CIRR scores ``target_hard`` (as CLIP4Cir and SPRC do;
+  the CIRR authors' own validation code scores ``target_soft``, see :mod:`cirfusion.data.cirr`).
 - Queries without targets (test splits) are skipped and counted in ``num_queries_skipped``.
 
-Ties are broken **pessimistically**: among equal scores every non-positive ranks before every positive. The rank
-of the best positive is therefore 1 + the number of non-positive candidates scoring >= it (not just >), a model
-that gives every image the same score gets R@1 = 0 rather than a lucky hit, and the metrics do not depend on the
-gallery's column order (which an index-based tie-break would).
+**Ties: one rule everywhere.** The ranking is score descending, equal scores by the **lower gallery column**
+(the order of ``CIRDataset.gallery``), the very ranking that :func:`topk_ids`, ``cirfusion search`` / the index and
+the CIRR/CIRCO submission files use. So the metrics equal what a test server computes from the written files, and
+a position is 1 + the number of rankable images with a higher score or an equal score at a lower column. On tied
+scores the figures therefore depend on the gallery's column order (a constant score matrix ranks the gallery in
+file order); that is the price of agreeing with the files that are submitted.
 """
 
 from __future__ import annotations
@@ -47,6 +54,9 @@ DEFAULT_MAP_KS: tuple[int, ...] = (5, 10, 25, 50)
 # reference): larger than any real rank.
 _NEVER = np.iinfo(np.int64).max
 _NO_TARGET = -1
+# Column stored for padding in per-row column matrices: after every real column, so it never wins a tie.
+_NO_COL = np.iinfo(np.int64).max
+RECALL_TARGETS = ("any", "first")
 # Up to this many positives per row, mAP counts the negatives above each positive with a full-width comparison;
 # beyond it, among the max(map_ks) best negatives found by np.partition.
 _EXACT_COUNT_MAX = 8
@@ -94,13 +104,15 @@ def _check_finite(block: np.ndarray, row_start: int, queries: Sequence[Query] | 
                       f"{row_start}..{row_start + block.shape[0] - 1}: scores must be finite")
 
 
-def _resolve(source: CIRDataset | tuple[Sequence[Query], Sequence[str]]) -> tuple[list[Query], list[str], dict[str, int], Any, bool]:
-    """(queries, gallery ids, id -> column, file for error messages, default exclude_reference)."""
+def _resolve(source: CIRDataset | tuple[Sequence[Query], Sequence[str]]
+             ) -> tuple[list[Query], list[str], dict[str, int], Any, bool, str]:
+    """(queries, gallery ids, id -> column, file for error messages, default exclude_reference, default
+    recall_target)."""
     if isinstance(source, CIRDataset):
         g = source.gallery
         columns = {gid: i for i, gid in enumerate(g.ids)}
         src = source.files[0] if source.files else (g.source or source.key)
-        return list(source.queries), list(g.ids), columns, src, source.exclude_reference
+        return list(source.queries), list(g.ids), columns, src, source.exclude_reference, source.recall_target
     try:
         queries, gallery_ids = source
     except (TypeError, ValueError):
@@ -111,7 +123,7 @@ def _resolve(source: CIRDataset | tuple[Sequence[Query], Sequence[str]]) -> tupl
         if gid in index:
             raise DataError(None, gid, "duplicate image id in gallery_ids")
         index[gid] = pos
-    return list(queries), ids, index, None, True
+    return list(queries), ids, index, None, True, "any"
 
 
 def _check_ks(ks: Iterable[int], name: str) -> tuple[int, ...]:
@@ -135,9 +147,41 @@ def _padded(ptr: np.ndarray, r0: int, r1: int, values: np.ndarray, fill: float) 
     rows = np.repeat(np.arange(b), counts)
     within = np.arange(len(values)) - np.repeat(ptr[r0:r1] - ptr[r0], counts)
     width = int(counts.max()) if b and len(values) else 0
-    mat = np.full((b, width), fill, dtype=values.dtype if values.dtype.kind == "f" else np.float64)
+    mat = np.full((b, width), fill, dtype=values.dtype if values.dtype.kind in "fi" else np.float64)
     mat[rows, within] = values
     return mat
+
+
+def _rank_order(scores: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Sort each row of (scores, their gallery columns) into ranking order: score descending, ties by the lower
+    column (padding, -inf at column _NO_COL, goes last)."""
+    order = np.lexsort((cols, -scores), axis=1)
+    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(cols, order, axis=1)
+
+
+def _ahead(values: np.ndarray, cols: np.ndarray, s: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """Per row, how many entries of ``values`` (at gallery columns ``cols``) rank before a candidate scoring
+    ``s`` at column ``c``: a higher score, or the same score and a lower column (the tie rule of the module)."""
+    n = (values > s[:, None]).sum(axis=1)
+    eq = values == s[:, None]
+    tied = np.flatnonzero(eq.any(axis=1))  # ties are rare with real-valued scores: count them on those rows only
+    if len(tied):
+        n[tied] += (eq[tied] & (cols[tied] < c[tied, None])).sum(axis=1)
+    return n
+
+
+def _first_columns(work: np.ndarray, k: int) -> np.ndarray:
+    """Columns of the ``k`` first entries of each row in ranking order (score descending, ties by the lower
+    column), unordered; ``0 < k <= work.shape[1]``."""
+    n = work.shape[1]
+    idx = np.argpartition(work, n - k, axis=1)[:, n - k:]  # the k largest, unordered (faster than on -work)
+    kth = np.take_along_axis(work, idx, axis=1).min(axis=1)
+    # argpartition picks arbitrarily among ties at the k-th value; make those rows follow the tie rule.
+    for row in np.flatnonzero((work >= kth[:, None]).sum(axis=1) > k):
+        above = np.flatnonzero(work[row] > kth[row])
+        tied = np.flatnonzero(work[row] == kth[row])[: k - len(above)]
+        idx[row] = np.concatenate([above, tied])
+    return idx
 
 
 class RetrievalMetrics:
@@ -157,11 +201,15 @@ class RetrievalMetrics:
         map_ks: Iterable[int] = DEFAULT_MAP_KS,
         exclude_reference: bool | None = None,
         chunk: int = 1024,
+        recall_target: str | None = None,
     ) -> None:
-        queries, ids, index, src, default_excl = _resolve(source)
+        queries, ids, index, src, default_excl, default_recall = _resolve(source)
         self.queries = queries
         self.gallery_ids = ids
         self.exclude_reference = default_excl if exclude_reference is None else bool(exclude_reference)
+        self.recall_target = default_recall if recall_target is None else recall_target
+        if self.recall_target not in RECALL_TARGETS:
+            raise ValueError(f"recall_target must be one of {RECALL_TARGETS}, got {self.recall_target!r}")
         self.ks = _check_ks(ks, "ks")
         self.subset_ks = _check_ks(subset_ks, "subset_ks")
         self.map_ks = _check_ks(map_ks, "map_ks")
@@ -172,6 +220,7 @@ class RetrievalMetrics:
         self.num_gallery = len(ids)
 
         ref_col = np.full(self.num_queries, -1, dtype=np.int64)
+        first_col = np.full(self.num_queries, -1, dtype=np.int64)  # rankable column of targets[0], else -1
         has_targets = np.zeros(self.num_queries, dtype=bool)
         has_subset = np.zeros(self.num_queries, dtype=bool)
         pos_lists: list[list[int]] = []
@@ -189,6 +238,8 @@ class RetrievalMetrics:
             has_targets[qi] = bool(cols)
             pos = [c for c in cols if not (self.exclude_reference and c == ref)]
             pos_lists.append(pos)
+            if cols and cols[0] in pos:
+                first_col[qi] = cols[0]
             members: list[int] = []
             flags: list[bool] = []
             if q.subset is not None and has_targets[qi]:
@@ -206,6 +257,7 @@ class RetrievalMetrics:
             sub_lists.append(members)
             sub_pos_lists.append(flags)
         self._ref = ref_col
+        self._first_col = first_col
         self._has_targets = has_targets
         self._has_subset = has_subset
         self._pos_ptr, self._pos_col = _csr(pos_lists)
@@ -217,6 +269,7 @@ class RetrievalMetrics:
         """Forget every block fed so far."""
         self._seen = np.zeros(self.num_queries, dtype=bool)
         self._rank = np.full(self.num_queries, _NO_TARGET, dtype=np.int64)
+        self._gt_rank = np.full(self.num_queries, _NO_TARGET, dtype=np.int64)
         self._sub_rank = np.full(self.num_queries, _NO_TARGET, dtype=np.int64)
         self._ap = np.zeros((self.num_queries, len(self.map_ks)), dtype=np.float64)
 
@@ -255,11 +308,14 @@ class RetrievalMetrics:
             flags = self._sub_pos[s0:s1]
             sc = block[np.repeat(rows, np.diff(self._sub_ptr[r0:r1 + 1])), cols]
             pos_m = _padded(self._sub_ptr, r0, r1, np.where(flags, sc, ninf), ninf)
+            pcol_m = _padded(self._sub_ptr, r0, r1, np.where(flags, cols, _NO_COL), _NO_COL)
             neg_m = _padded(self._sub_ptr, r0, r1, np.where(flags, ninf, sc), ninf)
-            best = pos_m.max(axis=1) if pos_m.shape[1] else np.full(b, ninf)
-            srank = (neg_m >= best[:, None]).sum(axis=1) + 1
-            m = self._has_subset[r0:r1]
-            self._sub_rank[r0:r1][m] = srank[m]
+            ncol_m = _padded(self._sub_ptr, r0, r1, np.where(flags, _NO_COL, cols), _NO_COL)
+            if pos_m.shape[1]:
+                pos_m, pcol_m = _rank_order(pos_m, pcol_m)
+                srank = _ahead(neg_m, ncol_m, pos_m[:, 0], pcol_m[:, 0]) + 1
+                m = self._has_subset[r0:r1]
+                self._sub_rank[r0:r1][m] = srank[m]
 
         # Remove the reference, pull the positives out: `work` then holds only rankable negatives.
         ref = self._ref[r0:r1]
@@ -272,32 +328,53 @@ class RetrievalMetrics:
         pscore = work[prow, pcols]
         work[prow, pcols] = ninf
         pos_m = _padded(self._pos_ptr, r0, r1, pscore, ninf)
-        pos_m = -np.sort(-pos_m, axis=1)  # descending: column i is the (i+1)-th best positive
+        pcol_m = _padded(self._pos_ptr, r0, r1, pcols, _NO_COL)
+        # Column i is the (i+1)-th positive of the ranking: by score, ties by the lower gallery column.
+        pos_m, pcol_m = _rank_order(pos_m, pcol_m)
+        tgt = self._has_targets[r0:r1]
+        all_cols = np.broadcast_to(np.arange(work.shape[1]), work.shape)
 
-        best = pos_m[:, 0] if pos_m.shape[1] else np.full(b, ninf)
-        n_above_best = (work >= best[:, None]).sum(axis=1)
+        if pos_m.shape[1]:
+            n_above_best = _ahead(work, all_cols, pos_m[:, 0], pcol_m[:, 0])
+        else:
+            n_above_best = np.zeros(b, dtype=np.int64)
         rank = n_above_best + 1
         rank[pcount == 0] = _NEVER
-        tgt = self._has_targets[r0:r1]
-        self._rank[r0:r1][tgt] = rank[tgt]
+        self._gt_rank[r0:r1][tgt] = rank[tgt]
+        if self.recall_target == "first":
+            # R@K follows the query's first target only; the other ground truths rank like any other image.
+            t = self._first_col[r0:r1]
+            ok = t >= 0
+            ts = np.full(b, ninf)
+            ts[ok] = block[rows[ok], t[ok]]
+            pos_before = ((pos_m > ts[:, None]) | ((pos_m == ts[:, None]) & (pcol_m < t[:, None]))).sum(axis=1)
+            trank = _ahead(work, all_cols, ts, t) + pos_before + 1
+            trank[~ok] = _NEVER
+            self._rank[r0:r1][tgt] = trank[tgt]
+        else:
+            self._rank[r0:r1][tgt] = rank[tgt]
 
         if self.map_ks and pos_m.shape[1]:
             kmax = self.map_ks[-1]
             n = work.shape[1]
             kp = min(kmax, pos_m.shape[1])
-            top_pos = pos_m[:, :kp]
-            # Position of the i-th best positive = i + #negatives scoring >= it (pessimistic ties).
+            top_pos, top_col = pos_m[:, :kp], pcol_m[:, :kp]
+            # Position of the i-th positive = i + #negatives ranked before it (higher score, or equal score and
+            # lower gallery column).
             i = np.arange(1, kp + 1)
             if kp <= _EXACT_COUNT_MAX:
                 # Few positives (CIRR, FashionIQ, most CIRCO rows): one cheap full-width comparison per positive.
-                above = [n_above_best] + [(work >= top_pos[:, c:c + 1]).sum(axis=1) for c in range(1, kp)]
+                above = [n_above_best] + [_ahead(work, all_cols, top_pos[:, c], top_col[:, c]) for c in range(1, kp)]
                 position = i[None, :] + np.stack(above, axis=1)
             else:
-                # Many positives: count only among the kmax best negatives, which is exact whenever the position
-                # is <= kmax, the only case that counts.
+                # Many positives: count only among the kn first negatives of the ranking, which is exact whenever
+                # the position is <= kmax, the only case that counts.
                 kn = min(kmax, n)
-                top_neg = np.partition(work, n - kn, axis=1)[:, n - kn:]  # the kn best negatives, unordered
-                position = i[None, :] + (top_neg[:, None, :] >= top_pos[:, :, None]).sum(axis=2)
+                ncol = _first_columns(work, kn)  # the kn first negatives in ranking order, unordered
+                nval = np.take_along_axis(work, ncol, axis=1)
+                before = (nval[:, None, :] > top_pos[:, :, None]) | (
+                    (nval[:, None, :] == top_pos[:, :, None]) & (ncol[:, None, :] < top_col[:, :, None]))
+                position = i[None, :] + before.sum(axis=2)
             valid = i[None, :] <= pcount[:, None]
             for j, k in enumerate(self.map_ks):
                 hit = valid & (position <= k)
@@ -325,6 +402,10 @@ class RetrievalMetrics:
             ranks = self._rank[ev]
             for k in self.ks:
                 out[f"R@{k}"] = 100.0 * float(np.mean(ranks <= k))
+            if self.recall_target == "first":
+                gt_ranks = self._gt_rank[ev]
+                for k in self.ks:
+                    out[f"Rgt@{k}"] = 100.0 * float(np.mean(gt_ranks <= k))
             if n_sub:
                 sranks = self._sub_rank[self._has_subset]
                 for k in self.subset_ks:
@@ -340,10 +421,14 @@ class RetrievalMetrics:
         return out
 
     def per_query(self) -> dict[str, np.ndarray]:
-        """Per-query results in query order: ``rank`` (1-based rank of the best positive; -1 without targets; a huge
-        value when no positive can be ranked), ``subset_rank`` (same, -1 without a subset) and ``AP@K`` in [0, 1]."""
+        """Per-query results in query order: ``rank`` (1-based rank of what R@K counts: the best positive, or the
+        first target with ``recall_target="first"``; -1 without targets; a huge value when it cannot be ranked),
+        ``subset_rank`` (same, -1 without a subset), ``AP@K`` in [0, 1] and, with ``recall_target="first"``,
+        ``gt_rank`` (the best positive's rank, behind ``Rgt@K``)."""
         self._require_complete()
         out = {"rank": self._rank.copy(), "subset_rank": self._sub_rank.copy()}
+        if self.recall_target == "first":
+            out["gt_rank"] = self._gt_rank.copy()
         for j, k in enumerate(self.map_ks):
             out[f"AP@{k}"] = self._ap[:, j].copy()
         return out
@@ -364,11 +449,12 @@ def evaluate_scores(
     subset_ks: Iterable[int] = DEFAULT_SUBSET_KS,
     map_ks: Iterable[int] = DEFAULT_MAP_KS,
     exclude_reference: bool | None = None,
+    recall_target: str | None = None,
 ) -> dict[str, float]:
     """One-shot metrics (percent, see the module docstring) of a full (Q x N) score matrix: numpy array,
     ``np.load(..., mmap_mode="r")`` memmap or torch tensor, read ``chunk`` rows at a time."""
     m = RetrievalMetrics(source, ks=ks, subset_ks=subset_ks, map_ks=map_ks, exclude_reference=exclude_reference,
-                         chunk=chunk)
+                         chunk=chunk, recall_target=recall_target)
     shape = tuple(getattr(scores, "shape", ()))
     if shape != (m.num_queries, m.num_gallery):
         raise ScoresError(f"score matrix has shape {shape} but the dataset needs ({m.num_queries}, {m.num_gallery}) "
@@ -413,14 +499,7 @@ def topk_ids(scores_block: Any, k: int, exclude: Any = None) -> np.ndarray:
         raise ScoresError(f"cannot take the top {k} of {n} columns with up to {int(n_excl.max())} excluded")
     if k == 0 or b == 0:
         return np.zeros((b, k), dtype=np.int64)
-    idx = np.argpartition(work, n - k, axis=1)[:, n - k:]  # the k largest, unordered (faster than on -work)
-    vals = np.take_along_axis(work, idx, axis=1)
-    kth = vals.min(axis=1)
-    # argpartition picks arbitrarily among ties at the k-th value; make those rows deterministic (lowest index).
-    for row in np.flatnonzero((work >= kth[:, None]).sum(axis=1) > k):
-        above = np.flatnonzero(work[row] > kth[row])
-        tied = np.flatnonzero(work[row] == kth[row])[: k - len(above)]
-        idx[row] = np.concatenate([above, tied])
+    idx = _first_columns(work, k)
     vals = np.take_along_axis(work, idx, axis=1)
     order = np.lexsort((idx, -vals), axis=1)
     return np.take_along_axis(idx, order, axis=1)

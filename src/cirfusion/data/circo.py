@@ -14,13 +14,19 @@ Conventions:
   also be a plain JSON list of integer ids, whose file names are then the COCO ``{id:012d}.jpg``. Both
   locations are kwargs (``image_info=``, ``image_dir=``); neither is opened beyond the JSON.
 * **Queries** in file order; ``qid = str(id)`` (the test server keys submissions by it);
-  ``targets = gt_img_ids`` in file order (``target_img_id``, the image the caption was written for, must be one of
-  them and is kept in ``meta["target_img_id"]`` for CIRCO's Recall@K); empty on ``test``.
+  ``targets = gt_img_ids`` with ``target_img_id`` (the image the caption was written for, which must be one of
+  them) first and the others in file order (the real files already list it first); also kept in
+  ``meta["target_img_id"]``; empty on ``test``.
+* **Metrics** as the official ``src/evaluation.py`` of miccunifi/CIRCO: ``recall_target="first"``, so Recall@K
+  counts only ``target_img_id`` while mAP@K uses every ground truth; the any-ground-truth recall is reported as
+  ``Rgt@K``.
 * **Text**: ``text_template`` formatted with ``relative_caption`` and ``shared_concept``; the default
   ``"{shared_concept} that {relative_caption}"`` reads as one sentence on CIRCO's captions ("a teddy bear that is
   held by a little girl on a chair") and keeps the shared concept that disambiguates the caption.
   ``captions = (relative_caption,)``; ``meta`` keeps ``shared_concept`` (and ``semantic_aspects`` if present).
-* ``exclude_reference=True``: the reference is never a ground truth and would otherwise top most rankings.
+* ``exclude_reference=False``: the reference stays in the ranking, as in SEARLE's CIRCO validation
+  (``src/validate.py``) and test-submission code and the official evaluation, which scores the submitted lists
+  as they are. Pass ``--exclude-reference`` (``exclude_reference=True``) to drop it.
 """
 
 from __future__ import annotations
@@ -146,6 +152,7 @@ def load_circo(root: Path, split: str, *, text_template: str = DEFAULT_TEMPLATE,
                 if g not in gallery:
                     raise DataError(ann_path, entry, f"ground-truth image {g} is not in the gallery ({info_path})")
             meta["target_img_id"] = target
+            gts = [target] + [g for g in gts if g != target]  # Recall@K follows targets[0]
         aspects = str_list_field(a, "semantic_aspects", ann_path, entry, optional=True)
         if aspects is not None:
             meta["semantic_aspects"] = aspects
@@ -159,7 +166,8 @@ def load_circo(root: Path, split: str, *, text_template: str = DEFAULT_TEMPLATE,
         gallery=gallery,
         root=root,
         files=[ann_path, info_path],
-        exclude_reference=True,
+        exclude_reference=False,
         text_policy="fixed",
         meta={"text_template": template, "gallery_source": str(info_path)},
+        recall_target="first",
     )

@@ -191,6 +191,8 @@ class CIRDataset:
     """A split of a CIR dataset: ordered queries over an ordered gallery.
 
     ``exclude_reference``: whether metrics drop the reference image from a query's ranking (CIRR convention).
+    ``recall_target``: what Recall@K counts as a hit: ``"any"`` target (default) or only a query's ``"first"``
+    target (CIRCO's ``target_img_id``; mAP@K still uses every target, see :mod:`cirfusion.metrics`).
     ``files``: the annotation files it was read from (hashed into run manifests).
     """
 
@@ -204,10 +206,13 @@ class CIRDataset:
     text_policy: str = "fixed"
     category: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    recall_target: str = "any"
 
     def __post_init__(self) -> None:
         if self.text_policy not in TEXT_POLICIES:
             raise OptionError(f"unknown text_policy {self.text_policy!r}; expected one of {TEXT_POLICIES}")
+        if self.recall_target not in ("any", "first"):
+            raise OptionError(f"unknown recall_target {self.recall_target!r}; expected 'any' or 'first'")
 
     def __len__(self) -> int:
         return len(self.queries)

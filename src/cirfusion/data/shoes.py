@@ -20,9 +20,11 @@ Conventions:
   ("straddling") cannot be evaluated in either split: by default an error; ``straddling="exclude"`` leaves it out
   of every split and lists its indices in ``meta["straddling_pairs"]``. On the real files 8,990 pairs are train,
   1,761 eval, none straddles and no image is unlisted.
-* ``exclude_reference=False``: Shoes is evaluated like FashionIQ (Recall@K over the whole eval gallery, reference
-  not masked), and the real data holds 27 pairs whose target *is* the reference (26 train, 1 eval; counted in
-  ``meta["self_pairs"]``) which masking would make unanswerable.
+* ``exclude_reference=True``: the reference is removed from its own ranking, as ARTEMIS (naver/artemis,
+  ``evaluate.py``: ``cs[img_src_id] = -inf`` before sorting) does for Shoes; Recall@K ranks the rest of the eval
+  gallery. The real data holds 27 pairs whose target *is* the reference (26 train, 1 eval; counted in
+  ``meta["self_pairs"]``): such a query counts as a miss, as in ARTEMIS. ``--no-exclude-reference``
+  (``exclude_reference=False``) keeps the reference in the ranking.
 """
 
 from __future__ import annotations
@@ -112,7 +114,7 @@ def load_shoes(root: Path, split: str, *, image_dir: str | Path = "images", stra
         gallery=gallery,
         root=root,
         files=[cap_path, list_paths["train"], list_paths["eval"]],
-        exclude_reference=False,
+        exclude_reference=True,
         text_policy="fixed",
         meta=meta,
     )
