@@ -15,6 +15,9 @@ Conventions:
 * **Queries** in captions-file order; ``qid = str(pairid)``; ``text = caption``; ``targets = (target_hard,)``
   (empty on test splits). ``subset = img_set.members`` (reference and target included; Recall_subset drops the
   reference). ``meta`` keeps ``pairid``, ``target_soft``, ``img_set_id``, ``reference_rank``, ``target_rank``.
+* **Scored label: ``target_hard``**, as CLIP4Cir and SPRC score CIRR val. The CIRR authors' own validation code
+  scores ``target_soft`` (``meta["target_soft"]``) instead, which gives different figures: on rc2 val
+  ``target_hard`` is not among the ``target_soft`` images in 37 queries.
 * **Extended captions** (``captions_ext``): ``captions_ext=None`` reads the file when it exists, ``True``
   requires it, ``False`` ignores it. ``Query.captions = (caption, *extended captions)`` where the markers
   "[c] ...", "[cr0] ..." and "[cr1] ..." (no annotation / nothing worth mentioning / covered in query) are not
