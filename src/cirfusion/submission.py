@@ -11,7 +11,8 @@
 
 Scores are given either as a full (queries x gallery) array-like (numpy, ``np.load(mmap_mode="r")``, torch),
 read ``chunk`` rows at a time, or as an iterable of ``(row_start, block)`` tiles (e.g. fusion computing scores on
-the fly). Ranking ties are broken by the lower gallery index, as in :func:`cirfusion.metrics.topk_ids`.
+the fly). Ranking ties are broken by the lower gallery index, as in :func:`cirfusion.metrics.topk_ids`; the
+metrics of :mod:`cirfusion.metrics` rank by the same rule, so they equal what a server computes from these files.
 """
 
 from __future__ import annotations
