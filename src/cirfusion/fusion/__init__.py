@@ -25,7 +25,8 @@ The package, bottom to top (each module imports only those above it in this list
   or fused model read from them;
 - :mod:`~cirfusion.fusion.fit`: :class:`FusionConfig` (the one source of fitting defaults), the losses, the
   shortlists, the fit loop with the dynamic temperature, :func:`fuse`;
-- :mod:`~cirfusion.fusion.experiments`: explanations (per-query model weights) and the incremental analysis;
+- :mod:`~cirfusion.fusion.experiments`: explanations (per-query gate weights, exact Shapley contributions from
+  :mod:`~cirfusion.fusion.shapley`) and the incremental analysis;
 - :mod:`~cirfusion.fusion.compat`: which checkpoints can be fused;
 - :mod:`~cirfusion.fusion.orchestrate`: :func:`fuse_checkpoints`, used by ``cirfusion fuse`` and the quickstart.
 
@@ -35,12 +36,14 @@ the network, and no module here imports it (fitting builds it through the method
 
 from .compat import check_compatible, dataset_family, pick_base, read_bases
 from .experiments import (
+    contribution_summary,
     explain,
     explain_all,
     explanation_summary,
     incremental_analysis,
     incremental_orders,
     plot_incremental,
+    shapley_contributions,
 )
 from .fit import (
     POSITIVE_LOSSES,
@@ -106,6 +109,7 @@ __all__ = [
     "baseline_model",
     "block_rows",
     "check_compatible",
+    "contribution_summary",
     "count_parameters",
     "dataset_family",
     "dot_or_maxsim",
@@ -136,6 +140,7 @@ __all__ = [
     "reference_dot_or_maxsim",
     "reference_normalise",
     "score_stats",
+    "shapley_contributions",
     "shortlist_loss",
     "single_thread_if_small",
     "standardise",

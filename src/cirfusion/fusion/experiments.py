@@ -1,5 +1,6 @@
-"""What a fitted fusion tells: per-query model weights (explanations) and the incremental analysis of the paper's
-Figure 3 (every order of adding models to a starting one, the metric after each addition), with its plot."""
+"""What a fitted fusion tells: per-query model weights and exact Shapley contributions (explanations) and the
+incremental analysis of the paper's Figure 3 (every order of adding models to a starting one, the metric after each
+addition), with its plot."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from ..embeddings import rows_of
 from ..evaluation import pick_val_metric
 from ..io import atomic_write_bytes
 from .fit import FusionConfig, fuse
 from .kernels import FusionError
+from .shapley import contribution_summary
 from .tables import SplitTable, evaluate_base, evaluate_fused
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -41,6 +44,50 @@ def explain_all(model: DAFM, table: SplitTable, chunk: int = 256) -> torch.Tenso
     parts = [model.explain(table.query_bundle(slice(s, min(table.num_queries, s + chunk))), g)
              for s in range(0, table.num_queries, chunk)]
     return torch.cat(parts)
+
+
+def target_columns(table: SplitTable, rows: np.ndarray) -> torch.Tensor:
+    """``[B]`` each query row's target column (its first positive in gallery order); a query without one is refused."""
+    cols = []
+    for r in rows:
+        pos = table.positives[int(r)]
+        if not len(pos):
+            raise FusionError(f"{table.dataset.key}: query {table.dataset.queries[int(r)].qid!r} has no target in the "
+                              "gallery (other than its reference): give the gallery column to explain")
+        cols.append(int(pos[0]))
+    return torch.tensor(cols, dtype=torch.int64)
+
+
+@torch.no_grad()
+def shapley_contributions(model: DAFM, table_or_bundles: SplitTable | tuple[Mapping[str, Any], Mapping[str, Any]],
+                          rows: Sequence[int] | np.ndarray | torch.Tensor,
+                          cols: Sequence[int] | np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
+    """``[B, K]`` each base model's exact Shapley contribution to the fused score of gallery column ``cols[b]`` for
+    query row ``rows[b]`` (default: the query's target, from a table) -- 2^K fused evaluations per query, K <= 8;
+    an absent model scores every candidate alike (:mod:`cirfusion.fusion.shapley` says why). Each row sums to the
+    fused score minus the no-information baseline ``v(empty)`` (:meth:`DAFM.contributions` returns both).
+
+    ``table_or_bundles``: a :class:`SplitTable` holding the model's bases in its order, or ``(query_bundle,
+    gallery_bundle)`` as ``DAFM.encode_query`` / ``encode_gallery`` return them (then ``cols`` is required)."""
+    idx = np.asarray(rows, dtype=np.int64).reshape(-1)
+    ri = torch.from_numpy(idx)
+    q: Mapping[str, Any]
+    g: Mapping[str, Any]
+    if isinstance(table_or_bundles, SplitTable):
+        q, g = table_or_bundles.query_bundle(ri), table_or_bundles.gallery_bundle(model.score_dtype)
+        c = target_columns(table_or_bundles, idx) if cols is None else torch.as_tensor(np.asarray(cols, np.int64))
+    else:
+        qb, g = table_or_bundles
+        if cols is None:
+            raise FusionError("shapley_contributions: give the gallery columns to explain (bundles carry no targets)")
+        q = {"q": tuple(rows_of(x, ri) for x in qb["q"]), "fp": rows_of(qb["fp"], ri)}
+        c = torch.as_tensor(np.asarray(cols, np.int64))
+    was = model.training
+    model.eval()
+    try:
+        return model.contributions(q, g, c.reshape(-1))[0]
+    finally:
+        model.train(was)
 
 
 def explanation_summary(weights: torch.Tensor, names: Sequence[str]) -> dict[str, Any]:
@@ -132,5 +179,5 @@ def plot_incremental(figures: Mapping[str, Any], path: str | Path) -> Path:
     return Path(path)
 
 
-__all__ = ["explain", "explain_all", "explanation_summary", "incremental_analysis", "incremental_orders",
-           "plot_incremental"]
+__all__ = ["contribution_summary", "explain", "explain_all", "explanation_summary", "incremental_analysis",
+           "incremental_orders", "plot_incremental", "shapley_contributions", "target_columns"]

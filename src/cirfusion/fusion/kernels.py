@@ -354,8 +354,9 @@ def normalise_scores(raw: torch.Tensor, exclude: torch.Tensor | None = None, top
     ``raw``: ``[B, K, N]``; ``exclude``: ``[B, N]`` bool, True on columns left out of the statistics (the reference).
     The mean and the variance are sums of fixed-point values (:func:`fixed_point`, :func:`integer_sum`; the excluded
     entries' exact share subtracted), hence bitwise independent of the gallery's order. A model giving one query the
-    same score everywhere gets std 1 (its z-scores are then 0). The excluded columns' z-scores are computed like the
-    others' (the metrics ignore the reference's fused score) but they enter no statistic.
+    same score everywhere (to the mean's fixed-point resolution) gets std 1 and z-scores exactly 0. The excluded
+    columns' z-scores are computed like the others' (the metrics ignore the reference's fused score) but they enter no
+    statistic.
     Reference: :func:`reference_normalise`."""
     if raw.dim() != 3:
         raise ValueError(f"raw scores must be [B, K, N], got {tuple(raw.shape)}")
@@ -366,15 +367,21 @@ def normalise_scores(raw: torch.Tensor, exclude: torch.Tensor | None = None, top
     else:
         er = ec = torch.zeros(0, dtype=torch.int64)
         cnt = torch.full((b, 1), float(max(n, 1)), dtype=torch.float64)
-    q, scale = fixed_point(raw, MEAN_BITS)
-    mean = ((integer_sum(q, MEAN_BITS) - _excluded_sum(q, er, ec)) / cnt / scale[..., 0].double()).float()
+    q, mscale = fixed_point(raw, MEAN_BITS)
+    mean = ((integer_sum(q, MEAN_BITS) - _excluded_sum(q, er, ec)) / cnt / mscale[..., 0].double()).float()
     dev = raw - mean[..., None]
     q, scale = fixed_point(dev, VAR_BITS)
     q2 = q.mul_(q)
     var = (integer_sum(q2, 2 * VAR_BITS) - _excluded_sum(q2, er, ec)) / cnt / scale[..., 0].double() ** 2
     std = var.sqrt().float()
-    std = torch.where(std > 0, std, torch.ones_like(std))
+    # A constant row's fixed-point mean misses its value by up to half the mean's resolution 1/mscale, and dividing
+    # that residue by its own std would give z = +-1: a std within that resolution is treated as 0 (z exactly 0, std
+    # 1), so a model that tells no candidates apart is exactly what the fusion sees as an absent one (fusion.shapley).
+    flat = std <= 1.0 / mscale[..., 0]
+    std = torch.where((std > 0) & ~flat, std, torch.ones_like(std))
     z = dev.div_(std[..., None])
+    if bool(flat.any()):
+        z[flat] = 0.0
     valid = None if exclude is None else ~exclude
     return Normalised(z, mean, std, score_stats(z, std, exclude, topk, beta), valid)
 

@@ -58,6 +58,7 @@ from ..fusion.kernels import (
     uses_default_similarity,
 )
 from ..fusion.network import FusionNet
+from ..fusion.shapley import check_num_models, shapley_values
 from .base import CIRMethod, HyperParameterError, MethodDims, Stage, hparam
 from .registry import create_method, register_method
 
@@ -271,6 +272,28 @@ class DAFM(CIRMethod):
         """``[B, K]`` effective weight of each base model per query (softmax over models: each row sums to 1)."""
         parts = [self.fusion.weights(norm.stats) for norm in self._tiles(q, g)]
         return torch.cat(parts) if parts else torch.zeros(0, self.num_models)
+
+    @torch.no_grad()
+    def contributions(self, q: Any, g: Any, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(phi [B, K], values [B, 2^K])``: each base model's exact Shapley contribution to the fused score of
+        gallery column ``cols[b]`` for query ``b``, and the fused score under every coalition of models (an absent
+        model scores every candidate alike; see :mod:`cirfusion.fusion.shapley`). ``phi`` sums to
+        ``values[:, -1] - values[:, 0]``, and ``values[:, -1]`` is what :meth:`similarity` gives."""
+        check_num_models(self.num_models)
+        cols = torch.as_tensor(cols, dtype=torch.int64)
+        if cols.shape != (int(q["fp"].shape[0]),):
+            raise ValueError(f"dafm: one gallery column per query expected ({int(q['fp'].shape[0])}), got shape "
+                             f"{tuple(cols.shape)}")
+        h, phis, vals, s = self.params, [], [], 0
+        for norm in self._tiles(q, g):
+            n = int(norm.z.shape[0])
+            phi, v = shapley_values(self.fusion, norm, cols[s : s + n], h.topk, h.beta)
+            phis.append(phi)
+            vals.append(v)
+            s += n
+        if not phis:
+            return torch.zeros(0, self.num_models), torch.zeros(0, 1 << self.num_models)
+        return torch.cat(phis), torch.cat(vals)
 
     def stages(self) -> list[Stage]:
         return [Stage("fusion", train=("fusion",))]
