@@ -55,6 +55,7 @@ def test_writes_results_report_and_manifest(quickstart_run):
     for bench in ("synthetic", "catalog"):
         assert f"<h2>{bench}</h2>" in html
     assert "reference" in html and "base-model weights for this query" in html
+    assert "exact Shapley contribution to the target's fused score" in html
     thumbs = list((out / "thumbs").glob("*.jpg"))
     assert thumbs, "sample queries need thumbnails"
     for src in [line.split('src="')[1].split('"')[0] for line in html.splitlines() if 'src="' in line]:

@@ -25,6 +25,17 @@ def test_report_renders_table_samples_and_escapes(tmp_path):
     assert "✓ target" in html and 'class="best"' in html
     thumbs = list((tmp_path / "out" / "thumbs").glob("*.jpg"))
     assert len(thumbs) == 2  # reference reused, not duplicated
+    assert "Shapley" not in html and "base-model weights" not in html  # a plain model has no explanation
+
+
+def test_report_shows_gate_weights_and_shapley_contributions(tmp_path):
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "ref.png")
+    s = SampleQuery("synthetic", "dafm", "q1", "make it red", "ref", tmp_path / "ref.png",
+                    [ResultItem("ref", tmp_path / "ref.png", 0.5, True)], weights={"a": 0.75, "b": 0.25},
+                    contributions={"a": 1.25, "b": -0.5})
+    html = write_report(tmp_path / "out", {"synthetic": {"dafm": {"R@1": 1.0}}}, [s]).read_text()
+    assert "base-model weights for this query: a 0.75 · b 0.25" in html
+    assert "exact Shapley contribution to the target's fused score: a +1.250 · b -0.500" in html
 
 
 def test_results_json_roundtrip_and_atomic_dir(tmp_path):

@@ -16,7 +16,8 @@ Steps, top to bottom (``cirfusion quickstart`` is this function):
    pool's backbones side by side) and evaluate every model, the mean of normalised scores and the fusion on
    ``test``;
 5. write ``results.json`` (benchmark -> method -> metric -> value), ``report.html`` (metrics tables, sample queries
-   with their top-5 and the fusion's per-query model weights) and ``manifest.json`` (backbone, weights hash, data
+   with their top-5, the fusion's per-query gate weights and each base model's exact Shapley contribution to the
+   target's fused score) and ``manifest.json`` (backbone, weights hash, data
    hashes, seed, timings).
 
 Everything is deterministic given ``seed``. Checkpoints land in ``out/runs/BENCHMARK/METHOD/best``; the fused one in
@@ -47,7 +48,7 @@ from .data.schema import reference_columns, reference_mask
 from .data.synthetic import generate
 from .evaluation import encode_gallery, evaluate
 from .features import FeatureCache
-from .fusion import FuseSplits, FusionConfig, SplitTable, explain, fuse_checkpoints
+from .fusion import FuseSplits, FusionConfig, SplitTable, explain, fuse_checkpoints, shapley_contributions
 from .io import atomic_write_json
 from .manifest import code_version, dataset_record, environment
 from .methods.base import CIRMethod
@@ -201,16 +202,20 @@ def top_results(method: CIRMethod, data: SplitData, rows: Sequence[int], k: int 
 
 
 def _samples(bench: str, method_name: str, method: CIRMethod, data: SplitData, rows: Sequence[int],
-             weights_of: Callable[[Sequence[int]], list[dict[str, float]]] | None = None) -> list[SampleQuery]:
+             weights_of: Callable[[Sequence[int]], list[dict[str, float]]] | None = None,
+             contributions_of: Callable[[Sequence[int]], list[dict[str, float] | None]] | None = None
+             ) -> list[SampleQuery]:
     ds = data.dataset
     out = []
     weights: Sequence[dict[str, float] | None] = weights_of(rows) if weights_of else [None] * len(rows)
-    for r, res, w in zip(rows, top_results(method, data, rows), weights, strict=True):
+    contrib: Sequence[dict[str, float] | None] = contributions_of(rows) if contributions_of else [None] * len(rows)
+    for r, res, w, c in zip(rows, top_results(method, data, rows), weights, contrib, strict=True):
         q = ds.queries[r]
         targets = set(q.targets)
         items = [ResultItem(ds.gallery.ids[c], Path(ds.gallery.paths[c]), v, ds.gallery.ids[c] in targets) for c, v in res]
         out.append(SampleQuery(bench, method_name, q.qid, q.text, q.reference, ds.gallery.path(q.reference)
-                               if q.reference in ds.gallery else Path(""), items, weights=w))
+                               if q.reference in ds.gallery else Path(""), items, weights=w,
+                               contributions=c))
     return out
 
 
@@ -324,7 +329,18 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backb
             w = explain(model, test_table, list(rows))
             return [{n: float(w[i, k]) for k, n in enumerate(names)} for i in range(len(rows))]
 
-        samples += _samples(name, FUSED_NAME, model, fr.data["test"], sample_rows, weights_of=weights)
+        def contributions(rows: Sequence[int]) -> list[dict[str, float] | None]:
+            # Exact Shapley values over the pool (2^K fused evaluations per query); a query whose target is not in
+            # the gallery (other than its reference) has no target score to explain.
+            has = [r for r in rows if len(test_table.positives[r])]
+            if not has:
+                return [None] * len(rows)
+            phi = shapley_contributions(model, test_table, has)
+            by_row = {r: {n: float(phi[i, k]) for k, n in enumerate(names)} for i, r in enumerate(has)}
+            return [by_row.get(r) for r in rows]
+
+        samples += _samples(name, FUSED_NAME, model, fr.data["test"], sample_rows, weights_of=weights,
+                            contributions_of=contributions)
     run.timings["total_s"] = time.perf_counter() - t0
     return run
 

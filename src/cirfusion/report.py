@@ -36,6 +36,8 @@ class SampleQuery:
     reference_path: Path
     results: list[ResultItem] = field(default_factory=list)
     weights: dict[str, float] | None = None  # a fused model's per-query weight of each base model (explanation)
+    # a fused model's per-query exact Shapley contribution of each base model to the target's fused score
+    contributions: dict[str, float] | None = None
 
 
 def write_results_json(path: str | Path, results: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -91,6 +93,7 @@ def write_report(
                 "reference_id": s.reference_id,
                 "reference_thumb": _thumb(s.reference_path, thumbs),
                 "weights": s.weights,
+                "contributions": s.contributions,
                 "results": [
                     {"id": r.id, "thumb": _thumb(r.path, thumbs), "score": float(r.score), "is_target": r.is_target}
                     for r in s.results
