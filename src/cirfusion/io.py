@@ -48,7 +48,7 @@ def recover_directory(path: str | Path) -> None:
         os.replace(olds.pop(), path)
     for old in olds:
         shutil.rmtree(old, ignore_errors=True)
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # .NAME.PID.XXXX.tmp: a writer's unfinished directory
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):  # .NAME.PID.<random>.tmp: a writer's unfinished directory
         pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
         if tmp.is_dir() and pid.isdigit() and pid_alive(int(pid)) is False:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -2,9 +2,9 @@
 list every command from a table of names and one-line helps without importing torch or any command module.
 
 A command module exposes ``register(subparsers)``, which adds its full parser with ``subparsers.add_parser(NAME,
-help=..., ...)``. Until the command is chosen on the command line, a placeholder parser with the same name and help
+help=..., ...)``. Until the command is chosen on the command line, a stand-in parser with the same name and help
 stands in for it; when argparse reaches the command name, :class:`LazySubcommands` imports the module (by name, with
-importlib), replaces the placeholder with the real parser and lets argparse go on, so ``cirfusion train --help``
+importlib), replaces the stand-in with the real parser and lets argparse go on, so ``cirfusion train --help``
 still prints train's own options. Standard library only: this module is on the path of every ``--help``.
 """
 
@@ -33,17 +33,17 @@ class LazySubcommands(argparse._SubParsersAction):  # the action argparse return
         self._lazy: dict[str, str] = {}  # command name -> module not imported yet
 
     def add_commands(self, table: Sequence[Command]) -> None:
-        """A placeholder parser per row; each becomes the module's real parser when its command is chosen."""
+        """A stand-in parser per row; each becomes the module's real parser when its command is chosen."""
         for cmd in table:
             self.add_parser(cmd.name, help=cmd.help)
             self._lazy[cmd.name] = cmd.module
 
     def load(self, name: str) -> None:
-        """Import ``name``'s module and let it register its real parser in place of the placeholder."""
+        """Import ``name``'s module and let it register its real parser in place of the stand-in."""
         module = self._lazy.pop(name, None)
         if module is None:
             return
-        # Forget the placeholder: argparse refuses a second parser under one name.
+        # Forget the stand-in: argparse refuses a second parser under one name.
         self._name_parser_map.pop(name, None)
         self._choices_actions[:] = [a for a in self._choices_actions if a.dest != name]
         importlib.import_module(module).register(self)
