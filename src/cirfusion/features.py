@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -87,15 +88,16 @@ def _as_rows(rows: RowsLike, n: int) -> np.ndarray | slice:
     return arr
 
 
-class _RowLookup:
+class _RowLookup(ABC):
     """Row lookup by key for the feature tables (keys in row order: ``_keys()``; positions: ``_pos``)."""
 
     _WHAT = "key"  # how an error names one key
     _UNIT = "rows"  # how an error counts the rows
     _pos: dict[str, int]
 
+    @abstractmethod
     def _keys(self) -> list[str]:
-        raise NotImplementedError
+        """The table's keys in row order (image ids, text hashes)."""
 
     def __len__(self) -> int:
         return len(self._keys())

@@ -33,14 +33,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..errors import CirfusionError
 from ..fusion import FuseSplits, FusionConfig, fuse_checkpoints
+from ..options import OptionError
 from ._common import add_dataset_args, dataset_kwargs
 from ._features import add_backbone_access_args, add_feature_args, default_cache_dir
 
@@ -100,11 +99,6 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.set_defaults(func=run)
 
 
-def _err(msg: str) -> int:
-    print(f"cirfusion fuse: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _table(results: dict[str, dict[str, float]], metrics: list[str]) -> str:
     width = max(len(k) for k in results) + 2
     lines = ["  " + "model".ljust(width) + "".join(f"{m:>10}" for m in metrics)]
@@ -125,30 +119,24 @@ def run(args: argparse.Namespace) -> int:
         v = getattr(args, name)
         if v is not None:
             if v < 1:
-                return _err(f"--{name} must be >= 1, got {v}")
+                raise OptionError(f"--{name} must be >= 1, got {v}")
             hparams[name] = v
-    try:
-        cfg = FusionConfig(epochs=args.epochs, min_steps=args.min_steps, holdout=args.holdout, batch_size=args.batch_size,
-                           lr=args.lr, seed=args.seed, tau0=args.tau0, dynamic_tau=not args.fixed_tau, s=args.s,
-                           tau_min=args.tau_min, tau_max=args.tau_max, negatives=args.negatives, hard=args.hard,
-                           random=args.random, eval_chunk=args.chunk, val_metric=args.val_metric,
-                           progress=not args.no_progress)
-        kw = dataset_kwargs(args)
-    except ValueError as exc:
-        return _err(str(exc))
+    cfg = FusionConfig(  # a bad value is an OptionError: one line, exit 2 (cli.main)epochs=args.epochs, min_steps=args.min_steps, holdout=args.holdout, batch_size=args.batch_size,
+                       lr=args.lr, seed=args.seed, tau0=args.tau0, dynamic_tau=not args.fixed_tau, s=args.s,
+                       tau_min=args.tau_min, tau_max=args.tau_max, negatives=args.negatives, hard=args.hard,
+                       random=args.random, eval_chunk=args.chunk, val_metric=args.val_metric,
+                       progress=not args.no_progress)
+    kw = dataset_kwargs(args)
     splits = FuseSplits(fit=args.split_train, val=_split(args.split_val), test=_split(args.split_test))
     if args.incremental and args.base is None:
-        return _err("--incremental needs --base NAME, INDEX or CHECKPOINT")
-    try:
-        run_ = fuse_checkpoints(
-            args.checkpoints, args.dataset, args.root, args.out, cfg, cache_dir=args.cache_dir or default_cache_dir(),
-            splits=splits, dataset_options=kw, hparams=hparams, compare_tau=args.compare_tau,
-            incremental=args.base if args.incremental else None, backbone_dirs=args.backbone_dir,
-            allow_download=args.allow_download, feature_batch_size=args.feature_batch_size,
-            workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
-            say=_say_nothing if args.json else print)
-    except CirfusionError as exc:
-        return _err(str(exc))
+        raise OptionError("--incremental needs --base NAME, INDEX or CHECKPOINT")
+    run_ = fuse_checkpoints(
+        args.checkpoints, args.dataset, args.root, args.out, cfg, cache_dir=args.cache_dir or default_cache_dir(),
+        splits=splits, dataset_options=kw, hparams=hparams, compare_tau=args.compare_tau,
+        incremental=args.base if args.incremental else None, backbone_dirs=args.backbone_dir,
+        allow_download=args.allow_download, feature_batch_size=args.feature_batch_size,
+        workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
+        say=_say_nothing if args.json else print)
     report = run_.report
     if args.json:
         print(json.dumps(report, indent=2))

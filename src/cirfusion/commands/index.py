@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,8 +43,6 @@ import torch
 
 from .. import __version__
 from ..api import CIRModel, load
-from ..backbones import BackboneAccessError
-from ..checkpoint import CheckpointError
 from ..data.custom import IMAGE_SUFFIXES, _gallery_from_folder
 from ..data.registry import load_dataset
 from ..data.schema import DataError
@@ -145,13 +142,10 @@ def load_model(path: Path, backbone_dirs: Sequence[Path] = (), allow_download: b
         raise CommandError(f"{path}: checkpoint not found (no such directory)")
     if not path.is_dir():
         raise CommandError(f"{path}: not a checkpoint directory")
-    try:
-        model = load(path, backbone_dirs=backbone_dirs, allow_download=allow_download)
-        if model.backbone_id:
-            model.backbone  # noqa: B018 -- built now, so a backbone it may not read fails here as a one-line error
-        return model
-    except (CheckpointError, BackboneAccessError) as exc:
-        raise CommandError(str(exc)) from None
+    model = load(path, backbone_dirs=backbone_dirs, allow_download=allow_download)
+    if model.backbone_id:
+        model.backbone  # noqa: B018 -- built now, so a backbone it may not read fails here as a one-line error
+    return model
 
 
 def indexable(model: CIRModel) -> bool:
@@ -235,14 +229,6 @@ def kind_options(args: argparse.Namespace) -> dict[str, int]:
 
 
 def run_build(args: argparse.Namespace) -> int:
-    try:
-        return _build(args)
-    except CommandError as exc:
-        print(f"cirfusion index build: error: {exc}", file=sys.stderr)
-        return 2
-
-
-def _build(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     opts = kind_options(args)

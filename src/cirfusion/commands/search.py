@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -78,11 +77,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        results = _search(args)
-    except CommandError as exc:
-        print(f"cirfusion search: error: {exc}", file=sys.stderr)
-        return 2
+    results = _search(args)  # a CommandError (or any CirfusionError) is one line, exit 2, through cli.main
     if args.json:
         print(json.dumps(results, indent=2, ensure_ascii=False))
         return 0

@@ -25,7 +25,6 @@ import torch
 
 from ..backbones import create_backbone
 from ..data.registry import load_dataset
-from ..errors import CirfusionError
 from ..methods.base import CIRMethod, params_help
 from ..methods.registry import create_method, get_method_class, list_methods
 from ..options import OptionError, parse_options
@@ -128,15 +127,8 @@ def run(args: argparse.Namespace) -> int:
         print(list_methods_text())
         return 0
     if not args.method or not args.dataset or not args.root:
-        print("cirfusion train: error: give METHOD, --dataset and --root (methods: `cirfusion train --list`)", file=sys.stderr)
-        return 2
-    try:
-        return _run(args)
-    except CirfusionError as exc:
-        # Expected failures (a bad option, a refused run directory, a changed config on --resume): one line. Anything
-        # else is a bug and reaches cli.main, which prints its traceback.
-        print(f"cirfusion train: error: {exc.args[0] if isinstance(exc, KeyError) and exc.args else exc}", file=sys.stderr)
-        return 2
+        raise OptionError("give METHOD, --dataset and --root (methods: cirfusion train --list)")
+    return _run(args)  # expected failures are CirfusionErrors: cli.main prints them in one line (exit 2)
 
 
 def _run(args: argparse.Namespace) -> int:

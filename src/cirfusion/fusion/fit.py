@@ -57,6 +57,7 @@ from ..data.schema import DataError, reference_mask
 from ..evaluation import pick_val_metric
 from ..methods.registry import get_method_class
 from ..optim import lr_at, make_optimizer
+from ..options import OptionError
 from ..seeding import seed_everything, step_seed
 from .kernels import NUM_STATS, block_rows, normalise_scores, standardise
 from .tables import SplitTable, evaluate_fused
@@ -102,17 +103,17 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         if self.positives not in POSITIVE_LOSSES:
-            raise ValueError(f"positives must be one of {POSITIVE_LOSSES}, got {self.positives!r}")
+            raise OptionError(f"positives must be one of {POSITIVE_LOSSES}, got {self.positives!r}")
         if self.negatives not in ("shortlist", "full"):
-            raise ValueError(f"negatives must be 'shortlist' or 'full', got {self.negatives!r}")
+            raise OptionError(f"negatives must be 'shortlist' or 'full', got {self.negatives!r}")
         if not (0 < self.tau_min <= self.tau0 <= self.tau_max):
-            raise ValueError(f"need 0 < tau_min <= tau0 <= tau_max, got {self.tau_min}, {self.tau0}, {self.tau_max}")
+            raise OptionError(f"need 0 < tau_min <= tau0 <= tau_max, got {self.tau_min}, {self.tau0}, {self.tau_max}")
         if self.s <= 0:
-            raise ValueError(f"s must be positive, got {self.s}")
+            raise OptionError(f"s must be positive, got {self.s}")
         if not 0 <= self.holdout < 1:
-            raise ValueError(f"holdout must be in [0, 1), got {self.holdout}")
+            raise OptionError(f"holdout must be in [0, 1), got {self.holdout}")
         if self.epochs < 1 or self.batch_size < 1 or self.tile < 1 or self.hard < 0 or self.random < 0 or self.min_steps < 0:
-            raise ValueError("epochs, batch_size and tile must be >= 1; hard, random and min_steps >= 0")
+            raise OptionError("epochs, batch_size and tile must be >= 1; hard, random and min_steps >= 0")
 
     def epochs_for(self, steps_per_epoch: int) -> int:
         """``epochs``, raised so that at least ``min_steps`` optimisation steps run."""
