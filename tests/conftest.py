@@ -14,6 +14,19 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("CIRFUSION_SHARED_DATA") or REPO_ROOT.parent / "shared" / "data")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _score_paths_file(tmp_path_factory: pytest.TempPathFactory) -> Iterable[None]:
+    """The fused models' measured scoring-path ranking (cirfusion.fusion.score_paths) goes to a temporary file, not
+    the user's cache."""
+    old = os.environ.get("CIRFUSION_SCORE_PATHS")
+    os.environ["CIRFUSION_SCORE_PATHS"] = str(tmp_path_factory.mktemp("score_paths") / "score_paths.json")
+    yield
+    if old is None:
+        os.environ.pop("CIRFUSION_SCORE_PATHS", None)
+    else:
+        os.environ["CIRFUSION_SCORE_PATHS"] = old
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real annotation files (see ``SHARED_DATA``); skips when absent."""

@@ -6,15 +6,14 @@ depend on the column order, *bitwise*: maxima and top-k values are order-free, a
 standard deviation are taken in fixed point (:func:`integer_sum`: integer-valued floats, every partial sum exact), so
 the order of addition does not matter.
 
-**Precision.** Models with the default similarity (cosine / max-sim) are scored by :func:`dot_or_maxsim`; a fused
-model's ``score_dtype`` (default float16) stores their gallery embeddings in float16, which halves the bytes read per
-query (the cost of a query is reading K galleries). Products accumulate in float32; scores move by ~1e-4, the
-precision of the fp16 feature cache itself. ``score_dtype="float32"`` is exact. ``score_dtype="int8"`` keeps the
-gallery in float16 and scores a few queries at a time against an int8 copy of it (one scale per gallery vector, made
-once and cached; bfloat16 query, float32 accumulation): a quarter of the float32 bytes; measured on 2 CPU cores at
-K = 4 and 20k images, base scores 2.7 ms instead of 4.6 ms (float16) and fused top-10 lists 98 % equal to exact
-scoring (float16: 99.8 %); scores within ~3e-3 of the exact ones (``benchmarks/dafm_speed.py``). Larger batches
-dequantise the int8 tiles into a float32 GEMM.
+**Precision.** Models with the default similarity (cosine / max-sim) are scored by :func:`dot_or_maxsim` in a fused
+model's ``score_dtype``: ``float32`` (exact), ``bfloat16`` or ``float16`` (the gallery stored at half the bytes;
+products accumulate in float32 and are rounded to the half type: float16 scores move by ~1e-4, bfloat16 ones by
+~1e-2), or ``int8`` (the float16 gallery's int8 copy: one scale per gallery vector, made once and cached; bfloat16
+query, float32 accumulation; a quarter of the float32 bytes, scores within ~3e-3). Which is fastest depends on the
+CPU (native float16 or bfloat16 arithmetic or neither), so the default, ``auto``, times them on the machine and keeps
+the fastest that stays exact enough (:mod:`cirfusion.fusion.score_paths`). Larger query batches widen cache-sized
+gallery tiles to float32 for a float32 GEMM (CPU half-precision GEMMs are slow).
 
 The fast paths (float16 / int8 products, fixed-point sums) each have a plain float64 reference next to them
 (:func:`reference_dot_or_maxsim`, :func:`reference_normalise`) that the tests compare them with.
@@ -42,10 +41,10 @@ BLOCK_ELEMS = 1 << 23
 # Normalising and fusing a block this small (one query over ~20k candidates) is a chain of ~30 short element-wise ops:
 # on one thread each costs less than waking a second one (measured: 1.9 ms vs 2.7 ms per query on 2 threads).
 SINGLE_THREAD_ELEMS = 1 << 18
-SCORE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "int8": torch.int8}
-# Up to this many query vectors, float16 products run as float16 matrix-vector products (the fastest way to stream a
-# float16 gallery); beyond, gallery tiles are widened to float32 in a cache-sized buffer for a float32 GEMM (CPU float16
-# GEMMs are slow). Both accumulate in float32 on the same float16 inputs; the first rounds its result to float16.
+SCORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "int8": torch.int8}
+# Up to this many query vectors, half-precision products run as half-precision matrix-vector products (the fastest way
+# to stream a half-precision gallery); beyond, gallery tiles are widened to float32 in a cache-sized buffer for a float32
+# GEMM (CPU half GEMMs are slow). Both accumulate in float32 on the same inputs; the first rounds its result to the half type.
 SMALL_BATCH = 16
 _UPCAST_ROWS = 4096
 # Fixed-point precision of the sums behind the mean (relative to the row's largest |score|) and the variance (relative
@@ -139,7 +138,7 @@ def fingerprint_exclusion(query_fp: torch.Tensor, gallery_fp: torch.Tensor) -> t
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Raw scores: float32, float16 and int8 paths, and their reference
+# Raw scores: float32, bfloat16, float16 and int8 paths, and their reference
 # ---------------------------------------------------------------------------------------------------------------------
 def storage_dtype(score_dtype: torch.dtype) -> torch.dtype:
     """The dtype a gallery scored in ``score_dtype`` is stored in (int8 scoring reads a cached int8 copy of a float16
@@ -196,9 +195,10 @@ def dot_or_maxsim(q: torch.Tensor, g: torch.Tensor, dtype: torch.dtype = torch.f
     when either side is multi-vector), computed over the flattened vectors with the gallery tiled (the generic einsum
     path copies a multi-vector gallery on every call).
 
-    ``dtype=float16``: both sides are rounded to float16 (the gallery should already be stored so: that halves the
-    bytes read per query, and converting on every call would cost more than it saves); products accumulate in float32.
-    A score then differs from the float32 one by ~1e-4 (the precision of the fp16 feature cache itself).
+    ``dtype=float16`` or ``bfloat16``: both sides are rounded to that type (the gallery should already be stored so: that
+    halves the bytes read per query, and converting on every call would cost more than it saves); products accumulate
+    in float32. A float16 score differs from the float32 one by ~1e-4 (the precision of the fp16 feature cache itself),
+    a bfloat16 one by up to ~1e-2.
     ``dtype=int8``: the float gallery's cached int8 copy (:func:`int8_copy`). Reference: :func:`reference_dot_or_maxsim`."""
     q3 = q if q.dim() == 3 else q[:, None, :]
     g3 = g if g.dim() == 3 else g[:, None, :]

@@ -58,6 +58,7 @@ from ..fusion.kernels import (
     uses_default_similarity,
 )
 from ..fusion.network import FusionNet
+from ..fusion.score_paths import ScorePath, choose_score_dtype
 from ..fusion.shapley import check_num_models, shapley_values
 from .base import CIRMethod, HyperParameterError, MethodDims, Stage, hparam
 from .registry import create_method, register_method
@@ -123,11 +124,12 @@ class DafmParams:
     exclude_reference: bool = hparam(True, "leave the reference out of the statistics (set from the training dataset)")
     tile: int = hparam(64, "queries fused at once (fewer when the gallery is large)")
     tau0: float = hparam(0.02, "temperature of the in-batch loss until a fit sets the final one")
-    # float16 halves the bytes read per query (products accumulate in float32); int8 reads an int8 copy of the
-    # float16 gallery
-    score_dtype: Literal["float16", "float32", "int8"] = hparam(
-        "float16", "precision of default-similarity base scores: float16 (rounded ~1e-4), float32 (exact), int8 "
-        "(~1.7x faster than float16 on CPU, within ~3e-3)")
+    # A query's cost is reading K galleries: half precision halves the bytes, int8 quarters them; which streams
+    # fastest depends on the CPU, so "auto" measures it (cirfusion.fusion.score_paths)
+    score_dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = hparam(
+        "auto", "precision of default-similarity base scores against an encoded gallery: auto (the fastest path on this "
+        "machine whose top-10 stays >= 99% equal to float32's, chosen at first use and cached per CPU), float32 (exact), "
+        "bfloat16 (~1e-2), float16 (~1e-4), int8 (~3e-3)")
 
 
 @register_method("dafm")
@@ -174,7 +176,8 @@ class DAFM(CIRMethod):
         self.uses_image_tokens = any(b.uses_image_tokens for b in bases)
         self.uses_text_tokens = any(b.uses_text_tokens for b in bases)
         h = self.params
-        self.score_dtype: torch.dtype = SCORE_DTYPES[h.score_dtype]  # the Literal type checked the name
+        # "auto" is resolved at first use (score_dtype): the probe costs about a second once per machine
+        self._score_path: ScorePath | None = None if h.score_dtype == "auto" else ScorePath(h.score_dtype, "explicit")
         self.fusion = FusionNet(len(bases), h.hidden, h.blocks, h.gate_hidden)
         self.register_buffer("tau", torch.tensor(h.tau0))
 
@@ -242,6 +245,18 @@ class DAFM(CIRMethod):
                     e = e.to(storage_dtype(self.score_dtype))
                 g.append(e)
             return {"g": tuple(g), "fp": image_fingerprint(img.global_)}
+
+    def score_path(self) -> ScorePath:
+        """How default-similarity base scores are computed: the explicit ``score_dtype``, or what ``auto`` chose on
+        this machine, with the probe's timings and accuracy behind it (:mod:`cirfusion.fusion.score_paths`)."""
+        if self._score_path is None:
+            self._score_path = choose_score_dtype()
+        return self._score_path
+
+    @property
+    def score_dtype(self) -> torch.dtype:
+        """The torch dtype of the scoring path (:meth:`score_path`): what fitting, evaluation and queries use alike."""
+        return SCORE_DTYPES[self.score_path().dtype]
 
     def _tiles(self, q: Mapping[str, Any], g: Mapping[str, Any]) -> Iterator[Normalised]:
         """Yield the normalised scores of each tile of queries."""
