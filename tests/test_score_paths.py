@@ -105,3 +105,15 @@ def test_dafm_auto_resolves_once_and_explicit_wins(fresh_cache, monkeypatch):
     assert ge["g"][0].dtype == torch.float16  # int8 scoring reads the cached int8 copy of a float16 gallery
     exact = DAFM.from_bases(_bases(), score_dtype="bfloat16")
     assert exact.encode_gallery(img)["g"][0].dtype == torch.bfloat16 and exact.score_path().dtype == "bfloat16"
+
+
+def test_info_command_reports_the_choice(fresh_cache, monkeypatch, capsys):
+    from cirfusion.cli import main
+
+    monkeypatch.setattr(SP, "probe_paths", lambda: FAKE)
+    assert main(["info", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["fused_scoring"]["auto_choice"] == "float16" and info["torch"] == torch.__version__
+    assert set(info["fused_scoring"]["probe_ms"]) == set(SP.PATHS)
+    assert main(["info"]) == 0
+    assert "score_dtype=auto here: float16" in capsys.readouterr().out

@@ -27,6 +27,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("quickstart", "cirfusion.commands.quickstart",
             "build the embedded benchmarks, train the pool and DAFM, write a report"),
     Command("list", "cirfusion.commands.listing", "the registered methods, backbones and datasets"),
+    Command("info", "cirfusion.commands.info",
+            "this machine: versions, CPU, threads and the fused scoring path auto picks"),
     Command("data", "cirfusion.commands.data", "dataset statistics, verification and the embedded benchmarks"),
     Command("eval-scores", "cirfusion.commands.eval_scores",
             "metrics (Recall@K, Recall_subset@K, Rmean, mAP@K) of a saved (queries x gallery) score matrix"),
