@@ -55,6 +55,7 @@ from .methods.base import CIRMethod
 from .methods.registry import create_method, get_method_class
 from .report import ResultItem, SampleQuery, write_report, write_results_json
 from .seeding import seed_everything
+from .threads import set_override
 from .train import TrainConfig, train
 from .views import FeatureView, SplitData, load_split_data
 
@@ -381,15 +382,17 @@ def _brief(metrics: dict[str, float]) -> str:
 
 
 def run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
-    """Run every step (module docstring) and return the summary also written to ``out/manifest.json``. With
-    ``cfg.threads``, torch runs on that many threads for the duration of the call (the count is process-wide: the
-    caller's is restored)."""
+    """Run every step (module docstring) and return the summary also written to ``out/manifest.json``. Torch threads
+    follow :mod:`cirfusion.threads` (one for training and fusion fitting, every core for features); with
+    ``cfg.threads`` every step runs on that many for the duration of the call (the caller's count is restored)."""
     before = torch.get_num_threads()
     if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+        set_override(cfg.threads)
     try:
         return _run_quickstart(cfg)
     finally:
+        if cfg.threads:
+            set_override(None)
         torch.set_num_threads(before)
 
 

@@ -61,6 +61,7 @@ from .optim import lr_at, make_optimizer
 from .options import OptionError
 from .rundir import METRICS_FILE, RunDirError, RunLock, append_metrics, check_fresh, clear_run_dir, truncate_metrics
 from .seeding import seed_everything, step_seed
+from .threads import threads_for, torch_threads
 from .views import FeatureView, SplitData
 
 STATE_FILE = "state.json"
@@ -174,12 +175,15 @@ def train(
     extra_splits: Mapping[str, SplitData] | None = None,
     backbone_info: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    threads: int | None = None,
 ) -> TrainResult:
     """Train ``method`` and write the run directory (see the module docstring). ``extra_splits`` holds the splits
     that stages name in ``Stage.split`` (e.g. edit pairs). Returns where the best checkpoint is and its metric.
 
     ``resume`` continues the run saved in ``run_dir/last``; otherwise ``run_dir`` must be empty or missing, or
-    ``overwrite`` removes the old run in it first. Rank 0 holds the directory's lock for the whole run."""
+    ``overwrite`` removes the old run in it first. Rank 0 holds the directory's lock for the whole run. Torch runs on
+    ``threads`` threads (default: :func:`cirfusion.threads.threads_for` ``("train")``, one) and the caller's count is
+    restored afterwards."""
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
     check_trainable(method, cfg)
@@ -188,7 +192,7 @@ def train(
         load_state(run_dir / "last")  # nothing to resume: say so before creating anything
     elif rank == 0:  # (only rank 0 writes: the other ranks may start after it has begun)
         check_fresh(run_dir, overwrite)  # refuses a non-empty directory, or one with files a run does not write
-    with RunLock(run_dir) if rank == 0 else nullcontext():
+    with RunLock(run_dir) if rank == 0 else nullcontext(), torch_threads(threads_for("train", threads)):
         if rank == 0 and not resume:
             clear_run_dir(run_dir)  # under the lock: never another live run's files
         return _train(method, train_data, val_data, run_dir, cfg, resume, extra_splits, backbone_info,

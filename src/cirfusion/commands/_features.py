@@ -23,7 +23,8 @@ def add_feature_args(p: argparse.ArgumentParser) -> None:
                    help="feature cache directory (default: $CIRFUSION_CACHE_DIR or ~/.cache/cirfusion/features)")
     p.add_argument("--feature-batch-size", type=int, default=64, help="images per backbone forward pass")
     p.add_argument("--workers", type=int, default=0, help="image decoding threads while the backbone encodes")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for everything the command does (default: per workload, "
+                        "1 for training and fusion fitting, every core for backbone features; see cirfusion.threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 

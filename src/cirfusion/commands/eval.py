@@ -14,8 +14,6 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..api import load
 from ..data.registry import load_dataset
 from ..data.schema import DataError
@@ -23,6 +21,7 @@ from ..evaluation import evaluate, score_blocks
 from ..io import atomic_write_json
 from ..metrics import fashioniq_summary
 from ..submission import write_circo_submission, write_cirr_submission
+from ..threads import set_override
 from ..views import FeatureView
 from ._common import add_dataset_args, dataset_kwargs, format_metrics
 from ._features import add_backbone_access_args, add_feature_args, make_cache, split_data
@@ -51,7 +50,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_override(args.threads)
     progress = not args.no_progress
     # a CheckpointError names the file; cli.main prints it in one line. The checkpoint's backbone is read only from
     # the checkpoint, --backbone-dir or files shipped with cirfusion (the hub with --allow-download)

@@ -36,10 +36,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..fusion import FuseSplits, FusionConfig, fuse_checkpoints
 from ..options import OptionError
+from ..threads import set_override
 from ._common import add_dataset_args, dataset_kwargs
 from ._features import add_backbone_access_args, add_feature_args, default_cache_dir
 
@@ -113,7 +112,7 @@ def _say_nothing(msg: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_override(args.threads)
     hparams: dict[str, Any] = {}
     for name in ("hidden", "blocks"):
         v = getattr(args, name)

@@ -52,6 +52,7 @@ from ..evaluation import encode_gallery
 from ..fusion import uses_default_similarity
 from ..index import META_FILE, CIRIndexError, build_index
 from ..io import recover_directory
+from ..threads import set_override
 from ..views import FeatureView
 from ._common import add_dataset_args, dataset_kwargs
 from ._features import add_backbone_access_args, add_feature_args, make_cache
@@ -230,7 +231,7 @@ def kind_options(args: argparse.Namespace) -> dict[str, int]:
 
 def run_build(args: argparse.Namespace) -> int:
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_override(args.threads)
     opts = kind_options(args)
     out = Path(args.out)
     if out.parent.is_dir():

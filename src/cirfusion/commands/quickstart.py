@@ -49,7 +49,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--no-fuse", action="store_true", help="skip the DAFM fusion")
     p.add_argument("--catalog-limit", type=int, default=None, help="use at most N photos (seeded sample)")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/cache)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads for everything the command does (default: per workload, "
+                        "1 for training and fusion fitting, every core for backbone features; see cirfusion.threads)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 

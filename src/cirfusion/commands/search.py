@@ -33,6 +33,7 @@ import torch
 from ..data.images import ImageLoadError, load_image
 from ..index import META_FILE, CIRIndexError, brute_force_search, load_index
 from ..io import recover_directory
+from ..threads import set_override
 from ._features import add_backbone_access_args, add_feature_args
 from .index import (
     META_CREATOR,
@@ -90,7 +91,7 @@ def _search(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.k < 1:
         raise CommandError(f"-k must be a positive integer, got {args.k}")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_override(args.threads)
     target = Path(args.target)
     recover_directory(target)  # an index whose rebuild crashed between its two renames is put back first
     if not target.exists():

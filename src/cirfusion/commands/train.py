@@ -21,8 +21,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from ..backbones import create_backbone
 from ..data.registry import load_dataset
 from ..methods.base import CIRMethod, params_help
@@ -30,6 +28,7 @@ from ..methods.registry import create_method, get_method_class, list_methods
 from ..options import OptionError, parse_options
 from ..rundir import RunDirError, check_fresh, check_unlocked
 from ..seeding import seed_everything
+from ..threads import set_override
 from ..train import TrainConfig, check_trainable, load_state, train
 from ._common import add_dataset_args, dataset_kwargs, format_metrics
 from ._features import add_feature_args, make_cache, split_data
@@ -137,7 +136,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.resume and args.overwrite:
         raise OptionError("--resume continues the run in --out, --overwrite replaces it: give one of them")
     if args.threads:
-        torch.set_num_threads(args.threads)
+        set_override(args.threads)
     progress = not args.no_progress
     kw = dataset_kwargs(args)
     ds_train = load_dataset(args.dataset, args.root, args.split_train, **kw)

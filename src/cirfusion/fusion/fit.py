@@ -59,6 +59,7 @@ from ..methods.registry import get_method_class
 from ..optim import lr_at, make_optimizer
 from ..options import OptionError
 from ..seeding import seed_everything, step_seed
+from ..threads import threads_for, torch_threads
 from .kernels import NUM_STATS, block_rows, normalise_scores, standardise
 from .tables import SplitTable, evaluate_fused
 
@@ -299,9 +300,16 @@ class FitResult:
 
 
 def fit(model: DAFM, train: SplitTable, val: SplitTable | None = None, cfg: FusionConfig | None = None,
-        log: Callable[[dict[str, Any]], None] | None = None) -> FitResult:
+        log: Callable[[dict[str, Any]], None] | None = None, threads: int | None = None) -> FitResult:
     """Train ``model.fusion`` on ``train`` (a table holding exactly the model's bases, in order); keep the epoch with
-    the best validation metric (the last one without ``val``). The bases stay frozen."""
+    the best validation metric (the last one without ``val``). The bases stay frozen. Torch runs on ``threads``
+    threads (default: :func:`cirfusion.threads.threads_for` ``("fuse")``, one); the caller's count is restored."""
+    with torch_threads(threads_for("fuse", threads)):
+        return _fit(model, train, val, cfg, log)
+
+
+def _fit(model: DAFM, train: SplitTable, val: SplitTable | None, cfg: FusionConfig | None,
+         log: Callable[[dict[str, Any]], None] | None) -> FitResult:
     cfg = cfg or FusionConfig()
     if train.num_models != model.num_models:
         raise ValueError(f"fit: the table holds {train.num_models} models, the fused model {model.num_models}")
