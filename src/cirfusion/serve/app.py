@@ -29,13 +29,14 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
 from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import quote
 
+import python_multipart  # noqa: F401 -- Starlette's form parser: imported here so a missing install fails at start-up
 import torch
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,7 +48,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.images import ImageLoadError, load_image
-from .catalog import Catalog, ServeError, _LRU
+from .catalog import LRU, Catalog, ServeError
 
 log = logging.getLogger("cirfusion.serve")
 
@@ -143,7 +144,7 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
     torch.set_num_threads(max(1, torch_threads))
     lim = catalog.limits
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cirfusion-serve")
-    thumbs = _LRU(4096)
+    thumbs = LRU(4096)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -223,7 +224,7 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
             raise ServeError("reference must be the id of a gallery image (a string)")
         if ref is not None and upload is not None:
             raise ServeError("give either an uploaded image or a gallery reference id, not both")
-        res = await work(catalog.search, fields.get("text"), fields.get("k", 10), reference=ref or None,
+        res = await work(catalog.search, fields.get("text"), fields.get("k", min(10, lim.max_k)), reference=ref or None,
                          upload=upload, keep_reference=keep)
         return {"results": [{"id": h.id, "score": h.score, "url": image_url(h.id), "thumbnail": image_url(h.id, True)}
                             for h in res.hits],

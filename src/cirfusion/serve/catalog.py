@@ -113,7 +113,7 @@ class SearchResult:
     explanation: dict[str, Any] = field(default_factory=dict)
 
 
-class _LRU:
+class LRU:
     """A small thread-safe least-recently-used map (reference and text features, thumbnails)."""
 
     def __init__(self, size: int) -> None:
@@ -162,8 +162,8 @@ class Catalog:
         self._table = feature_table  # backbone features of the folder's images (reference lookups skip the backbone)
         self._table_rows = len(feature_table) if feature_table is not None else 0
         self._add_lock = threading.Lock()
-        self._ref_cache = _LRU(1024)
-        self._text_cache = _LRU(4096)
+        self._ref_cache = LRU(1024)
+        self._text_cache = LRU(4096)
         self._upload_dir = upload_dir
         self.started = time.time()
 
