@@ -51,7 +51,7 @@ from ..features import FeatureCache, ImageFeatureTable
 from ..fusion import uses_default_similarity
 from ..index import META_FILE, CIRIndex, build_index, load_index
 from ..views import FeatureView
-from .explain import explain
+from .explain import explain, fused_rank, is_fused
 
 log = logging.getLogger("cirfusion.serve")
 
@@ -201,7 +201,7 @@ class Catalog:
                 "backbone": self.model.backbone_id, "dataset": cfg.get("dataset"), "gallery_size": self.size,
                 "mode": self.mode, "source": self.source, "build_seconds": round(self.build_seconds, 3),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
-                "explanation": "shapley" if _is_fused(self.method) else "similarity",
+                "explanation": "shapley" if is_fused(self.method) else "similarity",
                 "cirfusion_version": __version__,
                 "limits": {"max_upload_bytes": self.limits.max_upload_bytes, "max_text_chars": self.limits.max_text_chars,
                            "max_k": self.limits.max_k, "max_pixels": self.limits.max_pixels}}
@@ -290,11 +290,15 @@ class Catalog:
             raise ServeError("nothing to return: the gallery holds only the reference image (set keep_reference)")
         with torch.no_grad():
             q = self.method.encode_query(feats, self._text_features(text))
-            scores, rows = self._rank(g, q, k, ref if exclude else None)
-            explanation: dict[str, Any] = {}
-            if with_explanation:
-                top = rows[: self.limits.explain_top]
-                explanation = explain(self.method, q, g.emb, top, [g.ids[r] for r in top], text)
+            excl = ref if exclude else None
+            if g.emb is not None and is_fused(self.method):
+                scores, rows, explanation = fused_rank(self.method, q, g.emb, k, excl, self.limits.explain_top,
+                                                       with_explanation)
+                for e in explanation.get("results", []):
+                    e["id"] = g.ids[e.pop("row")]
+            else:
+                scores, rows = self._rank(g, q, k, excl)
+                explanation = explain(self.method, q, text) if with_explanation else {}
         hits = [Hit(g.ids[r], int(r), float(s)) for s, r in zip(scores, rows, strict=True)]
         return SearchResult(hits, None if ref is None else g.ids[ref], exclude, explanation)
 
@@ -398,10 +402,6 @@ def _extend(g: _Gallery, ids: list[str], paths: list[Path], hashes: list[str], e
     v = as_vectors(emb.float().numpy(), "added embeddings", g.index.metric, dim=g.index.dim)
     base.added = v if g.added is None else np.concatenate([g.added, v])
     return base
-
-
-def _is_fused(method: Any) -> bool:
-    return hasattr(method, "contributions") and hasattr(method, "base_names")
 
 
 # ------------------------------------------------------------------------------------------------------------------
