@@ -155,6 +155,12 @@ class RSS:
     def now(self) -> float:
         return self._read("VmRSS")
 
+    def cpu_seconds(self) -> float:
+        """The server's user + system CPU time so far (/proc/PID/stat fields 14 and 15)."""
+        with open(f"/proc/{self.pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def peak(self) -> float:
         return self._read("VmHWM")
 
@@ -258,15 +264,21 @@ def main() -> None:
         rss_after_warmup = rss.now()
         print(f"[serve_load] warm-up: {warm['requests']} requests, RSS {rss_after_warmup:.0f} MB", flush=True)
         out: dict[str, object] = {}
+        rss_by_phase = {"warm-up": round(rss_after_warmup, 1)}
         for c in (int(x) for x in args.levels.split(",")):
+            cpu0 = rss.cpu_seconds()
             res = level(port, c, args.seconds, ids, args.seed + c)
+            # the server's CPU time per answered request: what a request costs whatever else runs on the machine
+            res["server_cpu_ms_per_request"] = round((rss.cpu_seconds() - cpu0) * 1000 / max(1, res["requests"]), 2)
             out[f"c{c}"] = res
+            rss_by_phase[f"c{c}"] = round(rss.now(), 1)
             print(f"[serve_load] {c:>3} clients: p50 {res['p50_ms']:.1f} ms, p95 {res['p95_ms']:.1f} ms, p99 "
                   f"{res['p99_ms']:.1f} ms, {res['rps']:.1f} req/s, {res['errors']} errors ({res['requests']} ok), "
-                  f"RSS {rss.now():.0f} MB", flush=True)
+                  f"server CPU {res['server_cpu_ms_per_request']:.1f} ms/request, RSS {rss.now():.0f} MB", flush=True)
         jpegs = upload_jpegs(args.uploads, args.seed)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         up_lat, up_err = [], 0
+        cpu0 = rss.cpu_seconds()
         for i, data in enumerate(jpegs):
             body, ctype = multipart({"text": TEXTS[i % len(TEXTS)], "k": "10"}, data, f"upload{i}.jpg")
             t1 = time.perf_counter()
@@ -278,15 +290,19 @@ def main() -> None:
             else:
                 up_err += 1
         conn.close()
+        upload_cpu = round((rss.cpu_seconds() - cpu0) * 1000 / max(1, len(up_lat)), 2)
+        rss_by_phase["uploads"] = round(rss.now(), 1)
         upload_p50 = round(float(np.median(up_lat)), 2) if up_lat else float("nan")
         print(f"[serve_load] uploads (1024 x 768 JPEG, {np.mean([len(j) for j in jpegs]) / 1024:.0f} kB avg): p50 "
-              f"{upload_p50:.1f} ms over {len(up_lat)} ({up_err} errors)", flush=True)
+              f"{upload_p50:.1f} ms over {len(up_lat)} ({up_err} errors), server CPU {upload_cpu:.1f} ms/request",
+              flush=True)
         rss_end, peak = rss.now(), rss.peak()
         rss.stop()
         n_cores = cores()
         c1, c_last = out.get("c1"), out.get(f"c{args.levels.split(',')[-1]}")
-        summary = {**out, "upload_p50_ms": upload_p50, "upload_errors": up_err, "peak_rss_mb": round(peak, 1),
-                   "rss_growth_mb": round(rss_end - rss_after_warmup, 1), "gallery_size": int(info["gallery_size"]),
+        summary = {**out, "upload_p50_ms": upload_p50, "upload_errors": up_err,
+                   "upload_server_cpu_ms_per_request": upload_cpu, "peak_rss_mb": round(peak, 1),
+                   "rss_growth_mb": round(rss_end - rss_after_warmup, 1), "rss_mb_by_phase": rss_by_phase, "gallery_size": int(info["gallery_size"]),
                    "cores": n_cores, "workers": args.workers, "backbone": info["backbone"], "seconds": args.seconds,
                    "loadavg_1m": round(os.getloadavg()[0], 2)}
         if isinstance(c1, dict) and isinstance(c_last, dict) and c1["rps"]:
