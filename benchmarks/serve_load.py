@@ -113,7 +113,7 @@ def upload_jpegs(count: int, seed: int) -> list[bytes]:
     from PIL import Image, ImageDraw
 
     rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:768, 0:1024]
+    xx = np.mgrid[0:768, 0:1024][1]
     out = []
     for _ in range(count):
         c0, c1 = rng.integers(0, 256, 3), rng.integers(0, 256, 3)

@@ -79,7 +79,7 @@ def server(tmp_path_factory):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO / "src"), os.environ.get("PYTHONPATH")])),
            "OMP_NUM_THREADS": "1"}
     env.pop("CIRFUSION_SERVE_TOKEN", None)
-    log = open(root / "server.log", "w")  # noqa: SIM115 -- closed below, after the server
+    log = open(root / "server.log", "w")  # closed in the finally below, after the server stops
     proc = subprocess.Popen([sys.executable, "-m", "cirfusion.cli", "serve", str(ckpt), "--images", str(gallery),
                              "--port", str(port), "--cache-dir", str(root / "cache"), "--no-progress", "--workers", "2"],
                             stdout=log, stderr=subprocess.STDOUT, env=env)
