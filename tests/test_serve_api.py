@@ -104,6 +104,7 @@ def test_health_info_gallery_and_openapi(clip, world):
     info = clip.get("/api/info").json()
     assert info["gallery_size"] == 18 and info["model"] == "clip4cir" and info["backbone"] == "tiny"
     assert info["mode"] == "index" and info["build_seconds"] >= 0 and info["explanation"] == "similarity"
+    assert info["built"].endswith("Z") and info["started"] >= info["built"]
     page = clip.get("/api/gallery", params={"limit": 5}).json()
     assert page["total"] == 18 and [i["id"] for i in page["items"]] == gallery_ids(world)[:5]
     assert clip.get("/api/gallery", params={"q": "warm/c2"}).json()["total"] == 3
@@ -193,6 +194,18 @@ def test_dafm_is_served_by_exact_fused_scoring_with_shapley_explanations(fused, 
     for e, r in zip(ex["results"], res["results"], strict=False):
         assert e["score"] == pytest.approx(r["score"], abs=1e-5)  # v(all) is the ranked fused score
         assert ex["baseline"] + sum(e["contributions"].values()) == pytest.approx(e["score"], abs=1e-4)
+
+
+def test_a_method_explanation_hook_is_shown_as_it_is(world):
+    c = client(world, "clip")
+    ex = c.post("/api/search", json={"reference": "warm/c0_p0", "text": "red", "k": 2}).json()["explanation"]
+    assert ex["kind"] == "similarity" and "no per-part breakdown" in ex["label"]
+    method = c.app.state.catalog.method  # type: ignore[attr-defined]
+    # what a branch-fusing method (DetailFusion, FineCIR) reports: its branch weights and the parsed modification
+    method.explain_query = lambda q, text: {"branch_weights": {"global": 0.7, "detail": 0.3}, "parsed": text.split()}
+    ex = c.post("/api/search", json={"reference": "warm/c0_p0", "text": "red sleeves", "k": 2}).json()["explanation"]
+    assert ex == {"branch_weights": {"global": 0.7, "detail": 0.3}, "parsed": ["red", "sleeves"], "kind": "branches",
+                  "method": "clip4cir"}
 
 
 # ---- limits and errors -------------------------------------------------------------------------------------------------

@@ -166,6 +166,11 @@ class Catalog:
         self._text_cache = LRU(4096)
         self._upload_dir = upload_dir
         self.started = time.time()
+        # when the model (or the index) being served was written: the newest of its description files
+        files = ([Path(source["index"]) / META_FILE] if "index" in source else []) + \
+            ([model.path / "config.json"] if model.path else [])
+        stamp = [p.stat().st_mtime for p in files if p.is_file()]
+        self.built = _iso(max(stamp)) if stamp else None
 
     # ---- what it holds -------------------------------------------------------------------------------------------
     @property
@@ -200,7 +205,8 @@ class Catalog:
         return {"model": cfg.get("method"), "checkpoint": str(self.model.path) if self.model.path else None,
                 "backbone": self.model.backbone_id, "dataset": cfg.get("dataset"), "gallery_size": self.size,
                 "mode": self.mode, "source": self.source, "build_seconds": round(self.build_seconds, 3),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(self.started)),
+                "built": self.built,
+                "started": _iso(self.started),
                 "explanation": "shapley" if is_fused(self.method) else "similarity",
                 "cirfusion_version": __version__,
                 "limits": {"max_upload_bytes": self.limits.max_upload_bytes, "max_text_chars": self.limits.max_text_chars,
@@ -371,6 +377,10 @@ class Catalog:
                 self._g = _extend(g, [n[0] for n in new], [n[1] for n in new], [n[2] for n in new], emb)
                 log.info("added %d image(s); the gallery holds %d", len(new), len(self._g))
             return out
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
 
 
 def _suffix_of(image: Image.Image) -> str:
