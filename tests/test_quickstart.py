@@ -99,7 +99,9 @@ def test_rerun_reuses_the_benchmarks_and_gives_the_same_numbers(quickstart_run, 
     argv = [a for a in quickstart_run["argv"]]
     argv[argv.index("--photos") : argv.index("--photos") + 2] = []  # synthetic only this time
     assert main(argv) == 0
-    assert "reusing" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "reusing" in printed
+    assert f"cirfusion serve {out / 'runs' / 'synthetic' / 'dafm'}" in printed  # the command serving the fused model
     assert (out / "data" / "synthetic").stat().st_mtime_ns == stamp
     after = json.loads((out / "results.json").read_text())
     assert set(after) == {"synthetic"}

@@ -125,22 +125,70 @@ class CIRModel:
     def similarity(self, q: Embedding, g: Embedding) -> torch.Tensor:
         return self.method.similarity(q, g)
 
-    def rank(self, image: ImageLike, text: str, gallery: Sequence[ImageLike] | Embedding, k: int = 10) -> list[tuple[int, float]]:
+    @torch.no_grad()
+    def rank(self, image: ImageLike, text: str, gallery: Sequence[ImageLike] | Embedding, k: int = 10, *,
+             keep_reference: bool = False) -> list[tuple[int, float]]:
         """The ``k`` best gallery positions for one query, best first, as ``(index, score)``. ``gallery`` is a list
-        of images or an embedding from :meth:`encode_gallery` (encode once, rank many)."""
+        of images or an embedding from :meth:`encode_gallery` (encode once, rank many).
+
+        The reference is not its own answer: a gallery entry that is the reference image (the same backbone
+        features, i.e. the same picture) is left out, so fewer than ``k`` results come back when the gallery is
+        small; ``keep_reference=True`` keeps it (it then usually ranks first)."""
         if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
             raise CIRInputError(f"rank: k must be a positive integer, got {k!r}")
         if not isinstance(text, str):
             raise CIRInputError(f"rank: text must be a string (the modification text), got {type(text).__name__}")
+        ref = self.image_features(_image_list([image], "rank"))
         if isinstance(gallery, (list, tuple)) and all(isinstance(x, (Image.Image, str, Path, bytes)) for x in gallery):
-            g = self.encode_gallery(gallery)  # an empty list is refused there
+            feats = self.image_features(_image_list(gallery, "rank", "the gallery is empty: give at least one image"))
+            g = cat_embeddings([self.method.encode_gallery(_feature_rows(feats, s, s + 64))
+                                for s in range(0, int(feats.global_.shape[0]), 64)])
+            same = (feats.global_ == ref.global_).all(1)  # both rounded to float16: equal features, equal picture
         else:
             g = gallery
             if embedding_len(g) == 0:
                 raise CIRInputError("rank: the gallery embedding has no rows")
-        s = self.similarity(self.encode_query([image], [text]), g)[0]
-        top = torch.topk(s, min(int(k), s.shape[0]))
+            same = _same_rows(g, self.method.encode_gallery(ref))
+        s = self.similarity(self.encode_query_features(ref, [text]), g)[0].float()
+        if not keep_reference:
+            s = s.masked_fill(same, float("-inf"))
+        available = int(s.shape[0]) - (0 if keep_reference else int(same.sum()))
+        if available < 1:
+            return []
+        top = torch.topk(s, min(int(k), available))
         return [(int(i), float(v)) for v, i in zip(top.values, top.indices, strict=True)]
+
+    @torch.no_grad()
+    def encode_query_features(self, ref: ImageFeatures, texts: Sequence[str]) -> Embedding:
+        """:meth:`encode_query` for reference images whose features are already computed (:meth:`image_features`)."""
+        return self.method.encode_query(ref, self.text_features(_text_list(texts, "encode_query_features")))
+
+
+def _feature_rows(f: ImageFeatures, start: int, stop: int) -> ImageFeatures:
+    return ImageFeatures(global_=f.global_[start:stop], tokens=f.tokens[start:stop])
+
+
+def _same_rows(g: Embedding, one: Embedding) -> torch.Tensor:
+    """``[N]`` True where gallery row ``n`` of ``g`` is the one-row embedding ``one`` (every leaf equal: integer
+    leaves exactly, float leaves within the rounding of their storage dtype, as batched and single encodings may
+    differ in the last bits)."""
+    leaves_g, leaves_1 = _leaves(g), _leaves(one)
+    out = torch.ones(int(leaves_g[0].shape[0]), dtype=torch.bool)
+    for a, b in zip(leaves_g, leaves_1, strict=True):
+        a2, b2 = a.reshape(a.shape[0], -1), b.reshape(1, -1).to(a.dtype)
+        if a.is_floating_point():
+            tol = 4e-3 if a.dtype in (torch.float16, torch.bfloat16) else 1e-5
+            out &= ((a2.float() - b2.float()).abs() <= tol).all(1)
+        else:
+            out &= (a2 == b2).all(1)
+    return out
+
+
+def _leaves(e: Embedding) -> list[torch.Tensor]:
+    if isinstance(e, torch.Tensor):
+        return [e]
+    parts = e.values() if isinstance(e, dict) else e
+    return [leaf for p in parts for leaf in _leaves(p)]
 
 
 def _image_list(images: Sequence[ImageLike], where: str, empty: str = "no images given") -> list[ImageLike]:

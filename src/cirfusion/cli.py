@@ -41,6 +41,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("index", "cirfusion.commands.index", "build a faiss index of a gallery for cirfusion search"),
     Command("search", "cirfusion.commands.search",
             "top-k gallery images for a reference image + text (index or checkpoint)"),
+    Command("serve", "cirfusion.commands.serve",
+            "a JSON API and a web page for searching a catalog (checkpoint + folder, or index)"),
 )
 
 # OSErrors that are about the user's files or machine, not about cirfusion: reported in one line, exit 2.

@@ -447,6 +447,10 @@ def _run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "report": str(report),
     }
     atomic_write_json(out / "manifest.json", summary)
+    bench = "catalog" if "catalog" in runs else "synthetic"  # serve the fused model, chosen before any test number
+    ck, photos = runs[bench].checkpoints, cfg.photos if bench == "catalog" else benchmarks[bench] / "images"
+    _say(f"search it in a browser: cirfusion serve {ck.get(FUSED_NAME) or next(iter(ck.values()))} --images {photos} "
+         f"--cache-dir {backbones.cache_dir}")
     return summary
 
 

@@ -1,0 +1,517 @@
+"""What ``cirfusion serve`` holds in memory: one loaded model and its gallery, searched by reference + text.
+
+A :class:`Catalog` is built once at start-up (:func:`load_catalog`) from either
+
+- an **index** directory (``cirfusion index build``): the checkpoint recorded in it encodes the queries, the faiss
+  index answers them (exact rescoring, see :mod:`cirfusion.index`); or
+- a **checkpoint** and a folder of images: the folder's backbone features come from the feature cache (computed once
+  per image), then the method's gallery embedding. A method whose score is an inner product of embeddings gets an
+  exact in-memory index; any other method, a fused DAFM checkpoint included, is served by **exact scoring of the
+  whole gallery through the model** (``method.similarity``), so every method cirfusion has can be served.
+
+Searches read an immutable :class:`_Gallery` snapshot: the gallery matrix is shared by every request, never copied
+per request. :meth:`Catalog.add_images` builds a new snapshot (the old rows shared, the new ones appended: an index
+keeps its faiss part and searches the added rows exactly beside it, so nothing is rebuilt) and swaps it in under a
+lock; requests that started before the swap finish on the old one.
+
+The reference is never its own answer: a gallery reference (by id), or an upload whose sha256 equals a gallery
+image's, is left out of the results unless ``keep_reference`` is set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from .. import __version__
+from ..api import CIRModel, load
+from ..backbones.base import ImageFeatures, TextFeatures
+from ..data.custom import IMAGE_SUFFIXES, _gallery_from_folder
+from ..data.images import ImageLoadError, load_image
+from ..data.schema import DataError
+from ..embeddings import Embedding, cat_embeddings
+from ..errors import CirfusionError
+from ..evaluation import encode_gallery
+from ..exact_search import as_vectors, exact_scores, topk_rows
+from ..features import FeatureCache, ImageFeatureTable
+from ..fusion import uses_default_similarity
+from ..index import META_FILE, CIRIndex, build_index, load_index
+from ..views import FeatureView
+from .explain import explain, fused_rank, is_fused
+
+log = logging.getLogger("cirfusion.serve")
+
+_HASH_BLOCK = 1 << 20
+
+
+class ServeError(CirfusionError):
+    """A request the catalog refuses; ``status`` is the HTTP status the service answers with (400 bad input, 404
+    unknown id, 413 too large)."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for. Defaults: 10 MB per uploaded file, 24 megapixels (aspect ratio up to
+    :data:`~cirfusion.data.images.MAX_ASPECT_RATIO`), 500 characters of text, k up to 100, 16 files per add."""
+
+    max_upload_bytes: int = 10 * 2**20
+    max_pixels: int = 24_000_000
+    max_text_chars: int = 500
+    max_k: int = 100
+    max_add_files: int = 16
+    explain_top: int = 10  # results whose contributions are computed (each costs 2^K network evaluations)
+
+
+@dataclass
+class _Gallery:
+    """One immutable state of the gallery. ``emb``: the method's gallery embedding of every row (model-scored
+    catalogs) or None (index catalogs: ``index`` holds rows 0..len(index)-1, ``added`` [A, M, D] the rows after)."""
+
+    ids: list[str]
+    paths: list[Path]
+    hashes: list[str | None]
+    row_of: dict[str, int]
+    row_of_hash: dict[str, int]
+    emb: Embedding | None = None
+    index: CIRIndex | None = None
+    added: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass
+class Hit:
+    id: str
+    row: int
+    score: float
+
+
+@dataclass
+class SearchResult:
+    hits: list[Hit]
+    reference_id: str | None  # the gallery image the reference is (by id or by content), if any
+    excluded: bool  # whether that image was left out
+    explanation: dict[str, Any] = field(default_factory=dict)
+
+
+class LRU:
+    """A small thread-safe least-recently-used map (reference and text features, thumbnails)."""
+
+    def __init__(self, size: int) -> None:
+        self.size, self._d, self._lock = size, OrderedDict[Any, Any](), threading.Lock()
+
+    def get(self, key: Any) -> Any:
+        with self._lock:
+            v = self._d.get(key)
+            if v is not None:
+                self._d.move_to_end(key)
+            return v
+
+    def put(self, key: Any, value: Any) -> None:
+        with self._lock:
+            self._d[key] = value
+            self._d.move_to_end(key)
+            while len(self._d) > self.size:
+                self._d.popitem(last=False)
+
+
+def file_sha256(path: Path) -> str | None:
+    """sha256 of a gallery file's bytes, or None when it cannot be read (it is then never matched by content)."""
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(_HASH_BLOCK), b""):
+                h.update(block)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+class Catalog:
+    """A model and its gallery, ready to search (see the module docstring). Thread-safe: searches run concurrently
+    in a server's worker threads; additions are serialised."""
+
+    def __init__(self, model: CIRModel, gallery: _Gallery, source: dict[str, Any], *, limits: Limits | None = None,
+                 feature_table: ImageFeatureTable | None = None, upload_dir: Path | None = None,
+                 build_seconds: float = 0.0) -> None:
+        self.model = model
+        self.method = model.method
+        self.limits = limits or Limits()
+        self.source = source
+        self.build_seconds = build_seconds
+        self._g = gallery
+        self._table = feature_table  # backbone features of the folder's images (reference lookups skip the backbone)
+        self._table_rows = len(feature_table) if feature_table is not None else 0
+        self._add_lock = threading.Lock()
+        self._ref_cache = LRU(1024)
+        self._text_cache = LRU(4096)
+        self._upload_dir = upload_dir
+        self.started = time.time()
+        # when the model (or the index) being served was written: the newest of its description files
+        files = ([Path(source["index"]) / META_FILE] if "index" in source else []) + \
+            ([model.path / "config.json"] if model.path else [])
+        stamp = [p.stat().st_mtime for p in files if p.is_file()]
+        self.built = _iso(max(stamp)) if stamp else None
+
+    # ---- what it holds -------------------------------------------------------------------------------------------
+    @property
+    def size(self) -> int:
+        return len(self._g)
+
+    @property
+    def mode(self) -> str:
+        """``index`` (faiss, plus exactly scored additions) or ``model`` (exact scoring through the method)."""
+        return "model" if self._g.emb is not None else "index"
+
+    def has(self, image_id: str) -> bool:
+        return image_id in self._g.row_of
+
+    def path_of(self, image_id: str) -> Path:
+        """The server-side file of a gallery id (never a path a client sent); :class:`ServeError` 404 if unknown."""
+        g = self._g
+        row = g.row_of.get(image_id)
+        if row is None:
+            raise ServeError(f"no gallery image has the id {image_id!r}", 404)
+        return g.paths[row]
+
+    def ids(self, offset: int = 0, limit: int = 60, contains: str = "") -> tuple[int, list[str]]:
+        """(matching count, a page of gallery ids in gallery order) for browsing."""
+        ids = self._g.ids
+        if contains:
+            ids = [i for i in ids if contains.lower() in i.lower()]
+        return len(ids), ids[offset : offset + limit]
+
+    def info(self) -> dict[str, Any]:
+        cfg = self.model.config
+        return {"model": cfg.get("method"), "checkpoint": str(self.model.path) if self.model.path else None,
+                "backbone": self.model.backbone_id, "dataset": cfg.get("dataset"), "gallery_size": self.size,
+                "mode": self.mode, "source": self.source, "build_seconds": round(self.build_seconds, 3),
+                "built": self.built,
+                "started": _iso(self.started),
+                "explanation": "shapley" if is_fused(self.method) else "similarity",
+                "cirfusion_version": __version__,
+                "limits": {"max_upload_bytes": self.limits.max_upload_bytes, "max_text_chars": self.limits.max_text_chars,
+                           "max_k": self.limits.max_k, "max_pixels": self.limits.max_pixels}}
+
+    # ---- request checks ------------------------------------------------------------------------------------------
+    def check_text(self, text: Any) -> str:
+        if not isinstance(text, str):
+            raise ServeError("text must be a string (the modification, e.g. \"same but in red\")")
+        text = text.strip()
+        if not text:
+            raise ServeError("text is empty: type the modification to apply to the reference")
+        if len(text) > self.limits.max_text_chars:
+            raise ServeError(f"text is {len(text)} characters long, above the limit of {self.limits.max_text_chars}")
+        return text
+
+    def check_k(self, k: Any) -> int:
+        if isinstance(k, str):
+            k = k.strip()
+            if not k.lstrip("-").isdigit():
+                raise ServeError(f"k must be a whole number, got {k!r}")
+            k = int(k)
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= self.limits.max_k:
+            raise ServeError(f"k must be a whole number from 1 to {self.limits.max_k}, got {k!r}")
+        return k
+
+    def decode_upload(self, data: bytes, name: str = "upload") -> Image.Image:
+        """An uploaded file as an RGB image through the project's safe loader; :class:`ServeError` 413 / 400."""
+        if len(data) > self.limits.max_upload_bytes:
+            raise ServeError(f"{name} is {len(data):,} bytes, above the limit of {self.limits.max_upload_bytes:,}", 413)
+        try:
+            return load_image(data, max_pixels=self.limits.max_pixels, max_bytes=self.limits.max_upload_bytes, name=name)
+        except ImageLoadError as exc:
+            raise ServeError(f"{name}: {exc.problem}") from None
+
+    # ---- features ----------------------------------------------------------------------------------------------
+    def _text_features(self, text: str) -> TextFeatures:
+        tf = self._text_cache.get(text)
+        if tf is None:
+            tf = self.model.text_features([text])
+            self._text_cache.put(text, tf)
+        return tf
+
+    def _row_features(self, g: _Gallery, row: int) -> ImageFeatures:
+        if self._table is not None and row < self._table_rows:
+            return self._table.torch(np.array([row]))
+        key = g.hashes[row] or f"row:{g.ids[row]}"
+        f = self._ref_cache.get(key)
+        if f is None:
+            try:
+                f = self.model.image_features([load_image(g.paths[row])])
+            except ImageLoadError as exc:
+                raise ServeError(f"gallery image {g.ids[row]!r} cannot be read: {exc.problem}", 500) from None
+            self._ref_cache.put(key, f)
+        return f
+
+    def _upload_features(self, data: bytes, digest: str) -> ImageFeatures:
+        f = self._ref_cache.get(digest)
+        if f is None:
+            f = self.model.image_features([self.decode_upload(data)])
+            self._ref_cache.put(digest, f)
+        return f
+
+    # ---- search --------------------------------------------------------------------------------------------------
+    def search(self, text: str, k: int, *, reference: str | None = None, upload: bytes | None = None,
+               keep_reference: bool = False, with_explanation: bool = True) -> SearchResult:
+        """Top ``k`` gallery images for a reference (a gallery id, or the bytes of an uploaded image) modified by
+        ``text``. Raises :class:`ServeError` for bad input (400), an unknown id (404), a too-large upload (413)."""
+        if (reference is None) == (upload is None):
+            raise ServeError("give exactly one reference: an uploaded image or the id of a gallery image")
+        text, k = self.check_text(text), self.check_k(k)
+        g = self._g
+        if reference is not None:
+            row = g.row_of.get(reference)
+            if row is None:
+                raise ServeError(f"no gallery image has the id {reference!r}", 404)
+            ref: int | None = row
+            feats = self._row_features(g, row)
+        else:
+            assert upload is not None
+            digest = hashlib.sha256(upload).hexdigest()
+            feats = self._upload_features(upload, digest)
+            ref = g.row_of_hash.get(digest)
+        exclude = ref is not None and not keep_reference
+        k = min(k, len(g) - int(exclude))
+        if k < 1:
+            raise ServeError("nothing to return: the gallery holds only the reference image (set keep_reference)")
+        with torch.no_grad():
+            q = self.method.encode_query(feats, self._text_features(text))
+            excl = ref if exclude else None
+            if g.emb is not None and is_fused(self.method):
+                scores, rows, explanation = fused_rank(self.method, q, g.emb, k, excl, self.limits.explain_top,
+                                                       with_explanation)
+                for e in explanation.get("results", []):
+                    e["id"] = g.ids[e.pop("row")]
+            else:
+                scores, rows = self._rank(g, q, k, excl)
+                explanation = explain(self.method, q, text) if with_explanation else {}
+        hits = [Hit(g.ids[r], int(r), float(s)) for s, r in zip(scores, rows, strict=True)]
+        return SearchResult(hits, None if ref is None else g.ids[ref], exclude, explanation)
+
+    def _rank(self, g: _Gallery, q: Embedding, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``k`` rows (scores descending, ties by the lower row) without row ``exclude``."""
+        if g.emb is not None:
+            s = self.method.similarity(q, g.emb)[0].float().numpy().copy()
+            if exclude is not None:
+                s[exclude] = -np.inf
+            return topk_rows(s, np.arange(s.shape[0], dtype=np.int64), k)
+        assert g.index is not None
+        if not isinstance(q, torch.Tensor):
+            raise ServeError("this method gives bundled query embeddings that a faiss index cannot search", 500)
+        idx = g.index
+        n_idx = len(idx)
+        qv = q.float().numpy()
+        excl_idx = [g.ids[exclude]] if exclude is not None and exclude < n_idx else []
+        k_idx = min(k, n_idx - len(excl_idx))
+        s, r = idx.search_rows(qv, k_idx, exclude=[excl_idx])
+        s, r = s[0], r[0]
+        if g.added is not None and len(g.added):
+            qq = as_vectors(qv, "query", idx.metric, dim=idx.dim)
+            sa = exact_scores(qq, g.added)[0]
+            ra = np.arange(n_idx, n_idx + len(sa), dtype=np.int64)
+            if exclude is not None and exclude >= n_idx:
+                keep = ra != exclude
+                sa, ra = sa[keep], ra[keep]
+            s, r = topk_rows(np.concatenate([s, sa]), np.concatenate([r, ra]), k)
+        return s, r
+
+    # ---- additions -----------------------------------------------------------------------------------------------
+    def add_images(self, files: Sequence[tuple[bytes, str]]) -> list[dict[str, Any]]:
+        """Add uploaded images (bytes, and the name a client gave, used only in messages) to the gallery without
+        a rebuild. Each gets the id ``added/<first 16 hex digits of its sha256>``; an image already in the gallery
+        (same bytes) is not added twice and its existing id is returned. The bytes are kept under the server's
+        upload folder, named by their hash (never by a client's name)."""
+        if not files:
+            raise ServeError("no images given: send one or more files in the form field 'images'")
+        if len(files) > self.limits.max_add_files:
+            raise ServeError(f"{len(files)} files in one request, above the limit of {self.limits.max_add_files}")
+        decoded = []
+        for i, (data, name) in enumerate(files):
+            label = f"image {i + 1} ({name[:60]})" if name else f"image {i + 1}"
+            decoded.append((data, hashlib.sha256(data).hexdigest(), self.decode_upload(data, label)))
+        if self._upload_dir is None:
+            raise ServeError("this server keeps no upload folder: adding images is switched off", 400)
+        with self._add_lock:
+            g = self._g
+            out: list[dict[str, Any]] = []
+            new: list[tuple[str, Path, str, Image.Image]] = []
+            seen: dict[str, str] = {}
+            for data, digest, image in decoded:
+                if digest in g.row_of_hash:
+                    out.append({"id": g.ids[g.row_of_hash[digest]], "added": False})
+                    continue
+                if digest in seen:
+                    out.append({"id": seen[digest], "added": False})
+                    continue
+                image_id = f"added/{digest[:16]}"
+                suffix = _suffix_of(image)
+                path = self._upload_dir / f"{digest}{suffix}"
+                _write_once(path, data)
+                new.append((image_id, path, digest, image))
+                seen[digest] = image_id
+                out.append({"id": image_id, "added": True})
+            if new:
+                feats = self.model.image_features([im for *_, im in new])
+                with torch.no_grad():
+                    emb = self.method.encode_gallery(feats)
+                self._g = _extend(g, [n[0] for n in new], [n[1] for n in new], [n[2] for n in new], emb)
+                log.info("added %d image(s); the gallery holds %d", len(new), len(self._g))
+            return out
+
+
+def _iso(t: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(t))
+
+
+def _suffix_of(image: Image.Image) -> str:
+    fmt = (image.format or "").lower()
+    return {"jpeg": ".jpg", "png": ".png", "webp": ".webp", "gif": ".gif", "bmp": ".bmp", "tiff": ".tif"}.get(fmt, ".img")
+
+
+def _write_once(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` unless it already holds it (content-addressed: the same name is the same bytes)."""
+    if path.is_file():
+        return
+    tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
+
+
+def _extend(g: _Gallery, ids: list[str], paths: list[Path], hashes: list[str], emb: Embedding) -> _Gallery:
+    n = len(g)
+    row_of = dict(g.row_of)
+    row_of.update({i: n + j for j, i in enumerate(ids)})
+    row_of_hash = dict(g.row_of_hash)
+    row_of_hash.update({h: n + j for j, h in enumerate(hashes)})
+    base = replace(g, ids=[*g.ids, *ids], paths=[*g.paths, *paths], hashes=[*g.hashes, *hashes], row_of=row_of,
+                   row_of_hash=row_of_hash)
+    if g.emb is not None:
+        base.emb = cat_embeddings([g.emb, emb])
+        return base
+    assert g.index is not None
+    v = as_vectors(emb.float().numpy(), "added embeddings", g.index.metric, dim=g.index.dim)
+    base.added = v if g.added is None else np.concatenate([g.added, v])
+    return base
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# loading
+
+
+def _hashes(paths: Sequence[Path], threads: int) -> list[str | None]:
+    with ThreadPoolExecutor(max(1, threads)) as pool:
+        return list(pool.map(file_sha256, paths))
+
+
+def _gallery(ids: list[str], paths: list[Path], hashes: list[str | None], **kw: Any) -> _Gallery:
+    row_of_hash: dict[str, int] = {}
+    for i, h in enumerate(hashes):
+        if h is not None:
+            row_of_hash.setdefault(h, i)  # duplicate files: the first row stands for the content
+    return _Gallery(ids, paths, hashes, {name: i for i, name in enumerate(ids)}, row_of_hash, **kw)
+
+
+def load_catalog(target: Path, images: Path | None = None, *, cache_dir: Path | None = None,
+                 backbone_dirs: Sequence[Path] = (), allow_download: bool = False, limits: Limits | None = None,
+                 upload_dir: Path | None = None, threads: int = 1, progress: bool = False,
+                 say: Callable[[str], None] = log.info) -> Catalog:
+    """Load a checkpoint (with ``images``, a folder) or an index directory as a :class:`Catalog` (module doc)."""
+    t0 = time.perf_counter()
+    target = Path(target)
+    if (target / META_FILE).is_file():
+        if images is not None:
+            raise CirfusionError(f"{target} is an index: its gallery is fixed when it is built (--images applies to a "
+                                 "checkpoint)")
+        return _load_index_catalog(target, backbone_dirs, allow_download, limits, upload_dir, threads, say, t0)
+    if not (target / "config.json").is_file():
+        raise CirfusionError(f"{target}: neither an index directory (no {META_FILE}) nor a checkpoint directory "
+                             "(no config.json)")
+    if images is None:
+        raise CirfusionError(f"{target} is a checkpoint: name the gallery to serve with --images DIR (or serve an "
+                             "index built by `cirfusion index build`)")
+    model = _load_model(target, backbone_dirs, allow_download)
+    folder = Path(images)
+    if not folder.is_dir():
+        raise DataError(folder, None, "image folder not found" if not folder.exists() else "not a directory")
+    found = _gallery_from_folder(folder)
+    if len(found) == 0:
+        raise DataError(folder, None, f"image folder is empty: no image files ({', '.join(IMAGE_SUFFIXES)}) found")
+    ids, paths = list(found.ids), [Path(p).resolve() for p in found.paths]
+    cache = FeatureCache(model.backbone, cache_dir or _default_cache_dir())
+    table = cache.image_features(ids, paths, progress=progress)
+    no_texts = SimpleNamespace(global_=np.zeros((0, model.backbone.text_dim), np.float16))
+    with torch.no_grad():
+        emb = encode_gallery(model.method, FeatureView(table, no_texts), ids)
+    hashes: list[str | None] = list(table.hashes)
+    source = {"source": "images", "root": str(folder.resolve())}
+    if uses_default_similarity(model.method) and isinstance(emb, torch.Tensor):
+        index = build_index(emb.float().numpy(), ids, "exact", "ip", threads=1)
+        gallery = _gallery(ids, paths, hashes, index=index)
+        how = "an exact in-memory index"
+    else:
+        gallery = _gallery(ids, paths, hashes, emb=emb)
+        how = "exact scoring through the model (every query scores the whole gallery)"
+    took = time.perf_counter() - t0
+    say(f"loaded {model.config['method']} ({target}, backbone {model.backbone_id}) and {len(ids)} images from "
+        f"{folder} in {took:.1f} s; searching by {how}")
+    return Catalog(model, gallery, source, limits=limits, feature_table=table, upload_dir=upload_dir,
+                   build_seconds=took)
+
+
+def _load_index_catalog(target: Path, backbone_dirs: Sequence[Path], allow_download: bool, limits: Limits | None,
+                        upload_dir: Path | None, threads: int, say: Callable[[str], None], t0: float) -> Catalog:
+    index = load_index(target, threads=1)
+    meta = index.meta
+    rec = meta.get("checkpoint") if isinstance(meta.get("checkpoint"), dict) else {}
+    if not rec or not rec.get("path"):
+        raise CirfusionError(f"{target / META_FILE}: the index records no checkpoint (not built by `cirfusion index "
+                             "build`)")
+    ckpt = Path(rec["path"])
+    if not ckpt.is_dir():
+        raise CirfusionError(f"{ckpt}: the checkpoint recorded in {target / META_FILE} is not there")
+    model = _load_model(ckpt, backbone_dirs, allow_download)
+    paths_meta = meta.get("paths")
+    if not isinstance(paths_meta, list) or len(paths_meta) != len(index):
+        raise CirfusionError(f"{target / META_FILE}: the index records no image path per id, so images cannot be shown")
+    paths = [Path(p) for p in paths_meta]
+    hashes = _hashes(paths, threads=4)
+    gallery = _gallery(list(index.ids), paths, hashes, index=index)
+    took = time.perf_counter() - t0
+    say(f"loaded index {target} ({index.kind}, {len(index)} images) with {model.config['method']} ({ckpt}, backbone "
+        f"{model.backbone_id}) in {took:.1f} s")
+    return Catalog(model, gallery, {"source": "index", "index": str(target.resolve()), "kind": index.kind},
+                   limits=limits, upload_dir=upload_dir, build_seconds=took)
+
+
+def _load_model(path: Path, backbone_dirs: Sequence[Path], allow_download: bool) -> CIRModel:
+    model = load(path, backbone_dirs=backbone_dirs, allow_download=allow_download)
+    model.backbone  # noqa: B018 -- built now, so a backbone it may not read fails at start-up, not on a request
+    return model
+
+
+def _default_cache_dir() -> Path:
+    env = os.environ.get("CIRFUSION_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "cirfusion" / "features"
+
+
+__all__ = ["Catalog", "Hit", "Limits", "SearchResult", "ServeError", "load_catalog"]
