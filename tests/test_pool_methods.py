@@ -305,7 +305,7 @@ def test_sprc_gallery_is_multi_vector_and_scores_are_max_sim(backbone_dims):
 
 def test_sprc_alignment_loss_ties_prompt_to_target():
     dims = toy_dims()
-    m = small("sprc")
+    m = small("sprc", rtc_weight=0.0, align_weight=0.0, target_align_weight=0.5)  # cirfusion's own term (opt-in)
     batch = random_batch(dims)
     prompt, t, pad = m.prompt(batch.ref, batch.text)
     assert prompt.shape == (6, 3, 32)
@@ -319,7 +319,7 @@ def test_sprc_alignment_loss_ties_prompt_to_target():
     assert m.prompt_head.weight.grad is not None and m.queries.grad is not None
     assert m.image_head.weight.grad is None
     _, logs = m.loss(batch)
-    assert logs["loss"] == pytest.approx(logs["loss_contrastive"] + 0.5 * logs["loss_align"], rel=1e-5)
+    assert logs["loss"] == pytest.approx(logs["loss_itc"] + 0.5 * logs["loss_target_align"], rel=1e-5)
     # the query depends on the reference image only through the prompt: text tokens never cross-attend
     m.eval()
     q = m.encode_query(batch.ref, batch.text)
