@@ -76,14 +76,14 @@ def test_fixed_logit_scale_of_100():
     dims = EMBEDDED
     fixed = create_method("clip4cir", dims, logit_scale="fixed", **SMALL).eval()
     assert "logit_scale" not in dict(fixed.named_parameters())
-    assert float(fixed.scale()) == 100.0
+    assert float(fixed.scale()) == pytest.approx(100.0)
     b = batch(dims)
     loss, logs = fixed.loss(b)
     q = fixed.encode_query(b.ref, b.text)
     g = fixed.encode_gallery(b.target)
     assert float(loss) == pytest.approx(float(F.cross_entropy(100.0 * q @ g.T, torch.arange(len(b)))), rel=1e-5)
-    assert logs["scale"] == 100.0
-    assert float(create_method("clip4cir", dims, logit_scale="fixed", fixed_scale=50.0, **SMALL).scale()) == 50.0
+    assert logs["scale"] == pytest.approx(100.0)
+    assert float(create_method("clip4cir", dims, logit_scale="fixed", fixed_scale=50.0, **SMALL).scale()) == pytest.approx(50.0)
     learned = create_method("clip4cir", dims, **SMALL)  # the default stays the learned scale
     assert isinstance(learned.logit_scale, torch.nn.Parameter)
     assert float(learned.scale()) == pytest.approx(20.0)
@@ -98,7 +98,18 @@ def test_fixed_scale_checkpoint_round_trip(tmp_path):
     save_checkpoint(m, tmp_path / "ck")
     m2 = load_checkpoint(tmp_path / "ck")
     ref, text = feats(HF_CLIP, 3)
-    assert float(m2.scale()) == 100.0 and torch.equal(m2.encode_query(ref, text), m.encode_query(ref, text))
+    assert float(m2.scale()) == pytest.approx(100.0) and torch.equal(m2.encode_query(ref, text), m.encode_query(ref, text))
+
+
+def test_both_scale_modes_share_one_checkpoint_layout():
+    fixed = create_method("clip4cir", EMBEDDED, logit_scale="fixed", **SMALL)
+    learned = create_method("clip4cir", EMBEDDED, **SMALL)
+    assert set(fixed.state_dict()) == set(learned.state_dict())
+    fixed.load_state_dict(learned.state_dict())  # e.g. a checkpoint trained with the learned scale
+    assert float(fixed.scale()) == pytest.approx(20.0)  # its stored scale, now held constant
+    batch_ = batch(EMBEDDED)
+    fixed.train().loss(batch_)[0].backward()
+    assert "logit_scale" not in {n for n, p in fixed.named_parameters() if p.grad is not None}
 
 
 def test_combiner_module_is_the_methods_combiner():

@@ -61,6 +61,7 @@ FashionIQ caption randomisation    elsewhere the dataset loaders' text policy, n
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
@@ -139,7 +140,8 @@ class Clip4CirParams:
     token_dropout: float = hparam(0.1, "TokenEncoder dropout")
     logit_scale_init: float = hparam(20.0, "initial InfoNCE logit scale (logit_scale=learned)")
     logit_scale: Literal["learned", "fixed"] = hparam(
-        "learned", "learned: a CLIP-style learned scale from logit_scale_init, clamped at 100; fixed: fixed_scale throughout, as the original")
+        "learned", "learned: a CLIP-style learned scale from logit_scale_init, clamped at 100; fixed: a constant, fixed_scale, as the original (stored as a buffer under the same name, so "
+        "a checkpoint of either mode loads into the other)")
     fixed_scale: float = hparam(100.0, "the logit scale when logit_scale=fixed (the original: 100)")
 
 
@@ -186,11 +188,9 @@ class CLIP4CIR(CIRMethod):
         _add_combiner_layers(self, d, h.projection_dim, h.hidden_dim, h.dropout)
         if h.logit_scale == "learned":
             self.init_logit_scale(h.logit_scale_init)
-
-    def scale(self) -> torch.Tensor:
-        if self.params.logit_scale == "fixed":
-            return torch.tensor(float(self.params.fixed_scale))
-        return super().scale()
+        else:  # a constant under the learned scale's name: checkpoints of both modes have one layout
+            self.register_buffer("logit_scale", torch.tensor(math.log(h.fixed_scale)))
+            self._max_log_scale = math.log(max(100.0, h.fixed_scale))
 
     def _image(self, img: ImageFeatures) -> torch.Tensor:
         if self.uses_image_tokens:
