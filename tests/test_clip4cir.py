@@ -84,7 +84,8 @@ def test_fixed_logit_scale_of_100():
     assert float(loss) == pytest.approx(float(F.cross_entropy(100.0 * q @ g.T, torch.arange(len(b)))), rel=1e-5)
     assert logs["scale"] == pytest.approx(100.0)
     assert float(create_method("clip4cir", dims, logit_scale="fixed", fixed_scale=50.0, **SMALL).scale()) == pytest.approx(50.0)
-    learned = create_method("clip4cir", dims, **SMALL)  # the default stays the learned scale
+    assert create_method("clip4cir", dims, **SMALL).params.logit_scale == "fixed"  # the default, chosen on val
+    learned = create_method("clip4cir", dims, logit_scale="learned", **SMALL)
     assert isinstance(learned.logit_scale, torch.nn.Parameter)
     assert float(learned.scale()) == pytest.approx(20.0)
     with pytest.raises(HyperParameterError, match="fixed_scale"):
@@ -103,7 +104,7 @@ def test_fixed_scale_checkpoint_round_trip(tmp_path):
 
 def test_both_scale_modes_share_one_checkpoint_layout():
     fixed = create_method("clip4cir", EMBEDDED, logit_scale="fixed", **SMALL)
-    learned = create_method("clip4cir", EMBEDDED, **SMALL)
+    learned = create_method("clip4cir", EMBEDDED, logit_scale="learned", **SMALL)
     assert set(fixed.state_dict()) == set(learned.state_dict())
     fixed.load_state_dict(learned.state_dict())  # e.g. a checkpoint trained with the learned scale
     assert float(fixed.scale()) == pytest.approx(20.0)  # its stored scale, now held constant
