@@ -214,8 +214,10 @@ OLD_DEFAULTS["blip4cir-bi"] = {**OLD_DEFAULTS["blip4cir"], "bi_weight": 0.3}
 @pytest.mark.parametrize("name", sorted(OLD_DEFAULTS))
 def test_old_checkpoint_hparams_still_load(name, tmp_path):
     dims = toy_dims()
-    m = create_method(name, dims)
-    assert m.hparams == OLD_DEFAULTS[name]  # the same names and defaults as before
+    # Every old name is still accepted; defaults may have changed since (issue 9), so the model is built with the
+    # old values and an old config (which lacks the newer names) must load to the same parameters.
+    m = create_method(name, dims, **OLD_DEFAULTS[name])
+    assert {k: m.hparams[k] for k in OLD_DEFAULTS[name]} == OLD_DEFAULTS[name]
     save_checkpoint(m, tmp_path / "ck")
     cfg_path = tmp_path / "ck" / "config.json"
     cfg = json.loads(cfg_path.read_text())
@@ -312,7 +314,7 @@ def test_clip4cir_structure():
     # Token encoder (the default): the image vector depends on the tokens (and on their positions); aligned
     # backbones then get learned projections on both sides too.
     mt = create_method("clip4cir", dims, embed_dim=16, token_width=32, token_heads=2).eval()
-    assert isinstance(create_method("clip4cir", toy_dims(aligned=True)).text_proj, torch.nn.Linear)
+    assert isinstance(create_method("clip4cir", toy_dims(aligned=True), image_encoder="tokens").text_proj, torch.nn.Linear)
     assert mt.uses_image_tokens and not m.uses_image_tokens
     a = mt.encode_gallery(ref)
     swapped = ImageFeatures(global_=ref.global_, tokens=ref.tokens.flip(1))
