@@ -536,7 +536,8 @@ class _Builder:
             if w & lx.REMOVE_PREPS:
                 role[ch.start] = ("remove", None)
             elif prev is not None and prev in primary and (
-                    (kind == "replace" and self.tail[-1:] in (["with"], ["by"], ["for"], ["to"], ["into"])) or
+                    (kind == "replace" and (self.tail[-1:] in (["with"], ["by"], ["for"], ["to"], ["into"]) or bool(
+                        w & {"with", "by", "for"}) and not any(p.kind == "place" for p in places))) or
                     (kind == "change" and (self.tail in (["into"], ["to"]) and v is not None and v.lemma in (
                         "change", "turn", "transform", "convert", "switch", "alter") and ch.det != "the" or (
                         self.tail == ["as"] or not self.tail and v is not None and v.lemma in ("make", "turn")) and nxt_det)) or
