@@ -25,7 +25,7 @@ _DEFAULT: dict[str, Parser] = {}
 
 def get_parser(name: str = "rules", **options: Any) -> Parser:
     """A new parser of backend ``name`` (``cirfusion.parsing.PARSERS.names()``), built with ``options``."""
-    return PARSERS.get(name)(**options)  # type: ignore[no-any-return]
+    return PARSERS.get(name)(**options)
 
 
 def _default() -> Parser:

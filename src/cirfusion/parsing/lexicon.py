@@ -43,24 +43,24 @@ THING_PROPERTY_NOUNS = frozenset({"shape", "style", "cut"})
 # Nouns naming the picture itself, not something in it.
 META_NOUNS = frozenset({"image", "picture", "photo", "photograph", "pic", "shot", "view", "scene", "version",
                         "target", "reference", "angle", "close", "closeup", "perspective", "frame", "match", "presence",
-                        "addition", "focus", "effect", "zoom", "shot", "backdrop_of",
+                        "addition", "focus", "effect", "zoom", "backdrop_of",
                         "same", "thing", "stuff", "kind", "lot", "bit", "difference", "instead"})
 # "a group of dogs" -> dog: the noun after "of" is the entity.
 PARTITIVE_NOUNS = frozenset({"breed", "species", "body", "presence", "group", "pair", "couple", "bunch", "set", "pack", "herd", "flock", "collection",
                              "number", "lot", "lots", "pile", "stack", "row", "kind", "type", "sort", "variety",
                              "piece", "slice", "close", "closeup", "picture", "image", "photo", "view", "shot",
-                             "amount", "plenty", "few", "couple", "bowl", "cup", "glass", "plate"})
+                             "amount", "plenty", "few", "bowl", "cup", "glass", "plate"})
 # The partitives whose "of" noun is the entity and which are not entities themselves (a bowl of soup keeps both).
 PURE_PARTITIVES = PARTITIVE_NOUNS - {"bowl", "cup", "glass", "plate", "pile", "stack", "row"}
 # Modifiers that quantify or point rather than describe.
 NON_ATTRIBUTES = frozenset({"other", "another", "same", "different", "similar", "extra", "additional", "only", "single",
                             "more", "less", "few", "several", "many", "much", "whole", "entire", "certain", "such",
-                            "new", "own", "various", "own", "main", "actual", "overall", "general", "very", "exact",
+                            "new", "own", "various", "main", "actual", "overall", "general", "very", "exact",
                             "identical", "left", "right", "top", "bottom", "middle", "center", "centre", "front",
                             "back", "second", "first", "third", "last", "next", "previous", "current", "original",
                             "instead", "also", "just", "too", "so", "rather", "both", "all", "some", "any", "each",
-                            "every", "no", "same", "like", "rid", "away", "else", "different", "one", "possible", "visible", "present", "shown",
-                            "pictured", "related", "certain", "n't", "not", "most", "least", "mostly", "slightly",
+                            "every", "no", "like", "rid", "away", "else", "one", "possible", "visible", "present", "shown",
+                            "pictured", "related", "n't", "not", "most", "least", "mostly", "slightly",
                             "little_bit", "somewhat", "quite", "really", "fairly", "pretty", "bit", "lot"})
 # Adverbs kept in front of an adjective: "more fitted", "less busy", "light blue".
 GRADERS = frozenset({"more", "less", "light", "dark", "bright", "pale", "deep", "lighter", "darker", "much_more"})

