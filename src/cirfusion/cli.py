@@ -43,6 +43,8 @@ COMMANDS: tuple[Command, ...] = (
             "top-k gallery images for a reference image + text (index or checkpoint)"),
     Command("serve", "cirfusion.commands.serve",
             "a JSON API and a web page for searching a catalog (checkpoint + folder, or index)"),
+    Command("parse", "cirfusion.commands.parse",
+            "parse modification texts into scene graphs (entities, attributes, relations, edits)"),
 )
 
 # OSErrors that are about the user's files or machine, not about cirfusion: reported in one line, exit 2.
