@@ -58,9 +58,9 @@ def batch(n: int = 6, seed: int = 0, hard: int = 0) -> Batch:
 
 # parameter groups, by name prefix
 GROUPS = {
-    "image_in": ("image_global", "image_local"),
+    "image_in": ("image_global", "image_local", "image_pos"),
     "text_in": ("text_global", "text_local"),
-    "shared_tokens": ("masks", "token_learner"),
+    "shared_tokens": ("masks", "token_learner", "token_encoder"),
     "student_gate": ("remain",),
     "teacher_gates": ("teacher",),
     "token_weight": ("token_weight",),
@@ -185,7 +185,7 @@ def test_tokens_are_masked_globals_then_tokenlearner_locals():
     assert tok.shape == (6, 2 + 3, 16)
     g = m.image_global(b.ref.global_)
     assert torch.allclose(tok[:, :2], F.relu(m.masks)[None] * g[:, None])
-    x = m.image_local(b.ref.tokens)
+    x = m.token_encoder(m.image_local(b.ref.tokens) + m.image_pos)  # projection, positions, the shared encoder
     w = torch.sigmoid(m.token_learner.score(x))  # [B, L, Q]
     assert torch.allclose(tok[:, 2:], torch.stack([(w[..., s:s + 1] * x).mean(1) for s in range(3)], 1), atol=1e-6)
     # the original's initialisation: 0.1 everywhere, 1 on each mask's own block of D / P dimensions
@@ -206,8 +206,9 @@ def test_text_tokens_average_real_tokens_only():
                           mask=b.text.mask)
     assert torch.allclose(m.text_tokens(longer), t, atol=1e-6)
     assert torch.equal(t[0, 2:], torch.zeros(3, 16))  # text 0 has no real token
-    x, mask = m.text_local(b.text.tokens[1:2]), b.text.mask[1]
-    manual = (torch.sigmoid(m.token_learner.score(x[:, mask]))[..., 0:1] * x[:, mask]).mean(1)
+    mask = b.text.mask[1]
+    x = m.token_encoder(m.text_local(b.text.tokens[1:2, mask]))  # the same encoder, over the real tokens alone
+    manual = (torch.sigmoid(m.token_learner.score(x))[..., 0:1] * x).mean(1)
     assert torch.allclose(t[1, 2], manual[0], atol=1e-6)
     assert isinstance(m.token_learner, TokenLearner) and not any("text_masks" in n for n, _ in m.named_parameters())
 
@@ -237,9 +238,9 @@ def test_hard_negatives_widen_both_nce_terms_only():
     plain, hard = batch(), batch(hard=3)
     a, b_ = m.terms(plain), m.terms(hard)
     for k in ("student", "teacher"):
-        assert float(b_[k]) > float(a[k])
+        assert float(b_[k].detach()) > float(a[k].detach())
     for k in ("mask_sum", "ortho", "mask_distill", "kl"):
-        assert float(b_[k]) == pytest.approx(float(a[k]), rel=1e-6)
+        assert float(b_[k].detach()) == pytest.approx(float(a[k].detach()), rel=1e-6)
 
 
 def test_inference_never_touches_teacher_token_weights_or_target():

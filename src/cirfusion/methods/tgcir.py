@@ -10,7 +10,8 @@ Tokens (one function for the reference, the target and any gallery image; the ma
 by image and text, as in the original ``Backbone``)::
 
     global tokens   g_p  = relu(M_p) * W_g(global feature)               p = 1..P, learned masks M [P, D]
-    local tokens    l_s  = mean_n sigmoid(a_s . x_n) x_n,  x = W_l(tokens) s = 1..Q, TokenLearner over the token map
+    token map       x    = Enc(W_l(tokens) [+ positions])                 Enc: ``encoder_layers`` transformer blocks
+    local tokens    l_s  = mean_n sigmoid(a_s . x_n) x_n                  s = 1..Q, TokenLearner over the token map
     tokens(.)       = [g_1..g_P; l_1..l_Q]                                 [B, P+Q, D]
 
     M starts at 0.1 with a block of 1 on dimensions p*D/P .. (p+1)*D/P (the original's initialisation).
@@ -35,8 +36,9 @@ Loss (``train.py``: ``stu_rank + lambda tea_rank + eta tea_mask + mu ortho + nu 
       + kl_weight           (kappa = 0.5)  KL(softmax(sg(y_T y_T') / tau) || softmax(query v' / tau)), tau = 0.1
 
 NCE is cross-entropy over the in-batch targets (plus any mined hard negatives) with one learned logit scale shared
-by the student and the teacher (the original's ``loss_T``, initialised at 10). All six terms train the same small
-modules here: the masks, the TokenLearner, the input projections, the remain/replace MLPs, ``w`` and the scale.
+by the student and the teacher (the original's ``loss_T``, initialised at 10). None of these terms reaches a feature
+extractor: the backbone is frozen and its features cached, so all six train this module's own layers (projections,
+token encoders, masks, TokenLearner, remain/replace MLPs, ``w``, the scale).
 
 Point by point against the original (ViT-B/16, its default ``--img_encoder``):
 
@@ -51,6 +53,11 @@ Q local tokens: TokenLearner (sigmoid          follows     ``TokenLearner``/``Sp
 text local tokens averaged over real tokens    differs     the original averages all 77 CLIP positions; cached text tokens
   only                                                       are padded to the cache's length, so padding would make a
                                                              query depend on that length. Real tokens only.
+token encoder: ``encoder_layers`` pre-norm     differs     stand-in for the original's fine-tuning of CLIP (lr 1e-5): with
+  transformer blocks per modality over the                   frozen features and no such blocks the model is nearly linear
+  projected token map, learned image                         in the cached features. Image positions: the original's ViT
+  positions                                                  tokens carry position, cached grid tokens do not. Chosen on
+                                                             synthetic val (see below)
 global feature = frozen cached global,         differs     the original fine-tunes CLIP (lr 1e-5) and applies the masks to
   projected by a learned Linear                              CLIP's 512-d projected feature; here the backbone is frozen
                                                              and cached and image/text globals differ in size, so W_g
@@ -158,6 +165,11 @@ class TgCirParams:
     kl_weight: float = hparam(0.5, "kappa: weight of KL(target-target || student query-target similarities)")
     kl_tau: float = hparam(0.1, "tau: temperature of that KL")
     logit_scale_init: float = hparam(10.0, "initial NCE logit scale (learned, shared by student and teacher)")
+    encoder_layers: int = hparam(1, "transformer blocks (shared by image and text) over the token maps before the "
+                                    "TokenLearner: a trainable stand-in for the original's fine-tuned CLIP layers")
+    heads: int = hparam(4, "attention heads of those blocks")
+    image_positions: bool = hparam(True, "learned position embeddings on the image token map before the TokenLearner "
+                                         "(the original's ViT tokens carry position; cached grid tokens do not)")
 
 
 # loss term -> the hyper-parameter that weighs it (the student's NCE has weight 1, as in the original)
@@ -190,6 +202,9 @@ class TGCIR(CIRMethod):
         if h.global_tokens < 0 or h.local_tokens < 0 or h.global_tokens + h.local_tokens < 1:
             raise HyperParameterError(f"{self.method_name}: global_tokens and local_tokens must be >= 0 with at least "
                                       f"one token, got {h.global_tokens} and {h.local_tokens}")
+        if h.encoder_layers < 0 or h.heads < 1 or h.embed_dim % h.heads:
+            raise HyperParameterError(f"{self.method_name}: need encoder_layers >= 0 and embed_dim divisible by heads, "
+                                      f"got {h.encoder_layers}, {h.embed_dim} and {h.heads}")
         if h.global_tokens > h.embed_dim:
             raise HyperParameterError(f"{self.method_name}: global_tokens {h.global_tokens} > embed_dim {h.embed_dim} "
                                       "(each mask starts on its own block of dimensions)")
@@ -199,6 +214,10 @@ class TGCIR(CIRMethod):
         self.image_global = nn.Linear(dims.image_dim, d)
         self.text_global = nn.Linear(dims.text_dim, d)
         self.image_local = nn.Linear(dims.image_token_dim, d)  # the original's fc
+        self.image_pos: nn.Parameter | None = None
+        if h.image_positions:
+            self.image_pos = nn.Parameter(torch.zeros(1, dims.num_image_tokens, d))
+            nn.init.trunc_normal_(self.image_pos, std=0.02)
         self.text_local = nn.Linear(dims.text_token_dim, d)  # the original's text_fc
         masks = torch.full((p, d), 0.1)
         block = d // p if p else 0
@@ -206,10 +225,20 @@ class TGCIR(CIRMethod):
             masks[i, i * block : (i + 1) * block] = 1.0
         self.masks = nn.Parameter(masks)
         self.token_learner = TokenLearner(h.local_tokens, d) if h.local_tokens else None
+        # one token encoder for image and text, shared like the masks and the TokenLearner (half the parameters)
+        self.token_encoder = self._encoder(h.encoder_layers, d, h.heads)
         self.remain = _gate(2 * d, h.width)  # the student's s_remain_map
         self.teacher = nn.ModuleDict({"remain": _gate(2 * d, h.width), "replace": _gate(2 * d, h.width)})
         self.token_weight = nn.Parameter(torch.ones(p + h.local_tokens))  # the original's local_weight
         self.init_logit_scale(h.logit_scale_init)
+
+    @staticmethod
+    def _encoder(layers: int, width: int, heads: int) -> nn.TransformerEncoder | None:
+        if not layers:
+            return None
+        block = nn.TransformerEncoderLayer(width, heads, dim_feedforward=4 * width, dropout=0.0, activation="gelu",
+                                           batch_first=True, norm_first=True)
+        return nn.TransformerEncoder(block, layers, enable_nested_tensor=False)
 
     # ---- tokens -------------------------------------------------------------------------------------------------
     def _tokens(self, global_: torch.Tensor, local: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -224,7 +253,12 @@ class TGCIR(CIRMethod):
         if tok.dim() != 3 or tok.shape[1] != self.dims.num_image_tokens:
             raise ValueError(f"{self.method_name} expects {self.dims.num_image_tokens} image tokens, got shape "
                              f"{tuple(tok.shape)}")
-        return self._tokens(self.image_global(img.global_.float()), self.image_local(tok), None)
+        x = self.image_local(tok)
+        if self.image_pos is not None:
+            x = x + self.image_pos
+        if self.token_encoder is not None:
+            x = self.token_encoder(x)
+        return self._tokens(self.image_global(img.global_.float()), x, None)
 
     def text_tokens(self, text: TextFeatures) -> torch.Tensor:
         """``[B, P+Q, D]`` from the text: the same masks and TokenLearner, over its real (unpadded) tokens."""
@@ -232,8 +266,12 @@ class TGCIR(CIRMethod):
         if text.tokens.shape[1] > self.dims.max_text_tokens:
             raise ValueError(f"{self.method_name}: {text.tokens.shape[1]} text tokens, the backbone gives at most "
                              f"{self.dims.max_text_tokens}")
-        return self._tokens(self.text_global(text.global_.float()), self.text_local(text.tokens.float()),
-                            text.mask.bool())
+        x, mask = self.text_local(text.tokens.float()), text.mask.bool()
+        if self.token_encoder is not None:
+            pad = ~mask
+            pad[~mask.any(dim=1)] = False  # an all-padding text: attend over its padding (NaN otherwise); the
+            x = self.token_encoder(x, src_key_padding_mask=pad)  # TokenLearner ignores it anyway
+        return self._tokens(self.text_global(text.global_.float()), x, mask)
 
     @staticmethod
     def pool(tokens: torch.Tensor) -> torch.Tensor:
