@@ -95,9 +95,11 @@ Measured on the synthetic benchmark's **val** split (``cirfusion train tg-cir --
 --epochs 4``, seed 0, best epoch; Rmean / R@10 / Rsubset@1): the original's design on frozen features
 (``encoder_layers=0``) reached 17.1 / 32.4 / 16.9; with the student's NCE alone 19.4 / 34.5 / 18.9, with
 ``teacher_weight=0`` 19.7 / 32.8 / 19.2 (the teacher's NCE, whose flattened 12-token logits reach 12x the student's,
-costs the student most); one encoder block per modality 20.3 / 39.1 / 18.8, hence ``encoder_layers=1`` (one block
-shared by image and text, within the pool's 2 M-parameter budget). The pre-issue-9 TG-CIR (a gated residual MLP
-composition, not the paper's) reached 22.3 / 47.7 / 16.8 under the same command. The paper's loss weights are kept.
+costs the student most); one encoder block per modality 20.3 / 39.1 / 18.8 (2.5 M parameters on ``embedded``, over
+the pool's 2 M budget); one block shared by image and text, the default, 19.1 / 35.6 / 17.6. The pre-issue-9 TG-CIR
+(a gated residual MLP composition, not the paper's) reached 22.3 / 47.7 / 16.8 under the same command: the paper's
+composition, a per-token convex mix of reference and text tokens, is the weaker one on frozen features. The paper's
+loss weights are kept.
 
 ``encode_query(ref, text)`` runs the student only: the teacher's MLPs (``teacher.*``) and ``token_weight`` are never
 read at retrieval.
