@@ -3,12 +3,10 @@
 Per method: forward/backward on the feature shapes of every backbone family (tiny, hf-clip, hf-siglip, hf-blip2,
 embedded), the shared training loop beats image-only on the toy problem, save -> load gives identical scores with
 non-default hyper-parameters; and each paper's specific idea: the Bi loss really uses the reversed direction,
-TG-CIR's inference never touches the teacher or the target, SPRC's gallery is multi-vector with max-sim scores.
+SPRC's gallery is multi-vector with max-sim scores (TG-CIR's own tests are in test_tgcir.py).
 """
 
 from __future__ import annotations
-
-import inspect
 
 import numpy as np
 import pytest
@@ -30,7 +28,7 @@ POOL = ["blip4cir", "blip4cir-bi", "tg-cir", "sprc"]
 SMALL = {  # toy-size hyper-parameters (dropout off: the checks are about the idea, not regularisation)
     "blip4cir": dict(embed_dim=32, width=32, layers=1, dropout=0.0),
     "blip4cir-bi": dict(embed_dim=32, width=32, layers=1, dropout=0.0),
-    "tg-cir": dict(embed_dim=32, width=32, hidden_dim=64, dropout=0.0),
+    "tg-cir": dict(embed_dim=32, width=32, global_tokens=2, local_tokens=4),
     "sprc": dict(embed_dim=32, width=32, layers=1, num_queries=3, dropout=0.0),
 }
 # The embedded backbone's dimensions (EfficientNet-Lite0 at 128 px, stride-16 tokens; MiniLM, 48 text tokens):
@@ -173,7 +171,7 @@ def test_loss_goes_down_and_beats_image_only(name, toy, tmp_path):
 
 @pytest.mark.parametrize("name,hp", [
     ("blip4cir-bi", dict(bi_weight=0.5, layers=2, heads=2)),
-    ("tg-cir", dict(kd_weight=0.3, kd_temperature=1.5, token_layers=1)),
+    ("tg-cir", dict(kl_weight=0.3, kl_tau=0.2, local_tokens=3)),
     ("sprc", dict(num_queries=2, align_weight=0.2, layers=2)),
 ])
 def test_save_load_identical_scores_with_custom_hparams(name, hp, backbone_dims, tmp_path):
@@ -197,8 +195,8 @@ def test_save_load_identical_scores_with_custom_hparams(name, hp, backbone_dims,
 
 
 def test_bad_hparams_are_refused():
-    for name, hp, match in [("blip4cir", {"bi_weight": -1}, "bi_weight"), ("tg-cir", {"kd_temperature": 0}, "kd_temperature"),
-                            ("tg-cir", {"gate_weight": -0.1}, "gate_weight"), ("sprc", {"num_queries": 0}, "num_queries"),
+    for name, hp, match in [("blip4cir", {"bi_weight": -1}, "bi_weight"), ("tg-cir", {"kl_tau": 0}, "kl_tau"),
+                            ("tg-cir", {"mask_distill_weight": -0.1}, "mask_distill_weight"), ("sprc", {"num_queries": 0}, "num_queries"),
                             ("sprc", {"width": 30, "heads": 4}, "divisible")]:
         with pytest.raises(ValueError, match=match):
             create_method(name, toy_dims(), **hp)
@@ -246,50 +244,6 @@ def test_bi_reverse_loss_masks_duplicate_references():
     logits[0, 1] = logits[1, 0] = float("-inf")
     expect = F.cross_entropy(logits, torch.arange(4))
     assert float(bi.reverse_info_nce(q, refs, batch)) == pytest.approx(float(expect), rel=1e-5)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-def test_tgcir_inference_never_touches_teacher_or_target():
-    m = small("tg-cir")
-    assert list(inspect.signature(m.encode_query).parameters) == ["ref", "text"]
-    batch = random_batch(toy_dims())
-    q = m.encode_query(batch.ref, batch.text)
-    q.sum().backward()
-    teacher = [n for n, _ in m.named_parameters() if n.startswith("teacher.")]
-    assert teacher and all(p.grad is None for n, p in m.named_parameters() if n.startswith("teacher."))
-    assert all(mod[0].weight.grad is not None for mod in (m.gate, m.residual_gate, m.residual))
-    # the training loss does train the teacher, and the teacher reads the target
-    m.zero_grad()
-    loss, logs = m.loss(batch)
-    loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in m.named_parameters() if n.startswith("teacher."))
-    assert {"loss_student", "loss_teacher", "loss_kd", "loss_gate"} <= set(logs)
-    m.eval()
-    i, h = m.features(batch.ref, batch.text)
-    _, _, r = m.student(i, h)
-    v1, v2 = m.encode_gallery(batch.target), m.encode_gallery(batch.ref)
-    assert not torch.allclose(m.teacher_query(i, h, r, v1)[0], m.teacher_query(i, h, r, v2)[0])
-
-
-def test_tgcir_loss_weights_and_distillation():
-    m = small("tg-cir").eval()
-    batch = random_batch(toy_dims())
-    _, logs = m.loss(batch)
-    expect = logs["loss_student"] + logs["loss_teacher"] + logs["loss_kd"] + logs["loss_gate"]
-    assert logs["loss"] == pytest.approx(expect, rel=1e-5)
-    m2 = small("tg-cir", teacher_weight=0.0, kd_weight=0.0, gate_weight=0.0).eval()
-    _, logs2 = m2.loss(batch)
-    assert logs2["loss"] == pytest.approx(logs2["loss_student"], rel=1e-6)
-    # distill() is tau^2 * KL(teacher || student); masked (-inf) columns are ignored, not NaN
-    s, t = torch.randn(3, 5), torch.randn(3, 5)
-    kl = F.kl_div(F.log_softmax(s / 2, -1), F.softmax(t / 2, -1), reduction="batchmean") * 4
-    assert float(m.distill(s, t, 2.0)) == pytest.approx(float(kl), rel=1e-5)
-    s[0, 1] = t[0, 1] = float("-inf")
-    s.requires_grad_(True)
-    d = m.distill(s, t, 2.0)
-    d.backward()
-    assert torch.isfinite(d) and torch.isfinite(s.grad).all()
-    assert float(m.distill(t.clone(), t, 1.0)) == pytest.approx(0.0, abs=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
