@@ -556,12 +556,12 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     capsys.readouterr()
     ck = [str(tmp_path / n / "best") for n in runs]
     out = tmp_path / "fused"
-    # the default splits: fitted on val (a fifth of it held out to pick the epoch), reported on --split-test
+    # the default splits: fitted on val/fuse (a fifth of it held out to pick the epoch), reported on --split-test
     assert main(["fuse", *ck, *common, "--out", str(out), "--epochs", "1", "--min-steps", "20", "--split-test", "val"]) == 0, \
         capsys.readouterr().err
     assert "2 backbones" in capsys.readouterr().out
     rep = json.loads((out / "metrics.json").read_text())
-    assert rep["splits_used"] == {"fit": "val", "val": None, "test": "val"} and rep["dataset"] == "custom/val"
+    assert rep["splits_used"] == {"fit": "val/fuse", "val": None, "test": "val"} and rep["dataset"] == "custom/val:fuse"
     assert rep["config"]["holdout"] == FU.FusionConfig().holdout > 0 and set(rep["splits"]) == {"test"}
     assert len(rep["training"]["fused"]["steps"]) >= 20 and rep["training"]["fused"]["epochs"][0]["epoch"] == -1
     fused = api.load(out / "best")

@@ -1,0 +1,204 @@
+"""The validation protocol in code (``docs/protocol.md``): which labelled queries each choosing step may read, and
+the record of every choice a run makes (``selection.json``).
+
+**The rule.** Every choice is made on the validation split, never on test; test is read once per reported table.
+The validation split is cut in two *parts* by reference image:
+
+- ``select``: the base models' choices -- the best epoch of each base model, its hyper-parameters, its backbone;
+- ``fuse``: the fusion's labelled queries -- the fusion network is fitted on them, its epoch is picked on a seeded
+  held-out share of them (:attr:`cirfusion.fusion.FusionConfig.holdout`), and the choices above the fusion (pool,
+  fusion settings) are made on the figures the fusion scores on queries of this part it was not fitted on.
+
+A query's part is a pure function of its *reference image id* (a salted SHA-1, compared with ``share``), so the two
+parts share no query and no reference image, the cut does not depend on query order, on the split's size or on any
+seed, and every tool (``cirfusion train``, ``cirfusion fuse``, the quickstart, the benchmarks) cuts the same way.
+Why by reference image and not by query: several queries of one reference image carry correlated errors for every
+base model; keeping them on one side means the fusion's queries are new images to the epoch selection too.
+
+Why the fusion needs its own queries: a base model whose epoch was chosen on some queries scores them slightly better
+than unseen ones (the choice is fitted to their noise), so a fusion fitted on them learns to trust it slightly too
+much -- the same effect, smaller, as fitting the fusion on the bases' training split (see
+:mod:`cirfusion.fusion.fit`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .data.schema import CIRDataset
+from .errors import CirfusionError
+from .io import atomic_write_json
+from .views import SplitData
+
+PARTS = ("select", "fuse")
+ALL = "all"  # the whole split (a split that is not cut, e.g. train or test)
+SELECT_SHARE = 0.5  # share of the reference images whose queries choose for the base models
+_SALT = b"cirfusion/val-part/v1"
+SELECTION_FILE = "selection.json"
+
+
+class ProtocolError(CirfusionError, ValueError):
+    """A split part that does not exist, or a choice recorded without what it was chosen on."""
+
+
+def _check_part(part: str) -> None:
+    if part not in (*PARTS, ALL):
+        raise ProtocolError(f"unknown validation part {part!r}; expected one of {', '.join((*PARTS, ALL))}")
+
+
+def _check_share(share: float) -> None:
+    if not 0 < share < 1:
+        raise ProtocolError(f"select share must be in (0, 1), got {share}")
+
+
+def image_part(image_id: str, share: float = SELECT_SHARE) -> str:
+    """``"select"`` or ``"fuse"``: the part of the validation split that queries with reference ``image_id`` belong
+    to (a salted SHA-1 of the id read as a number in [0, 1), below ``share`` = select)."""
+    _check_share(share)
+    h = hashlib.sha1(_SALT + image_id.encode("utf-8")).digest()
+    u = int.from_bytes(h[:8], "big") / 2.0**64
+    return "select" if u < share else "fuse"
+
+
+def part_rows(dataset: CIRDataset, part: str, share: float = SELECT_SHARE) -> np.ndarray:
+    """The query rows (dataset order) of ``part`` (``"all"``: every row)."""
+    _check_part(part)
+    if part == ALL:
+        return np.arange(len(dataset.queries), dtype=np.int64)
+    return np.array([i for i, q in enumerate(dataset.queries) if image_part(q.reference, share) == part], dtype=np.int64)
+
+
+def dataset_part(dataset: CIRDataset, part: str, share: float = SELECT_SHARE) -> CIRDataset:
+    """The dataset restricted to the queries of ``part`` (same gallery). Its ``split`` becomes ``"val:select"`` (say;
+    a colon, not a slash, keeps ``dataset.key``'s ``name[/category]/split`` form),
+    so a run's manifest records which part chose its epoch (:func:`base_selection` reads it back); ``meta`` records
+    the part and the share. Refused when the part would be empty."""
+    if part == ALL:
+        return dataset
+    rows = part_rows(dataset, part, share)
+    if not len(rows):
+        raise ProtocolError(f"{dataset.key}: no query falls in the {part!r} part (select share {share}); "
+                            f"{len(dataset.queries)} queries in all -- use the whole split ('all') for so few")
+    return dataclasses.replace(dataset, split=f"{dataset.split}:{part}", queries=[dataset.queries[i] for i in rows],
+                               meta={**dataset.meta, "val_part": part, "select_share": share})
+
+
+def data_part(data: SplitData, part: str, share: float = SELECT_SHARE) -> SplitData:
+    """:func:`dataset_part` of a split with its cached features (the feature tables are shared: they cover the whole
+    split's gallery and texts, a superset of what the part reads)."""
+    if part == ALL:
+        return data
+    return SplitData(dataset_part(data.dataset, part, share), data.images, data.texts)
+
+
+def describe_split(split: str, part: str = ALL, holdout: float | None = None) -> str:
+    """How a benchmark names where a figure came from: ``val/fuse``, ``val/fuse (held-out 20 %)``, ``test``."""
+    _check_part(part)
+    s = split if part == ALL else f"{split}/{part}"
+    return s + (f" (held-out {holdout:.0%})" if holdout else "")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# selection.json
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class Choice:
+    """One choice: what was chosen (``value``) among ``candidates``, the split (part) it was chosen on, and the
+    figure(s) behind it (``metric`` on that split for the chosen value and, when known, for each candidate)."""
+
+    name: str
+    value: Any
+    split: str
+    metric: str | None = None
+    figure: float | None = None
+    candidates: dict[str, float] | None = None
+    note: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in dataclasses.asdict(self).items() if v not in (None, "")}
+
+
+class SelectionRecord:
+    """Every choice a run makes, in order, with the validation figure behind it; written to ``selection.json``.
+
+    A choice read from test is refused: the protocol reads test only to report (:meth:`report`)."""
+
+    def __init__(self, protocol: Mapping[str, Any] | None = None) -> None:
+        self.protocol = {"rule": "docs/protocol.md", "parts": list(PARTS), "select_share": SELECT_SHARE,
+                         "cut_by": "reference image id (salted SHA-1)", **dict(protocol or {})}
+        self.choices: list[Choice] = []
+        self.reports: list[dict[str, Any]] = []
+
+    def choose(self, name: str, value: Any, split: str, metric: str | None = None, figure: float | None = None,
+               candidates: Mapping[str, float] | None = None, note: str = "") -> Choice:
+        if not split:
+            raise ProtocolError(f"choice {name!r}: name the split it was made on")
+        if split.split("/")[0].split(" ")[0] == "test":
+            raise ProtocolError(f"choice {name!r} made on {split!r}: every choice is made on validation, test only reports")
+        c = Choice(name, value, split, metric, None if figure is None else float(figure),
+                   None if candidates is None else {str(k): float(v) for k, v in candidates.items()}, note)
+        self.choices.append(c)
+        return c
+
+    def report(self, table: str, split: str, note: str = "") -> None:
+        """Record that ``table`` was read on ``split`` (test once per reported table)."""
+        self.reports.append({"table": table, "split": split, **({"note": note} if note else {})})
+
+    def get(self, name: str) -> Choice:
+        for c in self.choices:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"protocol": self.protocol, "choices": [c.to_dict() for c in self.choices], "reports": self.reports,
+                "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def write(self, directory: str | Path) -> Path:
+        path = Path(directory) / SELECTION_FILE
+        atomic_write_json(path, self.to_dict())
+        return path
+
+
+def split_part(split: str | None) -> tuple[str | None, str]:
+    """``"val/fuse"`` (or ``"val:fuse"``, as a part's dataset records it) -> ``("val", "fuse")``; ``"val"`` ->
+    ``("val", "all")``; None -> ``(None, "all")``."""
+    if split is None:
+        return None, ALL
+    name, _, part = split.replace(":", "/").partition("/")
+    if part:
+        _check_part(part)
+    return name, part or ALL
+
+
+def base_selection(config: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What a trained base checkpoint's epoch was chosen on: ``{"split", "part", "num_queries", "epoch", "metric",
+    "figure"}`` from its ``config.json`` (``extra``: the kept epoch and its validation metrics) and its run's
+    ``manifest.json`` (the validation dataset's split, ``"val:select"`` for a part). ``split`` None: the run does not
+    say (no manifest, or trained without validation)."""
+    extra = config.get("extra") or {}
+    name = extra.get("val_metric")
+    out: dict[str, Any] = {"split": None, "part": None, "num_queries": None, "epoch": extra.get("epoch"),
+                           "metric": name, "figure": (extra.get("val") or {}).get(name) if name else None}
+    val = ((manifest or {}).get("datasets") or {}).get("val")
+    if isinstance(val, dict) and val.get("split"):
+        out["split"], out["part"] = split_part(str(val["split"]))
+        out["num_queries"] = val.get("num_queries")
+    return out
+
+
+def overlaps(a: tuple[str | None, str], b: tuple[str | None, str]) -> bool:
+    """Whether two (split, part) pairs can share a query: the same split and either part the whole split or the
+    same part."""
+    return a[0] is not None and a[0] == b[0] and (ALL in (a[1], b[1]) or a[1] == b[1])
+
+
+__all__ = ["ALL", "PARTS", "SELECTION_FILE", "SELECT_SHARE", "Choice", "ProtocolError", "SelectionRecord",
+           "base_selection", "data_part", "overlaps", "dataset_part", "describe_split", "image_part", "part_rows", "split_part"]
