@@ -24,70 +24,17 @@ much -- the same effect, smaller, as fitting the fusion on the bases' training s
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import json
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from .data.schema import CIRDataset
-from .errors import CirfusionError
+from .data.parts import ALL, PARTS, SELECT_SHARE, ProtocolError, dataset_part, image_part, part_rows, split_part
 from .io import atomic_write_json
 from .views import SplitData
 
-PARTS = ("select", "fuse")
-ALL = "all"  # the whole split (a split that is not cut, e.g. train or test)
-SELECT_SHARE = 0.5  # share of the reference images whose queries choose for the base models
-_SALT = b"cirfusion/val-part/v1"
 SELECTION_FILE = "selection.json"
-
-
-class ProtocolError(CirfusionError, ValueError):
-    """A split part that does not exist, or a choice recorded without what it was chosen on."""
-
-
-def _check_part(part: str) -> None:
-    if part not in (*PARTS, ALL):
-        raise ProtocolError(f"unknown validation part {part!r}; expected one of {', '.join((*PARTS, ALL))}")
-
-
-def _check_share(share: float) -> None:
-    if not 0 < share < 1:
-        raise ProtocolError(f"select share must be in (0, 1), got {share}")
-
-
-def image_part(image_id: str, share: float = SELECT_SHARE) -> str:
-    """``"select"`` or ``"fuse"``: the part of the validation split that queries with reference ``image_id`` belong
-    to (a salted SHA-1 of the id read as a number in [0, 1), below ``share`` = select)."""
-    _check_share(share)
-    h = hashlib.sha1(_SALT + image_id.encode("utf-8")).digest()
-    u = int.from_bytes(h[:8], "big") / 2.0**64
-    return "select" if u < share else "fuse"
-
-
-def part_rows(dataset: CIRDataset, part: str, share: float = SELECT_SHARE) -> np.ndarray:
-    """The query rows (dataset order) of ``part`` (``"all"``: every row)."""
-    _check_part(part)
-    if part == ALL:
-        return np.arange(len(dataset.queries), dtype=np.int64)
-    return np.array([i for i, q in enumerate(dataset.queries) if image_part(q.reference, share) == part], dtype=np.int64)
-
-
-def dataset_part(dataset: CIRDataset, part: str, share: float = SELECT_SHARE) -> CIRDataset:
-    """The dataset restricted to the queries of ``part`` (same gallery). Its ``split`` becomes ``"val:select"`` (say;
-    a colon, not a slash, keeps ``dataset.key``'s ``name[/category]/split`` form),
-    so a run's manifest records which part chose its epoch (:func:`base_selection` reads it back); ``meta`` records
-    the part and the share. Refused when the part would be empty."""
-    if part == ALL:
-        return dataset
-    rows = part_rows(dataset, part, share)
-    if not len(rows):
-        raise ProtocolError(f"{dataset.key}: no query falls in the {part!r} part (select share {share}); "
-                            f"{len(dataset.queries)} queries in all -- use the whole split ('all') for so few")
-    return dataclasses.replace(dataset, split=f"{dataset.split}:{part}", queries=[dataset.queries[i] for i in rows],
-                               meta={**dataset.meta, "val_part": part, "select_share": share})
 
 
 def data_part(data: SplitData, part: str, share: float = SELECT_SHARE) -> SplitData:
@@ -100,7 +47,8 @@ def data_part(data: SplitData, part: str, share: float = SELECT_SHARE) -> SplitD
 
 def describe_split(split: str, part: str = ALL, holdout: float | None = None) -> str:
     """How a benchmark names where a figure came from: ``val/fuse``, ``val/fuse (held-out 20 %)``, ``test``."""
-    _check_part(part)
+    if part not in (*PARTS, ALL):
+        raise ProtocolError(f"unknown validation part {part!r}; expected one of {', '.join((*PARTS, ALL))}")
     s = split if part == ALL else f"{split}/{part}"
     return s + (f" (held-out {holdout:.0%})" if holdout else "")
 
@@ -161,21 +109,24 @@ class SelectionRecord:
         return {"protocol": self.protocol, "choices": [c.to_dict() for c in self.choices], "reports": self.reports,
                 "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
 
+    @classmethod
+    def read(cls, path: str | Path) -> SelectionRecord:
+        """A record written by :meth:`write` (``path``: the file or its directory)."""
+        p = Path(path)
+        p = p / SELECTION_FILE if p.is_dir() else p
+        try:
+            d = json.loads(p.read_text(encoding="utf-8"))
+            rec = cls(d.get("protocol"))
+            rec.choices = [Choice(**c) for c in d.get("choices", [])]
+            rec.reports = list(d.get("reports", []))
+        except (OSError, ValueError, TypeError) as exc:
+            raise ProtocolError(f"{p}: not a readable selection record ({exc})") from exc
+        return rec
+
     def write(self, directory: str | Path) -> Path:
         path = Path(directory) / SELECTION_FILE
         atomic_write_json(path, self.to_dict())
         return path
-
-
-def split_part(split: str | None) -> tuple[str | None, str]:
-    """``"val/fuse"`` (or ``"val:fuse"``, as a part's dataset records it) -> ``("val", "fuse")``; ``"val"`` ->
-    ``("val", "all")``; None -> ``(None, "all")``."""
-    if split is None:
-        return None, ALL
-    name, _, part = split.replace(":", "/").partition("/")
-    if part:
-        _check_part(part)
-    return name, part or ALL
 
 
 def base_selection(config: Mapping[str, Any], manifest: Mapping[str, Any] | None) -> dict[str, Any]:
@@ -200,5 +151,20 @@ def overlaps(a: tuple[str | None, str], b: tuple[str | None, str]) -> bool:
     return a[0] is not None and a[0] == b[0] and (ALL in (a[1], b[1]) or a[1] == b[1])
 
 
-__all__ = ["ALL", "PARTS", "SELECTION_FILE", "SELECT_SHARE", "Choice", "ProtocolError", "SelectionRecord",
-           "base_selection", "data_part", "overlaps", "dataset_part", "describe_split", "image_part", "part_rows", "split_part"]
+__all__ = [
+    "ALL",
+    "PARTS",
+    "SELECTION_FILE",
+    "SELECT_SHARE",
+    "Choice",
+    "ProtocolError",
+    "SelectionRecord",
+    "base_selection",
+    "data_part",
+    "dataset_part",
+    "describe_split",
+    "image_part",
+    "overlaps",
+    "part_rows",
+    "split_part",
+]

@@ -141,7 +141,7 @@ def incremental_analysis(train: SplitTable, val: SplitTable | None, evaluate_on:
     single = evaluate_base(evaluate_on, k0, cfg.eval_chunk)
     metric = metric or pick_val_metric(cfg.val_metric, single, evaluate_on.dataset)
     values.setdefault(frozenset([start]), single[metric])
-    out_orders = []
+    out_orders: list[dict[str, Any]] = []
     for order in orders:
         vals = []
         for j in range(1, len(order) + 1):
@@ -209,7 +209,7 @@ def spread(values: Sequence[float] | np.ndarray) -> dict[str, float]:
     a = np.asarray(values, dtype=np.float64).reshape(-1)
     if not len(a):
         raise FusionError("spread of no figures")
-    return {"n": int(len(a)), "min": float(a.min()), "median": float(np.median(a)), "max": float(a.max()),
+    return {"n": len(a), "min": float(a.min()), "median": float(np.median(a)), "max": float(a.max()),
             "mean": float(a.mean()), "std": float(a.std())}
 
 
@@ -247,7 +247,7 @@ def order_of_addition(fit_table: SplitTable, val: SplitTable | None, evaluate_on
             fitted[key] = float(evaluate_fused(model, evaluate_on.select(members), cfg.eval_chunk)[metric])
         return fitted[key]
 
-    out_orders = []
+    out_orders: list[dict[str, Any]] = []
     for order in orders:
         by_seed = {str(sd): [value(order[:j], sd) for j in range(1, len(order) + 1)] for sd in seeds}
         mean_vals = [float(np.mean([by_seed[str(sd)][j] for sd in seeds])) for j in range(len(order))]
@@ -264,7 +264,7 @@ def order_of_addition(fit_table: SplitTable, val: SplitTable | None, evaluate_on
     by_subset: dict[frozenset[str], list[float]] = {}
     for (prefix, _), v in fitted.items():
         by_subset.setdefault(frozenset(prefix), []).append(v)
-    subsets = [{"models": [n for n in names if n in key], **spread(v)} for key, v in by_subset.items()]
+    subsets: list[dict[str, Any]] = [{"models": [n for n in names if n in key], **spread(v)} for key, v in by_subset.items()]
     subsets.sort(key=lambda d: (len(d["models"]), d["models"]))
     return {"metric": metric, "split": evaluate_on.dataset.key, "fit": fit_table.dataset.key, "start": start,
             "seeds": [int(sd) for sd in seeds], "orders": out_orders, "positions": positions,
@@ -394,7 +394,7 @@ def fusion_diagnostics(table: SplitTable, model: DAFM | None = None, metric: str
         "static_best": {"weights": {n: float(grid[best_static, i]) for i, n in enumerate(names)},
                         "value": per_w[best_static]},
         "oracle_weights": metric_from_per_query(pick_per_query(weighted, o_weights), metric),
-        "grid_steps": grid_steps, "grid_size": int(len(grid)),
+        "grid_steps": grid_steps, "grid_size": len(grid),
     }
     if model is not None:
         out["learned"] = metric_from_per_query(per_query_fused(model, table, chunk), metric)

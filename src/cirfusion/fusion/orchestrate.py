@@ -33,7 +33,7 @@ from ..data.registry import load_dataset
 from ..evaluation import pick_val_metric
 from ..features import FeatureCache
 from ..io import atomic_directory, atomic_write_json
-from ..selection import ALL, SelectionRecord, base_selection, dataset_part, describe_split, overlaps, split_part
+from ..selection import ALL, SelectionRecord, base_selection, describe_split, overlaps, split_part
 from ..views import SplitData, load_split_data
 from .compat import check_compatible, pick_base, read_bases
 from .experiments import explain_all, explanation_summary, fusion_diagnostics, order_of_addition, plot_incremental
@@ -136,11 +136,7 @@ def fuse_checkpoints(
     # -- the base checkpoints: readable, compatible -------------------------------------------------------------------
     bases_info = read_bases(checkpoints)
     parts = {role: split_part(split) for role, split in (("train", sp.fit), ("val", sp.val), ("test", sp.test))}
-    full = {name: load_dataset(dataset, root, name, **ds_kw) for name, _ in parts.values() if name is not None}
-    fit_split = parts["train"][0]
-    if fit_split is None:
-        raise FusionError("the fusion needs a split to fit on")
-    ds_fit = dataset_part(full[fit_split], parts["train"][1])
+    ds_fit = load_dataset(dataset, root, sp.fit, **ds_kw)
     notes = check_compatible(bases_info, ds_fit)
     start = pick_base(bases_info, incremental) if incremental not in (None, "", "all") else None
     for n in notes:
@@ -157,9 +153,9 @@ def fuse_checkpoints(
     data: dict[str, SplitData] = {}
     tables: dict[str, SplitTable] = {}
     t0 = time.perf_counter()
-    for role, (split, part) in parts.items():
+    for role, split in (("train", sp.fit), ("val", sp.val), ("test", sp.test)):
         if split is not None:
-            ds = ds_fit if role == "train" else dataset_part(full[split], part)
+            ds = ds_fit if role == "train" else load_dataset(dataset, root, split, **ds_kw)
             data[role] = load_split_data(cache, ds, training=False, progress=progress)
             tables[role] = SplitTable.build(methods, names, data[role], progress=progress)
     encode_s = time.perf_counter() - t0
@@ -202,7 +198,8 @@ def fuse_checkpoints(
             + (f", {res.val_metric} = {res.best_metric:.2f}" if res.best_metric is not None else "")
             + f"; final tau {res.tau_final:.4f}")
     model, res = fused["fused"]
-    hold = describe_split(*parts["val"]) if val is not None else describe_split(*fit_where, holdout=cfg.holdout or None)
+    hold = (sp.val if val is not None and sp.val else
+            describe_split(str(fit_where[0]), fit_where[1], holdout=cfg.holdout or None))
     for label, (_, r) in fused.items():
         sel.choose(f"{label}: epoch", r.best_epoch, hold, r.val_metric, r.best_metric,
                    {str(e["epoch"]): e["val"][r.val_metric] for e in r.epochs if "val" in e and r.val_metric},
