@@ -123,8 +123,10 @@ class SelectionRecord:
             raise ProtocolError(f"{p}: not a readable selection record ({exc})") from exc
         return rec
 
-    def write(self, directory: str | Path) -> Path:
-        path = Path(directory) / SELECTION_FILE
+    def write(self, target: str | Path) -> Path:
+        """Write to ``target/selection.json``, or to ``target`` itself when it names a ``.json`` file."""
+        path = Path(target)
+        path = path if path.suffix == ".json" else path / SELECTION_FILE
         atomic_write_json(path, self.to_dict())
         return path
 
