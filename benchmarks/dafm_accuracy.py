@@ -81,6 +81,7 @@ def main() -> int:
         evaluate_fused,
         fuse,
         fusion_diagnostics,
+        oracle_predictability,
         order_of_addition,
         plot_incremental,
     )
@@ -215,6 +216,7 @@ def main() -> int:
                    note=f"the mean of normalised scores on the same folds: {cv_mean:.2f}")
         sel.choose("learned fusion or the mean", "learned" if fcands[best_f] > cv_mean else "mean", cv_split, metric,
                    max(fcands[best_f], cv_mean), {"learned": fcands[best_f], "mean": cv_mean})
+        sel.write(out / f"selection-{bench}.json")
         say(f"{bench}: fusion settings chosen on {cv_split}: {best_f} ({metric} learned "
             + ", ".join(f"{k} {v:.2f}" for k, v in fcands.items()) + f"; mean of normalised scores {cv_mean:.2f})")
 
@@ -271,10 +273,26 @@ def main() -> int:
 
         bench_out: dict[str, Any] = {"metric": metric, "choices": sel.to_dict()["choices"]}
         bench_out["chosen"] = pool_table(pool, f"chosen pool {' + '.join(pool)}")
+        results[bench] = bench_out
+        atomic_write_json(out / "dafm_accuracy.partial.json", results)
+        if len(pool) >= 2:
+            op = oracle_predictability(vfuse.select(members), test.select(members), metric)
+            bench_out["chosen"]["oracle_predictability"] = op
+            say(f"  can the gate's inputs tell the per-query best model? a logistic regression fitted on val/fuse, "
+                f"applied to test: accuracy {100 * op['accuracy']:.1f} % (always {op['majority_model']}: "
+                f"{100 * op['majority_accuracy']:.1f} %); ranking each query by its predicted model {op['predicted_choice']:.2f} "
+                f"vs best single {op['best_single']:.2f}, oracle {op['oracle_choice']:.2f}")
+        if "embedded" in args.backbones:
+            emb = [f"{m}@embedded" for m in POOL]
+            if emb != pool:
+                bench_out["all_embedded"] = pool_table(emb, "all-embedded pool (not chosen; shown beside)",
+                                                      learned_subsets=False)
+                atomic_write_json(out / "dafm_accuracy.partial.json", results)
         if len(pool) >= 2:
             t0 = time.perf_counter()
+            say(f"\n{bench}: every order of adding the models, seeds 0..{args.order_seeds - 1} (fitted on val/fuse, test):")
             figs = order_of_addition(vfuse.select(members), None, test.select(members), cfg,
-                                     tuple(range(args.order_seeds)), metric=metric)
+                                     tuple(range(args.order_seeds)), metric=metric, report=say)
             sel.report("order of addition", f"{bench}/test")
             atomic_write_json(out / f"incremental-{bench}.json", figs)
             plot_incremental(figs, out / f"incremental-{bench}.png")
@@ -286,11 +304,6 @@ def main() -> int:
             fin = figs["final"]
             say(f"    final: std over orders {fin['std_over_orders']:.2f}, over seeds {fin['std_over_seeds']:.2f}")
             bench_out["orders"] = figs
-        if "embedded" in args.backbones:
-            emb = [f"{m}@embedded" for m in POOL]
-            if emb != pool:
-                bench_out["all_embedded"] = pool_table(emb, "all-embedded pool (not chosen; shown beside)",
-                                                      learned_subsets=False)
         sel.write(out / f"selection-{bench}.json")
         results[bench] = bench_out
     results["wall_s"] = time.perf_counter() - t_start

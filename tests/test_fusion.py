@@ -726,8 +726,8 @@ def test_cli_defaults_are_the_library_defaults():
     fuse_cmd.register(parser.add_subparsers())
     args = parser.parse_args(["fuse", "a", "b", "--dataset", "custom", "--root", "r", "--out", "o"])
     d, sp = FU.FusionConfig(), FU.FuseSplits()
-    assert (d.holdout, d.min_steps, sp.fit, sp.val, sp.test) == (0.2, 500, "val", None, "test")
-    assert (args.split_train, args.split_val, args.split_test) == ("val", "none", "test")
+    assert (d.holdout, d.min_steps, sp.fit, sp.val, sp.test) == (0.2, 500, "val/fuse", None, "test")
+    assert (args.split_train, args.split_val, args.split_test) == ("val/fuse", "none", "test")
     for opt, field in [("epochs", "epochs"), ("holdout", "holdout"), ("min_steps", "min_steps"), ("batch_size", "batch_size"),
                        ("lr", "lr"), ("seed", "seed"), ("tau0", "tau0"), ("s", "s"), ("tau_min", "tau_min"),
                        ("tau_max", "tau_max"), ("negatives", "negatives"), ("hard", "hard"), ("random", "random"),

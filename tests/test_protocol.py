@@ -231,3 +231,18 @@ def test_fusion_diagnostics_on_complementary_models(tmp_path):
     assert all(s >= 0 for s in g["std_weight"].values()) and 0 <= g["argmax_is_oracle_single"] <= 1
     # without a model: the static figures only
     assert "learned" not in FU.fusion_diagnostics(v, None, "R@10")
+
+
+def test_oracle_predictability(tmp_path):
+    bases = [colour_model(), shape_model()]
+    names = ["colour", "shape"]
+    tr, va = colour_shape_world(tmp_path)
+    t, v = FU.SplitTable.build(bases, names, tr), FU.SplitTable.build(bases, names, va)
+    op = FU.oracle_predictability(t, v, "R@10", steps=50)
+    assert 0 <= op["accuracy"] <= 1 and 0 <= op["majority_accuracy"] <= 1 and op["majority_model"] in names
+    assert op["oracle_choice"] >= op["predicted_choice"] and op["oracle_choice"] >= op["best_single"]
+    assert op["singles"] == {n: pytest.approx(FU.evaluate_base(v, k)["R@10"]) for k, n in enumerate(names)}
+    assert sum(op["predicted_share"].values()) == pytest.approx(1.0)
+    assert FU.oracle_predictability(t, v, "R@10", steps=50) == op  # deterministic
+    stats = FU.score_statistics(v, FU.baseline_model(v).hparams)
+    assert stats.shape == (v.num_queries, 2, FU.NUM_STATS)

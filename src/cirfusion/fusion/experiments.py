@@ -413,7 +413,76 @@ def fusion_diagnostics(table: SplitTable, model: DAFM | None = None, metric: str
     return out
 
 
+@torch.no_grad()
+def score_statistics(table: SplitTable, hparams: Mapping[str, Any], chunk: int = 256) -> torch.Tensor:
+    """``[Q, K, S]`` the gate's inputs for every query of the table: each model's score-distribution statistics
+    (:func:`~cirfusion.fusion.kernels.normalise_scores`)."""
+    parts = []
+    for s in range(0, table.num_queries, chunk):
+        rows = slice(s, min(table.num_queries, s + chunk))
+        raw = table.raw_scores(rows, dtype=torch.float32)
+        parts.append(normalise_scores(raw, table.exclusion(rows, bool(hparams["exclude_reference"])),
+                                      int(hparams["topk"]), float(hparams["beta"])).stats)
+    return torch.cat(parts)
+
+
+def oracle_predictability(fit: SplitTable, evaluate_on: SplitTable, metric: str, steps: int = 300,
+                          weight_decay: float = 1e-3, seed: int = 0, chunk: int = 256) -> dict[str, Any]:
+    """Can the gate's inputs tell which base model serves a query best? A multinomial logistic regression from the
+    standardised statistics (``[K * S]`` per query, what the gate reads) to the per-query oracle model
+    (:func:`oracle_choice`) is fitted on ``fit`` and applied to ``evaluate_on``: its accuracy against the oracle and
+    against always answering the most frequent model, and the metric when each query is ranked by the model it
+    predicts (``predicted_choice``) beside the oracle's, the mean's and the best single model's. A predicted choice
+    no better than the best single model means the statistics carry no usable per-query signal of which model is
+    right -- so no gate reading them can beat static weights by much."""
+    names = fit.names
+    hp = baseline_model(fit).hparams
+    labels = {}
+    pqs = {}
+    for key, t in (("fit", fit), ("eval", evaluate_on)):
+        pqs[key] = [per_query_base(t, k, chunk) for k in range(len(names))]
+        labels[key] = oracle_choice(pqs[key], metric)
+    x_fit = score_statistics(fit, hp, chunk).flatten(1).double()
+    x_ev = score_statistics(evaluate_on, hp, chunk).flatten(1).double()
+    mu, sd = x_fit.mean(0), x_fit.std(0).clamp(min=1e-6)
+    x_fit, x_ev = (x_fit - mu) / sd, (x_ev - mu) / sd
+    # only queries some model serves (otherwise the oracle's choice is arbitrary: every model scores 0)
+    served = np.stack([query_scores(pq, metric) for pq in pqs["fit"]], 1).max(1) > 0
+    y = torch.from_numpy(labels["fit"][served])
+    xs = x_fit[torch.from_numpy(served)]
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(xs.shape[1], len(names)).double()
+    with torch.no_grad():
+        lin.weight.copy_(0.01 * torch.randn(lin.weight.shape, generator=g, dtype=torch.float64))
+        lin.bias.zero_()
+    opt = torch.optim.LBFGS(lin.parameters(), max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(lin(xs), y) + weight_decay * lin.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    if len(y):
+        opt.step(closure)
+    with torch.no_grad():
+        pred = lin(x_ev).argmax(1).numpy()
+    served_ev = np.stack([query_scores(pq, metric) for pq in pqs["eval"]], 1).max(1) > 0
+    majority = int(np.bincount(labels["fit"][served], minlength=len(names)).argmax()) if served.any() else 0
+    singles = {n: metric_from_per_query(pqs["eval"][i], metric) for i, n in enumerate(names)}
+    return {
+        "metric": metric, "fit": fit.dataset.key, "split": evaluate_on.dataset.key,
+        "accuracy": float((pred[served_ev] == labels["eval"][served_ev]).mean()) if served_ev.any() else 0.0,
+        "majority_model": names[majority],
+        "majority_accuracy": float((labels["eval"][served_ev] == majority).mean()) if served_ev.any() else 0.0,
+        "predicted_choice": metric_from_per_query(pick_per_query(pqs["eval"], pred), metric),
+        "oracle_choice": metric_from_per_query(pick_per_query(pqs["eval"], labels["eval"]), metric),
+        "best_single": max(singles.values()), "singles": singles,
+        "predicted_share": {n: float((pred == i).mean()) for i, n in enumerate(names)},
+    }
+
+
 __all__ = ["addition_orders", "contribution_summary", "explain", "explain_all", "explanation_summary",
            "fusion_diagnostics", "incremental_analysis", "incremental_orders", "metric_from_per_query",
-           "oracle_choice", "order_of_addition", "pick_per_query", "plot_incremental", "query_scores",
+           "oracle_choice", "oracle_predictability", "order_of_addition", "pick_per_query", "plot_incremental", "query_scores", "score_statistics",
            "shapley_contributions", "simplex_grid", "spread", "target_columns", "weighted_per_query"]
