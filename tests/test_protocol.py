@@ -121,6 +121,11 @@ def test_fuse_writes_selection_json_and_warns_when_parts_overlap(tmp_path, capsy
     assert rec["protocol"]["fit"] == "val/fuse" and rec["reports"][0]["split"] == "custom/val"
     rep = json.loads((out / "metrics.json").read_text())
     assert rep["dataset"] == "custom/val:fuse" and any("clip4cir-2 chose" in n for n in rep["notes"])
+    # fitting on test, or choosing the fusion's epoch there, is refused
+    for flag in ("--split-train", "--split-val"):
+        assert main(["fuse", str(tmp_path / "a" / "best"), str(tmp_path / "b" / "best"), *common, "--out",
+                     str(tmp_path / "f2"), flag, "test"]) == 2
+        assert "test only reports" in capsys.readouterr().err
     dg = rep["splits"]["test"]["diagnostics"]
     assert dg["learned"] == pytest.approx(rep["splits"]["test"]["fused"]["R@10"])
     assert dg["mean"] == pytest.approx(rep["splits"]["test"]["mean_normalised"]["R@10"])

@@ -33,7 +33,7 @@ from ..data.registry import load_dataset
 from ..evaluation import pick_val_metric
 from ..features import FeatureCache
 from ..io import atomic_directory, atomic_write_json
-from ..selection import ALL, SelectionRecord, base_selection, describe_split, overlaps, split_part
+from ..selection import ALL, ProtocolError, SelectionRecord, base_selection, describe_split, overlaps, split_part
 from ..views import SplitData, load_split_data
 from .compat import check_compatible, pick_base, read_bases
 from .experiments import explain_all, explanation_summary, fusion_diagnostics, order_of_addition, plot_incremental
@@ -136,6 +136,10 @@ def fuse_checkpoints(
     # -- the base checkpoints: readable, compatible -------------------------------------------------------------------
     bases_info = read_bases(checkpoints)
     parts = {role: split_part(split) for role, split in (("train", sp.fit), ("val", sp.val), ("test", sp.test))}
+    for role, flag in (("train", "--split-train"), ("val", "--split-val")):
+        if parts[role][0] == "test":
+            raise ProtocolError(f"{flag} test: the fusion would be fitted or its epoch chosen on test; every choice is "
+                                "made on validation and test only reports (docs/protocol.md)")
     ds_fit = load_dataset(dataset, root, sp.fit, **ds_kw)
     notes = check_compatible(bases_info, ds_fit)
     start = pick_base(bases_info, incremental) if incremental not in (None, "", "all") else None
