@@ -337,15 +337,16 @@ def simplex_grid(k: int, steps: int) -> np.ndarray:
 
 
 @torch.no_grad()
-def weighted_per_query(table: SplitTable, weights: np.ndarray, hparams: Mapping[str, Any], chunk: int = 256
-                       ) -> list[dict[str, np.ndarray]]:
+def weighted_per_query(table: SplitTable, weights: np.ndarray, hparams: Mapping[str, Any], chunk: int = 256,
+                       dtype: torch.dtype = torch.float32) -> list[dict[str, np.ndarray]]:
     """Per-query results of every static weighting ``weights [M, K]`` of the per-query normalised scores (the z-scores
-    the fusion reads; the uniform weighting is the mean of normalised scores), in one pass over the table."""
+    the fusion reads, from raw scores computed in ``dtype`` as a fused model scoring in it does; the uniform
+    weighting is the mean of normalised scores), in one pass over the table."""
     w = torch.as_tensor(weights, dtype=torch.float32)
     mets = [RetrievalMetrics(table.dataset) for _ in range(len(w))]
     for s in range(0, table.num_queries, chunk):
         rows = slice(s, min(table.num_queries, s + chunk))
-        raw = table.raw_scores(rows, dtype=torch.float32)
+        raw = table.raw_scores(rows, dtype=dtype)
         z = normalise_scores(raw, table.exclusion(rows, bool(hparams["exclude_reference"])), int(hparams["topk"]),
                              float(hparams["beta"])).z
         fused = torch.einsum("mk,bkn->mbn", w, z)
@@ -376,7 +377,7 @@ def fusion_diagnostics(table: SplitTable, model: DAFM | None = None, metric: str
     hp = base.hparams
     singles = [per_query_base(table, i, chunk) for i in range(k)]
     grid = simplex_grid(k, grid_steps)
-    weighted = weighted_per_query(table, grid, hp, chunk)
+    weighted = weighted_per_query(table, grid, hp, chunk, base.score_dtype)
     metric = metric or pick_val_metric("auto", evaluate_base(table, 0, chunk), table.dataset)
     uni = int(np.flatnonzero(np.isclose(grid, 1.0 / k).all(1))[0])
     per_w = [metric_from_per_query(pq, metric) for pq in weighted]
