@@ -1,22 +1,29 @@
-"""DAFM accuracy on the embedded benchmarks (issue 4, section 3): every single model, every pair and triple, the full
-fusion with dynamic and fixed tau, and the simple baselines (mean of normalised scores, best single model).
+"""DAFM accuracy on the embedded benchmarks under the validation protocol (docs/protocol.md), end to end and
+re-runnable:
 
-Works on a quickstart directory (its trained base pool, benchmarks and feature cache); makes one first when it is
-missing, with the base models trained for ``--epochs``:
+    python benchmarks/dafm_accuracy.py --dir bench-dafm --photos ../shared/data/clothing-small
+    python benchmarks/dafm_accuracy.py --dir bench-dafm --no-photos --data-from /work/cache/qs   # reuse data + cache
 
-    python benchmarks/dafm_accuracy.py --dir bench-dafm --photos ../shared/data/clothing-small --epochs 10
-    python benchmarks/dafm_accuracy.py --dir quickstart             # reuse a finished `cirfusion quickstart`
+Steps, per benchmark (synthetic; catalog with --photos):
 
-The pool spans two backbones by default (``--pool-backbone``, as DAFM's own pool spans CLIP, BLIP and BLIP-2):
-CLIP4CIR and BLIP4CIR+Bi read ``embedded`` (EfficientNet-Lite0 + MiniLM), TG-CIR and SPRC read ``colour`` (a CIELab
-colour-layout descriptor + the same MiniLM). With all four on ``embedded`` the models make correlated mistakes
-(per-query z-score correlation 0.64-0.93) and the fusion gained only about 1 point over the best single model
-(``--pool-backbone none`` reproduces that pool).
+1. base models: every pool method (CLIP4CIR, BLIP4CIR+Bi, TG-CIR, SPRC) on each backbone of ``--backbones``
+   (``embedded`` and ``colour``), trained on train, best epoch chosen on **val/select**; a finished run in
+   ``DIR/runs/BENCH/METHOD@BACKBONE`` that chose on val/select is reused (delete it to retrain);
+2. the pool -- which methods, and the backbone of each -- chosen on **val/fuse** (the half of val the base models
+   did not choose on) by the mean of normalised scores of every pool (every backbone assignment x every subset of two
+   or more methods: 72 pools for 4 methods and 2 backbones, no fitting needed);
+3. the fusion settings among ``FUSION_CANDIDATES``, chosen by the learned fusion's figure cross-fitted over two folds
+   of val/fuse (fit on one, score the other, both ways; each fit picks its epoch on its own held-out fifth, where the
+   untrained network -- the mean of normalised scores -- competes), and whether the learned fusion beats the mean
+   there at all;
+4. **test, read once** for the reported tables: every single model, pair, triple and the full pool (learned and mean
+   of normalised scores), every order of adding the models over ``--order-seeds`` seeds with the spread of every
+   figure, the learned-vs-static diagnostics (gate-weight variance across queries, per-query oracle model and
+   weighting, best static weighting), and beside it the all-``embedded`` pool's table.
 
-Protocol (as in the quickstart): base models trained on train (best epoch on val), every fusion fitted on val
-(queries the bases never trained on), every number on test. Headline metric: Rmean on the synthetic benchmark,
-mAP@10 on the catalog. Also writes, per benchmark, the incremental-order figure from ``--start`` (the paper's
-Figure 3) to ``DIR/incremental-BENCHMARK.png`` / ``.json``. Ends with one JSON line of every figure.
+Every figure is printed with the split it came from; every choice goes to ``DIR/selection-BENCH.json``; the whole
+result to ``DIR/dafm_accuracy.json`` and, last, one JSON line. Headline metric: Rmean on synthetic, mAP@10 on the
+catalog.
 """
 
 from __future__ import annotations
@@ -24,114 +31,284 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import shutil
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+BACKBONES = ("embedded", "colour")
+# Fusion settings tried on val/fuse (cross-fitted); the first is FusionConfig's default.
+FUSION_CANDIDATES: dict[str, dict[str, Any]] = {
+    "default": {},
+    "min_steps=100": {"min_steps": 100},
+    "min_steps=100,weight_decay=0.05": {"min_steps": 100, "weight_decay": 0.05},
+    "lr=1e-3": {"lr": 1e-3},
+}
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dir", type=Path, default=Path("bench-dafm"))
+    p.add_argument("--data-from", type=Path, default=None,
+                   help="a quickstart directory whose data/ and cache/ are copied into --dir when it has none")
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "clothing-small")
     p.add_argument("--no-photos", action="store_true", help="synthetic benchmark only")
-    p.add_argument("--n-images", type=int, default=3000)
-    # 10 val/test queries per image (the train split is the same whatever this is): 3,000 queries to fit the fusion
-    # on and ~6,000 to test it. With 5, a fusion's gain moved by +-0.4 Rmean between fusion seeds (2.43-3.23) and the
-    # 3,000 test queries are a noisy measure of a ~3-point difference.
-    p.add_argument("--eval-queries-per-image", type=float, default=10.0,
-                   help="synthetic val/test queries per image (more queries to fit the fusion on and to test)")
-    p.add_argument("--epochs", type=int, default=10, help="base-model epochs when the pool must be trained first")
-    p.add_argument("--catalog-epochs", type=int, default=5)
-    p.add_argument("--start", default="clip4cir", help="first model of the incremental figure")
-    p.add_argument("--min-steps", type=int, default=None, help="fusion training steps at least (default: FusionConfig's)")
-    p.add_argument("--holdout", type=float, default=None,
-                   help="share of the fit (val) queries that picks the epoch (default: FusionConfig's)")
+    p.add_argument("--n-images", type=int, default=2500)
+    p.add_argument("--eval-queries-per-image", type=float, default=3.0)
+    p.add_argument("--epochs", type=int, default=4, help="base-model epochs (synthetic)")
+    p.add_argument("--catalog-epochs", type=int, default=2)
+    p.add_argument("--backbones", nargs="+", default=list(BACKBONES))
+    p.add_argument("--order-seeds", type=int, default=3, help="seeds of the order-of-addition fits")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pool-backbone", action="append", default=None, metavar="METHOD=BACKBONE",
-                   help="train this pool method on another backbone when the pool must be trained (repeatable; "
-                        "default: the quickstart's, tg-cir=colour sprc=colour; 'none': all on embedded)")
     args = p.parse_args()
-    from cirfusion.quickstart import POOL, parse_pool_backbones
 
-    try:
-        pool_backbones = parse_pool_backbones(args.pool_backbone, POOL)
-    except ValueError as exc:
-        p.error(str(exc))
-
+    import numpy as np
     import torch
 
+    from cirfusion.api import load
+    from cirfusion.backbones import create_backbone
+    from cirfusion.backbones.multi import fusion_backbone
+    from cirfusion.data.registry import load_dataset
+    from cirfusion.features import FeatureCache
     from cirfusion.fusion import (
         FusionConfig,
+        SplitTable,
         baseline_model,
         evaluate_base,
         evaluate_fused,
         fuse,
-        incremental_analysis,
+        fusion_diagnostics,
+        oracle_predictability,
+        order_of_addition,
         plot_incremental,
     )
     from cirfusion.io import atomic_write_json
-    from cirfusion.quickstart import QuickstartConfig, headline_metric, pool_tables, run_quickstart
+    from cirfusion.methods.registry import create_method
+    from cirfusion.quickstart import POOL, QuickstartConfig, headline_metric, make_catalog, make_synthetic
+    from cirfusion.seeding import seed_everything
+    from cirfusion.selection import SelectionRecord, base_selection, data_part, describe_split
+    from cirfusion.train import TrainConfig, train
+    from cirfusion.views import load_split_data
 
     torch.set_num_threads(2)
-    # Only what was given on the command line: everything else is FusionConfig's default (cirfusion fuse's too).
-    overrides = {k: v for k, v in (("min_steps", args.min_steps), ("holdout", args.holdout)) if v is not None}
-    t0 = time.perf_counter()
-    manifest = args.dir / "manifest.json"
-    if not manifest.is_file():
-        photos = None if args.no_photos else args.photos
-        print(f"no quickstart in {args.dir}: training the pool ({args.epochs} epochs) first", flush=True)
-        run_quickstart(QuickstartConfig(out=args.dir, photos=photos, seed=args.seed, n_images=args.n_images,
-                                        eval_queries_per_image=args.eval_queries_per_image, epochs=args.epochs,
-                                        catalog_epochs=args.catalog_epochs, pool_backbones=pool_backbones,
-                                        progress=False))
-    man = json.loads(manifest.read_text(encoding="utf-8"))
-    all_figures: dict[str, object] = {"dir": str(args.dir), "quickstart_config": man["config"]}
-    for bench, (models, tables) in pool_tables(args.dir).items():
-        fit, test = tables["val"], tables["test"]
-        names = fit.names
-        single = {n: evaluate_base(test, k) for k, n in enumerate(names)}
-        metric = headline_metric(bench, single[names[0]])
-        print(f"\n{bench}: pool " + ", ".join(f"{n} on {m.backbone.backbone_id}" for n, m in zip(names, models, strict=True)), flush=True)
-        cfg = FusionConfig(**overrides, val_metric=metric, seed=args.seed)
-        rows: list[dict[str, Any]] = []
-        for n in names:
-            rows.append({"models": [n], "kind": "single", metric: single[n][metric], "R@10": single[n]["R@10"]})
-        for r in range(2, len(names) + 1):
-            for members in itertools.combinations(range(len(names)), r):
-                sub = test.select(list(members))
-                best = max(single[names[i]][metric] for i in members)
-                mean = evaluate_fused(baseline_model(sub), sub)
-                model, _ = fuse(fit, None, cfg, list(members))
-                fused = evaluate_fused(model, sub)
-                rows.append({"models": [names[i] for i in members], "kind": "fused", metric: fused[metric],
-                             "R@10": fused["R@10"], "mean_normalised": mean[metric], "best_single": best,
-                             "gain_over_best_single": fused[metric] - best})
-        fixed, _ = fuse(fit, None, FusionConfig(**{**cfg.to_dict(), "dynamic_tau": False}))
-        fixed_m = evaluate_fused(fixed, test)
-        full = rows[-1]
-        full_fixed = {metric: fixed_m[metric], "R@10": fixed_m["R@10"],
-                      "gain_over_best_single": fixed_m[metric] - full["best_single"]}
-        print(f"\n{bench} (test split, fusion fitted on val; metric {metric})")
-        print(f"  {'models':<44}{metric:>9}{'R@10':>8}{'mean':>8}{'best1':>8}{'gain':>8}")
-        for row in rows:
-            extra = "" if row["kind"] == "single" else (f"{row['mean_normalised']:>8.2f}{row['best_single']:>8.2f}"
-                                                        f"{row['gain_over_best_single']:>+8.2f}")
-            print(f"  {' + '.join(row['models']):<44}{row[metric]:>9.2f}{row['R@10']:>8.2f}{extra}")
-        print(f"  {'all four, fixed tau':<44}{full_fixed[metric]:>9.2f}{full_fixed['R@10']:>8.2f}{'':>16}"
-              f"{full_fixed['gain_over_best_single']:>+8.2f}")
-        figs = incremental_analysis(fit, None, test, args.start, cfg, None, metric)
-        atomic_write_json(args.dir / f"incremental-{bench}.json", figs)
-        plot_incremental(figs, args.dir / f"incremental-{bench}.png")
-        print(f"  incremental from {args.start}:")
-        for o in figs["orders"]:
-            print("    " + " -> ".join(f"{n} {v:.2f}" for n, v in zip(o["order"], o["values"], strict=True)))
-        all_figures[bench] = {"metric": metric, "rows": rows, "full_fixed_tau": full_fixed, "incremental": figs}
-    all_figures["wall_s"] = time.perf_counter() - t0
-    atomic_write_json(args.dir / "dafm_accuracy.json", all_figures)
-    print(json.dumps(all_figures, separators=(",", ":")))
+    t_start = time.perf_counter()
+    out: Path = args.dir
+    out.mkdir(parents=True, exist_ok=True)
+    if args.data_from is not None:
+        for sub in ("data", "cache"):
+            if not (out / sub).exists() and (args.data_from / sub).is_dir():
+                shutil.copytree(args.data_from / sub, out / sub)
+    qcfg = QuickstartConfig(out=out, photos=None if args.no_photos else args.photos, seed=args.seed,
+                            n_images=args.n_images, eval_queries_per_image=args.eval_queries_per_image, progress=False)
+    benches = {"synthetic": make_synthetic(out, qcfg)}
+    if not args.no_photos:
+        benches["catalog"] = make_catalog(out, qcfg)
+    cache_dir = out / "cache"
+    caches: dict[str, FeatureCache] = {}
+
+    def cache_for(name: str) -> FeatureCache:
+        if name not in caches:
+            caches[name] = FeatureCache(create_backbone(name), cache_dir)
+        return caches[name]
+
+    def say(msg: str) -> None:
+        print(msg, flush=True)
+
+    results: dict[str, Any] = {"dir": str(out), "protocol": "docs/protocol.md"}
+    for bench, root in benches.items():
+        sel = SelectionRecord({"benchmark": bench})
+        epochs = args.catalog_epochs if bench == "catalog" else args.epochs
+        # -- 1. base models, epoch chosen on val/select ---------------------------------------------------------------
+        ckpts: dict[str, Path] = {}
+        for method in POOL:
+            for bb in args.backbones:
+                key = f"{method}@{bb}"
+                run_dir = out / "runs" / bench / key
+                best = run_dir / "best"
+                done = (best / "config.json").is_file() and (run_dir / "manifest.json").is_file()
+                if done:
+                    man = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+                    done = (man.get("datasets", {}).get("val", {}).get("split") == "val:select"
+                            and man.get("config", {}).get("epochs") == epochs and man.get("seed") == args.seed)
+                if not done:
+                    if run_dir.exists():
+                        shutil.rmtree(run_dir)
+                    t0 = time.perf_counter()
+                    cache = cache_for(bb)
+                    data = {s: load_split_data(cache, load_dataset(bench, root, s), training=(s == "train"))
+                            for s in ("train", "val")}
+                    seed_everything(args.seed)
+                    m = create_method(method, cache.backbone)
+                    info = {"id": cache.backbone.backbone_id, "weights_hash": cache.backbone.weights_hash(),
+                            "preprocess_id": cache.backbone.preprocess_id(), "cache_dir": str(cache_dir)}
+                    train(m, data["train"], data_part(data["val"], "select"), run_dir,
+                          TrainConfig(epochs=epochs, seed=args.seed, progress=False), backbone_info=info)
+                    say(f"{bench}: trained {key} ({time.perf_counter() - t0:.0f} s)")
+                ckpts[key] = best
+                cfg_json = json.loads((best / "config.json").read_text(encoding="utf-8"))
+                man = json.loads((run_dir / "manifest.json").read_text(encoding="utf-8"))
+                bs = base_selection(cfg_json, man)
+                sel.choose(f"epoch of {key}", bs["epoch"], describe_split("val", "select"), bs["metric"], bs["figure"])
+        keys = list(ckpts)
+        models = [load(ckpts[k]) for k in keys]
+        mcache = FeatureCache(fusion_backbone([m.backbone for m in models]), cache_dir)
+        t0 = time.perf_counter()
+        tables = {s: SplitTable.build([m.method for m in models], keys,
+                                      load_split_data(mcache, load_dataset(bench, root, s)))
+                  for s in ("val/select", "val/fuse", "test")}
+        say(f"\n{bench}: tables of {len(keys)} base models built ({time.perf_counter() - t0:.0f} s): "
+            + ", ".join(f"{s} {t.num_queries} queries" for s, t in tables.items()))
+        vsel, vfuse, test = tables["val/select"], tables["val/fuse"], tables["test"]
+        metric = headline_metric(bench, evaluate_base(vsel, 0))
+        base_cfg = FusionConfig(val_metric=metric, seed=args.seed)
+        # two folds of val/fuse, by a seeded query permutation
+        folds = vfuse.split_queries(0.5, seed=args.seed + 11)
+        say(f"{bench}: metric {metric}; val/select chose the base models' epochs; val/fuse fits the fusion")
+
+        def crossfit(members: list[int], cfg: FusionConfig) -> tuple[float, float]:
+            """(learned, mean) on val/fuse: each fold scored by the fusion fitted on the other, averaged."""
+            learned, mean = [], []
+            for a, b in ((0, 1), (1, 0)):
+                model, _ = fuse(folds[a], None, cfg, members)
+                learned.append(evaluate_fused(model, folds[b].select(members))[metric])
+                mean.append(evaluate_fused(baseline_model(folds[b], members), folds[b].select(members))[metric])
+            return float(np.mean(learned)), float(np.mean(mean))
+
+        cv_split = "val/fuse (2-fold cross-fit)"
+        # -- 2. the pool: backbone of each method and which methods, by the mean of normalised scores on val/fuse -----
+        # The mean has no parameters, so every (assignment, subset) pair is scored on all of val/fuse at no fitting
+        # cost; the learned fusion starts at the mean and only leaves it where its held-out queries say so.
+        t0 = time.perf_counter()
+        pools: dict[str, float] = {}
+        for combo in itertools.product(args.backbones, repeat=len(POOL)):
+            for r in range(2, len(POOL) + 1):
+                for sub in itertools.combinations(range(len(POOL)), r):
+                    pk = [f"{POOL[i]}@{combo[i]}" for i in sub]
+                    label = " + ".join(pk)
+                    if label not in pools:
+                        idx = [keys.index(k) for k in pk]
+                        pools[label] = evaluate_fused(baseline_model(vfuse, idx), vfuse.select(idx))[metric]
+        best_pool = max(pools, key=lambda k: (pools[k], -k.count("+")))
+        pool = best_pool.split(" + ")
+        sel.choose("pool (methods and backbones)", pool, "val/fuse", f"{metric} of the mean of normalised scores",
+                   pools[best_pool], pools, note=f"{len(pools)} pools: every backbone assignment x every subset of 2+")
+        top = sorted(pools.items(), key=lambda kv: -kv[1])[:5]
+        say(f"{bench}: pool chosen on val/fuse by the mean of normalised scores ({len(pools)} pools, "
+            f"{time.perf_counter() - t0:.0f} s): {best_pool} ({metric} {pools[best_pool]:.2f}); next: "
+            + "; ".join(f"{k} {v:.2f}" for k, v in top[1:]))
+        emb_label = " + ".join(f"{m}@embedded" for m in POOL)
+        if emb_label in pools:
+            say(f"{bench}: all-embedded pool on val/fuse: {pools[emb_label]:.2f}")
+        # -- 3. fusion settings ---------------------------------------------------------------------------------------
+        members = [keys.index(k) for k in pool]
+        fcands: dict[str, float] = {}
+        cv_mean = 0.0
+        t0 = time.perf_counter()
+        for label, kw in FUSION_CANDIDATES.items():
+            fcands[label], cv_mean = crossfit(members, replace(base_cfg, **kw))
+            say(f"  {label}: learned {fcands[label]:.2f}, mean {cv_mean:.2f} ({cv_split}; {time.perf_counter() - t0:.0f} s)")
+        best_f = max(fcands, key=lambda k: fcands[k])
+        cfg = replace(base_cfg, **FUSION_CANDIDATES[best_f])
+        sel.choose("fusion settings", best_f, cv_split, metric, fcands[best_f], fcands,
+                   note=f"the mean of normalised scores on the same folds: {cv_mean:.2f}")
+        sel.choose("learned fusion or the mean", "learned" if fcands[best_f] > cv_mean else "mean", cv_split, metric,
+                   max(fcands[best_f], cv_mean), {"learned": fcands[best_f], "mean": cv_mean})
+        sel.write(out / f"selection-{bench}.json")
+        say(f"{bench}: fusion settings chosen on {cv_split}: {best_f} ({metric} learned "
+            + ", ".join(f"{k} {v:.2f}" for k, v in fcands.items()) + f"; mean of normalised scores {cv_mean:.2f})")
+
+        # -- 4. test, read once ---------------------------------------------------------------------------------------
+        def pool_table(pkeys: list[str], label: str, learned_subsets: bool = True) -> dict[str, Any]:
+            idx = [keys.index(k) for k in pkeys]
+            single = {k: evaluate_base(test, keys.index(k)) for k in pkeys}
+            rows: list[dict[str, Any]] = [{"models": [k], "kind": "single", metric: single[k][metric]} for k in pkeys]
+            full_model = None
+            for r in range(2, len(idx) + 1):
+                for sub in itertools.combinations(idx, r):
+                    t_sub = test.select(list(sub))
+                    mean = evaluate_fused(baseline_model(test, list(sub)), t_sub)[metric]
+                    if not learned_subsets and len(sub) < len(idx):
+                        rows.append({"models": [keys[i] for i in sub], "kind": "mean", metric: mean, "mean": mean,
+                                     "best_single": max(single[keys[i]][metric] for i in sub)})
+                        continue
+                    model, res = fuse(vfuse, None, cfg, list(sub))
+                    fused = evaluate_fused(model, t_sub)[metric]
+                    best = max(single[keys[i]][metric] for i in sub)
+                    rows.append({"models": [keys[i] for i in sub], "kind": "fused", metric: fused, "mean": mean,
+                                 "best_single": best, "gain_over_mean": fused - mean,
+                                 "gain_over_best_single": fused - best, "fusion_epoch": res.best_epoch})
+                    if len(sub) == len(idx):
+                        full_model = model
+            sel.report(f"{label}: singles, pairs, triples, full, mean", f"{bench}/test")
+            say(f"\n{bench}, {label} (fusion fitted on val/fuse with '{best_f}', epoch on its held-out fifth; "
+                f"every figure on test; {metric})")
+            say(f"  {'models':<60}{metric:>8}{'mean':>8}{'best1':>8}{'-mean':>8}{'-best1':>8}{'epoch':>6}")
+            for row in rows:
+                if row["kind"] == "mean":
+                    say(f"  {' + '.join(row['models']) + ' (mean only)':<60}{row[metric]:>8.2f}{row['mean']:>8.2f}"
+                        f"{row['best_single']:>8.2f}")
+                    continue
+                extra = "" if row["kind"] == "single" else (
+                    f"{row['mean']:>8.2f}{row['best_single']:>8.2f}{row['gain_over_mean']:>+8.2f}"
+                    f"{row['gain_over_best_single']:>+8.2f}{row['fusion_epoch']:>6}")
+                say(f"  {' + '.join(row['models']):<60}{row[metric]:>8.2f}{extra}")
+            out_t: dict[str, Any] = {"pool": pkeys, "rows": rows}
+            if full_model is not None:
+                dg = fusion_diagnostics(test.select(idx), full_model, metric)
+                out_t["diagnostics"] = dg
+                h = dg["headroom"]
+                say(f"  diagnostics (test): over the mean {dg['mean']:.2f}: learned {h['learned']:+.2f}; best static "
+                    f"weighting {h['static_best']:+.2f} ({', '.join(f'{k} {v:.2f}' for k, v in dg['static_best']['weights'].items())}); "
+                    f"per-query oracle model {h['oracle_single']:+.2f}, per-query oracle weighting "
+                    f"{h['oracle_weights']:+.2f}")
+                g = dg["gate"]
+                say("  gate weights across test queries: mean " + ", ".join(f"{k} {v:.2f}" for k, v in g["mean_weight"].items())
+                    + "; std " + ", ".join(f"{k} {v:.3f}" for k, v in g["std_weight"].items())
+                    + f"; mean distance from the average weights {g['mean_distance_from_average']:.3f}; the gate's "
+                    f"heaviest model is the oracle's in {100 * g['argmax_is_oracle_single']:.0f} % of queries")
+            return out_t
+
+        bench_out: dict[str, Any] = {"metric": metric, "choices": sel.to_dict()["choices"]}
+        bench_out["chosen"] = pool_table(pool, f"chosen pool {' + '.join(pool)}")
+        results[bench] = bench_out
+        atomic_write_json(out / "dafm_accuracy.partial.json", results)
+        if len(pool) >= 2:
+            op = oracle_predictability(vfuse.select(members), test.select(members), metric)
+            bench_out["chosen"]["oracle_predictability"] = op
+            say(f"  can the gate's inputs tell the per-query best model? a logistic regression fitted on val/fuse, "
+                f"applied to test: accuracy {100 * op['accuracy']:.1f} % (always {op['majority_model']}: "
+                f"{100 * op['majority_accuracy']:.1f} %); ranking each query by its predicted model {op['predicted_choice']:.2f} "
+                f"vs best single {op['best_single']:.2f}, oracle {op['oracle_choice']:.2f}")
+        if "embedded" in args.backbones:
+            emb = [f"{m}@embedded" for m in POOL]
+            if emb != pool:
+                bench_out["all_embedded"] = pool_table(emb, "all-embedded pool (not chosen; shown beside)",
+                                                      learned_subsets=False)
+                atomic_write_json(out / "dafm_accuracy.partial.json", results)
+        if len(pool) >= 2:
+            t0 = time.perf_counter()
+            say(f"\n{bench}: every order of adding the models, seeds 0..{args.order_seeds - 1} (fitted on val/fuse, test):")
+            figs = order_of_addition(vfuse.select(members), None, test.select(members), cfg,
+                                     tuple(range(args.order_seeds)), metric=metric, report=say)
+            sel.report("order of addition", f"{bench}/test")
+            atomic_write_json(out / f"incremental-{bench}.json", figs)
+            plot_incremental(figs, out / f"incremental-{bench}.png")
+            say(f"  every order of adding the models ({len(figs['orders'])} orders x {len(figs['seeds'])} seeds, "
+                f"{figs['fits']} fits, {time.perf_counter() - t0:.0f} s; test):")
+            for pos in figs["positions"]:
+                say(f"    {pos['models']} model(s): min {pos['min']:.2f}, median {pos['median']:.2f}, max {pos['max']:.2f}, "
+                    f"std {pos['std']:.2f} (n {pos['n']})")
+            fin = figs["final"]
+            say(f"    final: std over orders {fin['std_over_orders']:.2f}, over seeds {fin['std_over_seeds']:.2f}")
+            bench_out["orders"] = figs
+        sel.write(out / f"selection-{bench}.json")
+        results[bench] = bench_out
+    results["wall_s"] = time.perf_counter() - t_start
+    atomic_write_json(out / "dafm_accuracy.json", results)
+    print(json.dumps(results, separators=(",", ":")))
     return 0
 
 

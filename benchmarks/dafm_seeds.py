@@ -1,11 +1,12 @@
-"""How much the DAFM gain depends on the fusion's own seed (issue 4, section 3): on a finished quickstart or
-``dafm_accuracy.py`` directory, fit the fusion of the whole pool with seeds 0..N-1 and print each seed's gain over
-the best single model on test (Rmean on synthetic, mAP@10 on the catalog).
+"""How much the DAFM gain depends on the fusion's own seed (issue 4, section 3): on a finished quickstart
+directory, fit the fusion of the whole pool on val/fuse (docs/protocol.md) with seeds 0..N-1 and print each seed's
+gain over the best single model and over the mean of normalised scores on test (Rmean on synthetic, mAP@10 on the
+catalog). Every fit is chosen on val/fuse (its held-out fifth picks the epoch); test only reports.
 
-    python benchmarks/dafm_seeds.py --dir bench-dafm --seeds 5
+    python benchmarks/dafm_seeds.py --dir quickstart --seeds 5
 
-The seed draws the held-out fifth of the fit (val) queries that picks the epoch, the network's initial weights, the
-batch order and the random negatives; the base models are the directory's, unchanged. Ends with one JSON line.
+The seed draws the held-out fifth of the fit (val/fuse) queries that picks the epoch, the network's initial weights,
+the batch order and the random negatives; the base models are the directory's, unchanged. Ends with one JSON line.
 """
 
 from __future__ import annotations
@@ -37,20 +38,23 @@ def main() -> int:
     overrides = {k: v for k, v in (("min_steps", args.min_steps), ("holdout", args.holdout)) if v is not None}
     t0 = time.perf_counter()
     figures: dict[str, object] = {"dir": str(args.dir), "seeds": args.seeds}
-    for bench, (_, tables) in pool_tables(args.dir).items():
+    for bench, (_, tables) in pool_tables(args.dir, ("val/fuse", "test")).items():
+        tables["val"] = tables["val/fuse"]
         names = tables["val"].names
         single = {n: evaluate_base(tables["test"], k) for k, n in enumerate(names)}
         metric = headline_metric(bench, single[names[0]])
         best = max(v[metric] for v in single.values())
         mean = evaluate_fused(baseline_model(tables["test"]), tables["test"])[metric] - best
-        gains = []
+        gains: list[float] = []
         for seed in range(args.seeds):
             cfg = FusionConfig(**overrides, val_metric=metric, seed=seed)
             model, _ = fuse(tables["val"], None, cfg)
             gains.append(evaluate_fused(model, tables["test"])[metric] - best)
-        print(f"{bench} ({metric}, {tables['test'].num_queries} test queries): gain of the full fusion over the best "
+        print(f"{bench} ({metric}, fitted on {tables['val'].dataset.key}, {tables['test'].num_queries} test queries): "
+              f"gain of the full fusion over the best "
               f"single model per seed " + ", ".join(f"{g:+.2f}" for g in gains)
-              + f"; min {min(gains):+.2f}, mean {np.mean(gains):+.2f}; mean of normalised scores {mean:+.2f}", flush=True)
+              + f"; min {min(gains):+.2f}, mean {np.mean(gains):+.2f}; mean of normalised scores {mean:+.2f}; "
+              f"learned - mean: mean {np.mean(gains) - mean:+.2f}", flush=True)
         figures[bench] = {"metric": metric, "best_single": best, "gains": gains, "min": min(gains),
                           "mean": float(np.mean(gains)), "mean_normalised_gain": mean}
     figures["wall_s"] = time.perf_counter() - t0

@@ -556,12 +556,12 @@ def test_cli_fuse_bases_on_two_backbones(tmp_path, capsys):
     capsys.readouterr()
     ck = [str(tmp_path / n / "best") for n in runs]
     out = tmp_path / "fused"
-    # the default splits: fitted on val (a fifth of it held out to pick the epoch), reported on --split-test
+    # the default splits: fitted on val/fuse (a fifth of it held out to pick the epoch), reported on --split-test
     assert main(["fuse", *ck, *common, "--out", str(out), "--epochs", "1", "--min-steps", "20", "--split-test", "val"]) == 0, \
         capsys.readouterr().err
     assert "2 backbones" in capsys.readouterr().out
     rep = json.loads((out / "metrics.json").read_text())
-    assert rep["splits_used"] == {"fit": "val", "val": None, "test": "val"} and rep["dataset"] == "custom/val"
+    assert rep["splits_used"] == {"fit": "val/fuse", "val": None, "test": "val"} and rep["dataset"] == "custom/val:fuse"
     assert rep["config"]["holdout"] == FU.FusionConfig().holdout > 0 and set(rep["splits"]) == {"test"}
     assert len(rep["training"]["fused"]["steps"]) >= 20 and rep["training"]["fused"]["epochs"][0]["epoch"] == -1
     fused = api.load(out / "best")
@@ -726,8 +726,8 @@ def test_cli_defaults_are_the_library_defaults():
     fuse_cmd.register(parser.add_subparsers())
     args = parser.parse_args(["fuse", "a", "b", "--dataset", "custom", "--root", "r", "--out", "o"])
     d, sp = FU.FusionConfig(), FU.FuseSplits()
-    assert (d.holdout, d.min_steps, sp.fit, sp.val, sp.test) == (0.2, 500, "val", None, "test")
-    assert (args.split_train, args.split_val, args.split_test) == ("val", "none", "test")
+    assert (d.holdout, d.min_steps, sp.fit, sp.val, sp.test) == (0.2, 500, "val/fuse", None, "test")
+    assert (args.split_train, args.split_val, args.split_test) == ("val/fuse", "none", "test")
     for opt, field in [("epochs", "epochs"), ("holdout", "holdout"), ("min_steps", "min_steps"), ("batch_size", "batch_size"),
                        ("lr", "lr"), ("seed", "seed"), ("tau0", "tau0"), ("s", "s"), ("tau_min", "tau_min"),
                        ("tau_max", "tau_max"), ("negatives", "negatives"), ("hard", "hard"), ("random", "random"),

@@ -68,9 +68,14 @@ def test_writes_results_report_and_manifest(quickstart_run):
     hashes = [h for h in record["files"].values()]  # data file hashes are recorded
     assert hashes and all(len(h) == 64 for h in hashes)
     assert manifest["fusion"]["synthetic"]["num_parameters"] < 100_000
-    # the fusion ran through the one orchestration (cirfusion fuse's), with its defaults: fitted on val, test reported
+    # the fusion ran through the one orchestration (cirfusion fuse's), with its defaults: fitted on val/fuse, test
+    # reported; the base models chose their epochs on val/select (docs/protocol.md), and selection.json says so
     fused = json.loads((out / "runs" / "synthetic" / "dafm" / "metrics.json").read_text())
-    assert fused["splits_used"] == {"fit": "val", "val": None, "test": "test"} and fused["dataset"] == "synthetic/val"
+    assert fused["splits_used"] == {"fit": "val/fuse", "val": None, "test": "test"}
+    assert fused["dataset"] == "synthetic/val:fuse" and not any("chose its epoch" in n for n in fused["notes"])
+    choices = {c["name"]: c for c in json.loads((out / "selection.json").read_text())["choices"]}
+    assert choices["synthetic: epoch of clip4cir (on tiny)"]["split"] == "val/select"
+    assert choices["synthetic: fused: epoch"]["split"] == "val/fuse (held-out 20%)"
     assert fused["config"]["holdout"] == 0.2 and fused["config"]["min_steps"] == 20
     assert fused["splits"]["test"]["fused"] == results["synthetic"]["dafm"]
     assert fused["splits"]["test"]["fused_fixed_tau"] == results["synthetic"]["dafm (fixed tau)"]

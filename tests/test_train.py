@@ -606,7 +606,8 @@ def test_cli_train_eval_resume(tmp_path, capsys):
     assert man["backbone"]["id"] == "tiny" and man["backbone"]["cache_dir"] == str(cache)
     assert set(man["datasets"]["train"]["files"]) == {str(data / "queries.train.jsonl"), str(data / "gallery.json")}
 
-    assert main(["eval", str(run / "best"), *common, "--split", "val", "--json", "--save", str(tmp_path / "r.json")]) == 0
+    # the best epoch was chosen on val/select (the default; docs/protocol.md): eval there gives the same figure
+    assert main(["eval", str(run / "best"), *common, "--split", "val/select", "--json", "--save", str(tmp_path / "r.json")]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["results"][0]["metrics"]["R@10"] == pytest.approx(summary["best"])
     assert json.loads((tmp_path / "r.json").read_text()) == out

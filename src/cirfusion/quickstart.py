@@ -30,7 +30,7 @@ import json
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +56,7 @@ from .methods.registry import create_method, get_method_class
 from .report import ResultItem, SampleQuery, write_report, write_results_json
 from .seeding import seed_everything
 from .threads import set_override
+from .selection import SelectionRecord, data_part, describe_split
 from .train import TrainConfig, train
 from .views import FeatureView, SplitData, load_split_data
 
@@ -248,7 +249,7 @@ class Backbones:
 
 
 def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backbones, out: Path,
-                  samples: list[Any]) -> BenchmarkRun:
+                  samples: list[Any], sel: SelectionRecord | None = None) -> BenchmarkRun:
     """Train the pool on one benchmark, fuse it (:func:`cirfusion.fusion.fuse_checkpoints`, as ``cirfusion fuse``
     does, with its defaults: fitted on val, reported on test), evaluate everything on ``test``."""
     run = BenchmarkRun(name, root)
@@ -288,7 +289,11 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backb
         method = create_method(method_name, backbone)
         tc = TrainConfig(epochs=cfg.catalog_epochs if name == "catalog" else cfg.epochs, seed=cfg.seed,
                          progress=cfg.progress)
-        res = train(method, data["train"], data["val"], run_dir, tc, backbone_info=backbone_info)
+        # The best epoch is chosen on val/select; the fusion fits on val/fuse (docs/protocol.md).
+        res = train(method, data["train"], data_part(data["val"], "select"), run_dir, tc, backbone_info=backbone_info)
+        if sel is not None:
+            sel.choose(f"{name}: epoch of {method_name} (on {bname})", res.best_epoch, describe_split("val", "select"),
+                       res.val_metric, res.best_metric)
         best = load_checkpoint(res.best_dir)
         trained[method_name] = best
         run.metrics[method_name] = evaluate(best, data["test"])
@@ -315,6 +320,9 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backb
         run.metrics[FUSED_NAME] = test["fused"]
         run.metrics[f"{FUSED_NAME} (fixed tau)"] = test["fused_fixed_tau"]
         run.checkpoints[FUSED_NAME] = str(fr.checkpoint)
+        if sel is not None:
+            c = SelectionRecord.read(fr.report["selection"])
+            sel.choices += [replace(x, name=f"{name}: {x.name}") for x in c.choices if "epoch of" not in x.name]
         best_single = test["best_single"]["name"]
         run.fusion = {"metric": metric, "best_single": best_single,
                       "gain_over_best_single": test["gain_over_best_single"],
@@ -413,12 +421,17 @@ def _run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     backbone = backbones.cache(cfg.backbone).backbone
 
     samples: list[Any] = []
-    runs = {name: run_benchmark(name, root, cfg, backbones, out, samples) for name, root in benchmarks.items()}
+    sel = SelectionRecord({"pool": list(cfg.methods), "pool_backbones": {m: cfg.backbone_for(m) for m in cfg.methods},
+                           "pool_chosen_by": "benchmarks/dafm_accuracy.py on val/fuse (docs/protocol.md)"})
+    runs = {name: run_benchmark(name, root, cfg, backbones, out, samples, sel) for name, root in benchmarks.items()}
+    for name in runs:
+        sel.report(f"{name}: every method, the mean of normalised scores and the fusion", f"{name}/test")
+    sel.write(out)
     results = {name: r.metrics for name, r in runs.items()}
     wall = time.perf_counter() - t_start
 
-    notes = [f"Base models trained on train (best epoch on val); the DAFM fusion fitted on val; every number is on "
-             f"test. Backbone {backbone.backbone_id} (weights {backbone.weights_hash()[:12]}), seed {cfg.seed}."]
+    notes = [f"Base models trained on train (best epoch on val/select); the DAFM fusion fitted on val/fuse (docs/"
+             f"protocol.md; every choice in selection.json); every number is on test. Backbone {backbone.backbone_id} (weights {backbone.weights_hash()[:12]}), seed {cfg.seed}."]
     others = {m: cfg.backbone_for(m) for m in cfg.methods if cfg.backbone_for(m) != cfg.backbone}
     if others:
         notes.append("Per-method backbones: " + ", ".join(f"{m} on {b}" for m, b in others.items())

@@ -13,13 +13,17 @@ Writes into --out:
     metrics.json     per split: every base model, the mean of the normalised scores, the best single model and the
                      fused model (and the fixed-tau fusion with --compare-tau); training history (loss, tau per
                      step); per-query model-weight summary (explanations)
-    incremental.json, incremental.png   with --incremental: every order of adding the other models to --base, the
-                     metric after each addition (the paper's Figure 3)
+    incremental.json, incremental.png   with --incremental: every order of adding the models (those starting
+                     with --base if given), each prefix fitted as its own fusion over --incremental-seeds seeds, the
+                     metric after each addition and the spread over orders and seeds (the paper's Figure 3)
+    selection.json   every choice (each base model's epoch and the split it was chosen on, the fusion's epoch) with
+                     the validation figure behind it
     log.json         every training step (loss, tau, lr) and epoch record
 
-By default the fusion is fitted on the val split, queries the base models were not trained on (their scores on
-their own training queries overstate their reliability), with a fifth of them held out to pick the epoch, and reported
-on test: `--split-train val --split-val none --split-test test`. Pass `--split-test none` for a dataset without a
+By default the fusion is fitted on val/fuse, the half of the val split (by reference image) that the base models
+neither trained on nor chose their epochs on (`cirfusion train` chooses on val/select; docs/protocol.md), with a
+fifth of it held out to pick the epoch, and reported on test: `--split-train val/fuse --split-val none --split-test
+test`. `selection.json` in --out records every choice and the validation figure behind it. Pass `--split-test none` for a dataset without a
 labelled test split. Fitting on the bases' training split (`--split-train train --split-val val`) makes the command
 compare the bases' training-split and validation metrics and warn when the gap is large.
 
@@ -92,8 +96,12 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     g.add_argument("--val-metric", default=d.val_metric, help=f"metric selecting the best epoch (default: {d.val_metric})")
     g.add_argument("--chunk", type=int, default=d.eval_chunk,
                    help=f"queries scored at once in evaluation (default {d.eval_chunk})")
-    p.add_argument("--incremental", action="store_true", help="evaluate every order of adding the models to --base")
-    p.add_argument("--base", default=None, help="starting model of --incremental (name, index or checkpoint path)")
+    p.add_argument("--incremental", action="store_true",
+                   help="fit every order of adding the models (each prefix its own fusion) and report the spread")
+    p.add_argument("--base", default=None,
+                   help="with --incremental: only the orders starting with this model (name, index or checkpoint path)")
+    p.add_argument("--incremental-seeds", type=int, default=1,
+                   help="with --incremental: fit every order with seeds 0..N-1 (default 1)")
     p.add_argument("--json", action="store_true", help="print the metrics JSON")
     p.set_defaults(func=run)
 
@@ -127,12 +135,13 @@ def run(args: argparse.Namespace) -> int:
                        progress=not args.no_progress)
     kw = dataset_kwargs(args)
     splits = FuseSplits(fit=args.split_train, val=_split(args.split_val), test=_split(args.split_test))
-    if args.incremental and args.base is None:
-        raise OptionError("--incremental needs --base NAME, INDEX or CHECKPOINT")
+    if args.incremental_seeds < 1:
+        raise OptionError(f"--incremental-seeds must be >= 1, got {args.incremental_seeds}")
+    incremental = (args.base or "all") if args.incremental else None
     run_ = fuse_checkpoints(
         args.checkpoints, args.dataset, args.root, args.out, cfg, cache_dir=args.cache_dir or default_cache_dir(),
         splits=splits, dataset_options=kw, hparams=hparams, compare_tau=args.compare_tau,
-        incremental=args.base if args.incremental else None, backbone_dirs=args.backbone_dir,
+        incremental=incremental, incremental_seeds=tuple(range(args.incremental_seeds)), backbone_dirs=args.backbone_dir,
         allow_download=args.allow_download, feature_batch_size=args.feature_batch_size,
         workers=args.workers, overwrite=args.overwrite, progress=not args.no_progress,
         say=_say_nothing if args.json else print)
@@ -150,8 +159,16 @@ def run(args: argparse.Namespace) -> int:
         print(_table(rows, mets))
         ex = entry["explanation"]
         print("  mean model weight per query: " + ", ".join(f"{n} {w:.2f}" for n, w in ex["mean_weight"].items()))
+        dg = entry.get("diagnostics")
+        if dg:
+            h = dg["headroom"]
+            print(f"  {dg['metric']} over the mean of normalised scores: learned {h['learned']:+.2f}; best static "
+                  f"weighting {h['static_best']:+.2f}; per-query oracle model {h['oracle_single']:+.2f}, weighting "
+                  f"{h['oracle_weights']:+.2f}; gate weights' distance from their average "
+                  f"{dg['gate']['mean_distance_from_average']:.3f}")
     out_dir: Path = args.out
     print(f"fused checkpoint: {out_dir / 'best'}; metrics: {out_dir / 'metrics.json'}"
           + (f"; incremental plot: {out_dir / 'incremental.png'}" if args.incremental else "")
+          + f"; choices: {out_dir / 'selection.json'}"
           + f" ({report['wall_s']:.1f} s)")
     return 0

@@ -54,7 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         if action.dest in ("dataset", "root"):
             action.required = False
     p.add_argument("--split-train", default="train", help="training split (default: train)")
-    p.add_argument("--split-val", default="val", help="validation split, or 'none' (default: val)")
+    p.add_argument("--split-val", default="val/select",
+                   help="split (or part) that chooses the best epoch, or 'none' (default: val/select, the half of val "
+                        "the fusion does not fit on; docs/protocol.md)")
     p.add_argument("--backbone", default="embedded", help="backbone name (default: embedded)")
     add_feature_args(p)
     p.add_argument("--allow-download", action="store_true",

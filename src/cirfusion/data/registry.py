@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from ..registry import Registry
+from .parts import dataset_part, split_part
 from .schema import CIRDataset
 
 Loader = Callable[..., CIRDataset]  # loader(root, split, **options) -> CIRDataset
@@ -42,5 +43,8 @@ def dataset_loader(name: str) -> Loader:
 
 def load_dataset(name: str, root: str | Path, split: str, **kwargs: Any) -> CIRDataset:
     """Load split ``split`` of dataset ``name`` stored under ``root``. Extra kwargs go to the loader
-    (e.g. ``category="dress"`` for FashionIQ)."""
-    return dataset_loader(name)(Path(root), split, **kwargs)
+    (e.g. ``category="dress"`` for FashionIQ). ``"val/select"`` / ``"val/fuse"`` (or ``val:select``) load a part of a
+    split (:mod:`cirfusion.data.parts`, ``docs/protocol.md``)."""
+    base, part = split_part(split)
+    assert base is not None
+    return dataset_part(dataset_loader(name)(Path(root), base, **kwargs), part)

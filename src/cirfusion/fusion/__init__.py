@@ -36,14 +36,26 @@ the network, and no module here imports it (fitting builds it through the method
 
 from .compat import check_compatible, dataset_family, pick_base, read_bases
 from .experiments import (
+    addition_orders,
     contribution_summary,
     explain,
     explain_all,
     explanation_summary,
+    fusion_diagnostics,
     incremental_analysis,
     incremental_orders,
+    metric_from_per_query,
+    oracle_choice,
+    oracle_predictability,
+    order_of_addition,
+    pick_per_query,
     plot_incremental,
+    query_scores,
+    score_statistics,
     shapley_contributions,
+    simplex_grid,
+    spread,
+    weighted_per_query,
 )
 from .fit import (
     POSITIVE_LOSSES,
@@ -87,7 +99,7 @@ from .kernels import (
 )
 from .network import FusionNet, count_parameters
 from .orchestrate import FuseSplits, FusionRun, fuse_checkpoints
-from .tables import SplitTable, evaluate_base, evaluate_fused
+from .tables import SplitTable, evaluate_base, evaluate_fused, per_query_base, per_query_fused
 
 __all__ = [
     "BLOCK_ELEMS",
@@ -105,6 +117,7 @@ __all__ = [
     "Normalised",
     "Shortlists",
     "SplitTable",
+    "addition_orders",
     "base_scores",
     "baseline_model",
     "block_rows",
@@ -124,26 +137,39 @@ __all__ = [
     "fuse",
     "fuse_checkpoints",
     "fused_model",
+    "fusion_diagnostics",
     "image_fingerprint",
     "incremental_analysis",
     "incremental_orders",
     "int8_copy",
     "integer_sum",
+    "metric_from_per_query",
     "multi_positive_nce",
     "next_tau",
     "normalise_scores",
     "observe_score_blocks",
+    "oracle_choice",
+    "oracle_predictability",
+    "order_of_addition",
+    "per_query_base",
+    "per_query_fused",
     "pick_base",
+    "pick_per_query",
     "plot_incremental",
     "prepare_shortlists",
+    "query_scores",
     "read_bases",
     "reference_dot_or_maxsim",
     "reference_normalise",
+    "score_statistics",
     "score_stats",
     "shapley_contributions",
     "shortlist_loss",
+    "simplex_grid",
     "single_thread_if_small",
+    "spread",
     "standardise",
     "storage_dtype",
     "uses_default_similarity",
+    "weighted_per_query",
 ]

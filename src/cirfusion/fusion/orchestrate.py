@@ -7,8 +7,13 @@ on several backbones read a ``multi:`` composite of them); encode the fit, valid
 feature cache (:class:`~cirfusion.fusion.tables.SplitTable`); fit the fusion (and, with ``compare_tau``, the other
 temperature schedule too); evaluate every base model, the mean of normalised scores and each fused model on the
 reported splits; warn when the bases overfit the fit split; write ``OUT/best`` (the fused checkpoint),
-``OUT/metrics.json`` (the report) and ``OUT/log.json`` (every step), and with ``incremental`` the paper's Figure 3
-(``OUT/incremental.json`` / ``.png``).
+``OUT/metrics.json`` (the report), ``OUT/selection.json`` (every choice and the validation figure behind it,
+:mod:`cirfusion.selection`) and ``OUT/log.json`` (every step), and with ``incremental`` the order-of-addition
+analysis (``OUT/incremental.json`` / ``.png``).
+
+The protocol (``docs/protocol.md``): the fusion is fitted on ``val/fuse``, the part of the validation split the base
+models did not choose their epochs on (they choose on ``val/select``); a base model whose run chose on queries the
+fusion fits on is named in a warning and in ``selection.json``.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ from ..data.registry import load_dataset
 from ..evaluation import pick_val_metric
 from ..features import FeatureCache
 from ..io import atomic_directory, atomic_write_json
+from ..selection import ALL, ProtocolError, SelectionRecord, base_selection, describe_split, overlaps, split_part
 from ..views import SplitData, load_split_data
 from .compat import check_compatible, pick_base, read_bases
-from .experiments import explain_all, explanation_summary, incremental_analysis, plot_incremental
+from .experiments import explain_all, explanation_summary, fusion_diagnostics, order_of_addition, plot_incremental
 from .fit import FitResult, FusionConfig, baseline_model, fuse
 from .kernels import FusionError
 from .network import count_parameters
@@ -44,13 +50,15 @@ OVERFIT_GAP = 10.0  # metric points between the base models' fit-split and valid
 
 @dataclass
 class FuseSplits:
-    """Which splits a fusion is fitted on, selects its epoch on and is reported on.
+    """Which splits a fusion is fitted on, selects its epoch on and is reported on; ``"val/fuse"`` names a part of a
+    split (:mod:`cirfusion.selection`).
 
-    The default fits on ``val``: queries the base models did not train on (their scores on their own training queries
-    overstate their reliability), with :attr:`FusionConfig.holdout` of them held out to pick the epoch; ``test``
-    reports. ``val``/``test`` None: no such split."""
+    The default fits on ``val/fuse``: queries the base models neither trained on (their scores on their own training
+    queries overstate their reliability) nor chose their epochs on (``val/select``), with
+    :attr:`FusionConfig.holdout` of them held out to pick the epoch; ``test`` reports. ``val``/``test`` None: no
+    such split."""
 
-    fit: str = "val"
+    fit: str = "val/fuse"
     val: str | None = None
     test: str | None = "test"
 
@@ -93,6 +101,8 @@ def fuse_checkpoints(
     hparams: Mapping[str, Any] | None = None,
     compare_tau: bool = False,
     incremental: str | None = None,
+    incremental_seeds: Sequence[int] = (0,),
+    diagnostics: bool = True,
     backbones: Mapping[str, Backbone] | None = None,
     backbone_dirs: Sequence[str | Path] = (),
     allow_download: bool = False,
@@ -106,9 +116,11 @@ def fuse_checkpoints(
     """Fuse the trained ``checkpoints`` (K >= 2, frozen) on ``dataset`` (under ``root``) into ``out/best``.
 
     ``config``: how the fusion network is fitted (default :class:`FusionConfig()`); ``splits``: which splits fit,
-    select and report (default :class:`FuseSplits()`: fit on val, report test); ``hparams``: the fused model's
-    hyper-parameters (DAFM's defaults otherwise); ``incremental``: a base model (name, index or checkpoint path) to
-    start the incremental analysis from; ``backbones``: already built backbones by id, used instead of building them
+    select and report (default :class:`FuseSplits()`: fit on val/fuse, report test); ``hparams``: the fused model's
+    hyper-parameters (DAFM's defaults otherwise); ``incremental``: ``"all"`` for the order-of-addition analysis over
+    every order of adding the models, or a base model (name, index or checkpoint path) for the orders starting from
+    it, each fitted with the seeds ``incremental_seeds``; ``diagnostics``: also report, per reported split, the
+    learned-against-static diagnostics (:func:`~cirfusion.fusion.experiments.fusion_diagnostics`); ``backbones``: already built backbones by id, used instead of building them
     again; ``backbone_dirs`` / ``allow_download``: where else the checkpoints' backbones may be read from (see
     :func:`cirfusion.load`); ``cache_dir``: the feature cache. Raises :class:`FusionError` (or another
     :class:`~cirfusion.errors.CirfusionError`) on anything the user can fix: an existing ``out/best`` without
@@ -123,9 +135,14 @@ def fuse_checkpoints(
 
     # -- the base checkpoints: readable, compatible -------------------------------------------------------------------
     bases_info = read_bases(checkpoints)
+    parts = {role: split_part(split) for role, split in (("train", sp.fit), ("val", sp.val), ("test", sp.test))}
+    for role, flag in (("train", "--split-train"), ("val", "--split-val")):
+        if parts[role][0] == "test":
+            raise ProtocolError(f"{flag} test: the fusion would be fitted or its epoch chosen on test; every choice is "
+                                "made on validation and test only reports (docs/protocol.md)")
     ds_fit = load_dataset(dataset, root, sp.fit, **ds_kw)
     notes = check_compatible(bases_info, ds_fit)
-    start = pick_base(bases_info, incremental) if incremental is not None else None
+    start = pick_base(bases_info, incremental) if incremental not in (None, "", "all") else None
     for n in notes:
         say(f"note: {n}")
     built = dict(backbones or {})
@@ -142,13 +159,29 @@ def fuse_checkpoints(
     t0 = time.perf_counter()
     for role, split in (("train", sp.fit), ("val", sp.val), ("test", sp.test)):
         if split is not None:
-            ds = ds_fit if split == sp.fit else load_dataset(dataset, root, split, **ds_kw)
+            ds = ds_fit if role == "train" else load_dataset(dataset, root, split, **ds_kw)
             data[role] = load_split_data(cache, ds, training=False, progress=progress)
             tables[role] = SplitTable.build(methods, names, data[role], progress=progress)
     encode_s = time.perf_counter() - t0
     val = tables.get("val")
     say(f"encoded {', '.join(f'{k} ({t.dataset.key}: {t.num_queries} queries, {t.num_gallery} images)' for k, t in tables.items())} "
         f"with {len(methods)} base models in {encode_s:.1f} s")
+
+    # -- the protocol: what the base models chose on, against what the fusion fits on ----------------------------------
+    sel = SelectionRecord({"fit": sp.fit, "val": sp.val, "test": sp.test, "fusion_config": cfg.to_dict(),
+                           "hparams": dict(hparams or {})})
+    fit_where = (parts["train"][0], parts["train"][1])
+    for b in bases_info:
+        bs = base_selection(b["config"], b["manifest"])
+        where = "an unrecorded split" if bs["split"] is None else describe_split(bs["split"], bs["part"] or ALL)
+        sel.choose(f"epoch of {b['name']}", bs["epoch"], where, bs["metric"], bs["figure"],
+                   note=f"chosen when {b['name']} was trained ({b['path']})")
+        if bs["split"] is not None and overlaps((bs["split"], bs["part"] or ALL), fit_where):
+            msg = (f"warning: {b['name']} chose its epoch on {where}, which shares queries with the fusion's fit split "
+                   f"{sp.fit}: the fusion would learn to trust it on queries it was selected on. Train the base models "
+                   f"with validation on val/select and fit the fusion on val/fuse (docs/protocol.md).")
+            notes.append(msg)
+            warn(msg)
 
     # -- train the fusion ---------------------------------------------------------------------------------------------
     log: list[dict[str, Any]] = []
@@ -169,6 +202,12 @@ def fuse_checkpoints(
             + (f", {res.val_metric} = {res.best_metric:.2f}" if res.best_metric is not None else "")
             + f"; final tau {res.tau_final:.4f}")
     model, res = fused["fused"]
+    hold = (sp.val if val is not None and sp.val else
+            describe_split(str(fit_where[0]), fit_where[1], holdout=cfg.holdout or None))
+    for label, (_, r) in fused.items():
+        sel.choose(f"{label}: epoch", r.best_epoch, hold, r.val_metric, r.best_metric,
+                   {str(e["epoch"]): e["val"][r.val_metric] for e in r.epochs if "val" in e and r.val_metric},
+                   note="-1 = the untrained network, i.e. the mean of normalised scores" if cfg.keep_initial else "")
 
     # -- evaluate: bases, mean of normalised scores, best single, fused -----------------------------------------------
     chunk = cfg.eval_chunk
@@ -196,6 +235,9 @@ def fuse_checkpoints(
             entry[label] = evaluate_fused(m, t, chunk)
         entry["gain_over_best_single"] = entry["fused"][m_name] - entry["bases"][best][m_name]
         entry["explanation"] = explanation_summary(explain_all(model, t, chunk), names)
+        if diagnostics:
+            entry["diagnostics"] = fusion_diagnostics(t, model, m_name, chunk=chunk)
+        sel.report(f"bases, mean of normalised scores, fused ({split})", t.dataset.key)
         report["splits"][split] = entry
     # The fusion learns how far to trust each model from its scores on the fit queries. Base models that scored
     # those very queries far better than unseen ones (they were trained on them) teach it the wrong trust.
@@ -228,17 +270,22 @@ def fuse_checkpoints(
         write_checkpoint_files(model, tmp, dataset=ds_fit.key, extra=extra)
     report["checkpoint"] = str(ckpt)
 
-    if start is not None:
+    if incremental is not None:
         ev = tables.get("test") or val
         if ev is None:
             raise FusionError("--incremental needs a split to report on (--split-test or --split-val)")
-        say(f"incremental fusion from {start} on {ev.dataset.key} ({metric_name}):")
-        done = {frozenset(names): report["splits"]["test" if "test" in tables else "val"]["fused"][metric_name]}
-        figs = incremental_analysis(tables["train"], val, ev, start, cfg, hparams, metric_name, done, say)
+        say(f"order of addition{f' from {start}' if start else ''} on {ev.dataset.key} ({metric_name}; seeds "
+            f"{', '.join(map(str, incremental_seeds))}):")
+        figs = order_of_addition(tables["train"], val, ev, cfg, incremental_seeds, start, hparams, metric_name, report=say)
+        fin = figs["final"]
+        say(f"  final figure over {fin['n']} fits: min {fin['min']:.2f}, median {fin['median']:.2f}, max {fin['max']:.2f},"
+            f" std {fin['std']:.2f} (over orders {fin['std_over_orders']:.2f}, over seeds {fin['std_over_seeds']:.2f})")
         atomic_write_json(out_dir / "incremental.json", figs)
         plot_incremental(figs, out_dir / "incremental.png")
+        sel.report("order of addition", ev.dataset.key)
         report["incremental"] = {**figs, "json": str(out_dir / "incremental.json"), "plot": str(out_dir / "incremental.png")}
     report["wall_s"] = time.perf_counter() - t_start
+    report["selection"] = str(sel.write(out_dir))
     atomic_write_json(out_dir / "metrics.json", report)
     atomic_write_json(out_dir / "log.json", log)
     return FusionRun(report, model, res, fused, tables, data, ckpt, log)

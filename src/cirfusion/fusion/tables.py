@@ -217,6 +217,32 @@ def _metrics_from(scorer: Callable[[slice], torch.Tensor], dataset: CIRDataset, 
     return m.compute()
 
 
+def _per_query_from(scorer: Callable[[slice], torch.Tensor], dataset: CIRDataset, chunk: int) -> dict[str, np.ndarray]:
+    m = RetrievalMetrics(dataset)
+    for s in range(0, len(dataset.queries), chunk):
+        m.update(s, scorer(slice(s, min(len(dataset.queries), s + chunk))).numpy())
+    return m.per_query()
+
+
+@torch.no_grad()
+def per_query_base(table: SplitTable, k: int, chunk: int = 256) -> dict[str, np.ndarray]:
+    """Per-query results of base model ``k`` alone (:meth:`RetrievalMetrics.per_query`: ranks, subset ranks, AP)."""
+    base, q, g = table.bases[k], table.query[k], table.gallery[k]
+    return _per_query_from(lambda r: base.similarity(rows_of(q, r), g).float(), table.dataset, chunk)
+
+
+@torch.no_grad()
+def per_query_fused(model: DAFM, table: SplitTable, chunk: int = 256) -> dict[str, np.ndarray]:
+    """Per-query results of a fused model (the table holds exactly its bases, in its order)."""
+    was = model.training
+    model.eval()
+    try:
+        g = table.gallery_bundle(model.score_dtype)
+        return _per_query_from(lambda r: model.similarity(table.query_bundle(r), g), table.dataset, chunk)
+    finally:
+        model.train(was)
+
+
 @torch.no_grad()
 def evaluate_base(table: SplitTable, k: int, chunk: int = 256) -> dict[str, float]:
     """Metrics of base model ``k`` alone (its own similarity)."""
@@ -236,4 +262,4 @@ def evaluate_fused(model: DAFM, table: SplitTable, chunk: int = 256) -> dict[str
         model.train(was)
 
 
-__all__ = ["SplitTable", "evaluate_base", "evaluate_fused"]
+__all__ = ["SplitTable", "evaluate_base", "evaluate_fused", "per_query_base", "per_query_fused"]
