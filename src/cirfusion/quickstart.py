@@ -55,8 +55,8 @@ from .methods.base import CIRMethod
 from .methods.registry import create_method, get_method_class
 from .report import ResultItem, SampleQuery, write_report, write_results_json
 from .seeding import seed_everything
-from .threads import set_override
 from .selection import SelectionRecord, data_part, describe_split
+from .threads import set_override
 from .train import TrainConfig, train
 from .views import FeatureView, SplitData, load_split_data
 
