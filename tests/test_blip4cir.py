@@ -16,7 +16,7 @@ from cirfusion.backbones.base import TextFeatures
 from cirfusion.checkpoint import load_checkpoint, read_config, save_checkpoint
 from cirfusion.evaluation import evaluate
 from cirfusion.methods import MethodDims, create_method, stage_parameters
-from cirfusion.methods.blip4cir import BACKWARD, FORWARD, BLIP4CIR, load_minilm_layer
+from cirfusion.methods.blip4cir import BACKWARD, BLIP4CIR, FORWARD, load_minilm_layer
 from cirfusion.methods.clip4cir import CLIP4CIR
 from cirfusion.seeding import seed_everything
 from cirfusion.train import TrainConfig, train

@@ -201,9 +201,10 @@ def load_minilm_layer(layer: nn.TransformerEncoderLayer, index: int) -> None:
     with torch.no_grad():
         layer.self_attn.in_proj_weight.copy_(torch.cat([sd[a + f"self.{k}.weight"] for k in ("query", "key", "value")]))
         layer.self_attn.in_proj_bias.copy_(torch.cat([sd[a + f"self.{k}.bias"] for k in ("query", "key", "value")]))
-        for dst, src in [(layer.self_attn.out_proj, a + "output.dense"), (layer.norm1, a + "output.LayerNorm"),
-                         (layer.linear1, p + "intermediate.dense"), (layer.linear2, p + "output.dense"),
-                         (layer.norm2, p + "output.LayerNorm")]:
+        pairs: list[tuple[nn.Linear | nn.LayerNorm, str]] = [
+            (layer.self_attn.out_proj, a + "output.dense"), (layer.norm1, a + "output.LayerNorm"),
+            (layer.linear1, p + "intermediate.dense"), (layer.linear2, p + "output.dense"), (layer.norm2, p + "output.LayerNorm")]
+        for dst, src in pairs:
             dst.weight.copy_(sd[src + ".weight"])
             dst.bias.copy_(sd[src + ".bias"])
 
