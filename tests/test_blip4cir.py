@@ -67,7 +67,7 @@ def test_registered_defaults_and_stages():
 def test_bad_hparams_are_refused():
     for hp, match in [({"bi_weight": -1}, "bi_weight"), ({"combiner_bi_weight": -0.1}, "combiner_bi_weight"),
                       ({"marker_tokens": 0}, "marker_tokens"), ({"combiner": False}, "combiner_bi_weight"),
-                      ({"width": 30, "heads": 4}, "divisible"), ({"text_encoder": "minilm-layer"}, "384")]:
+                      ({"width": 30, "heads": 4}, "divisible"), ({"fixed_logit_scale": 101.0}, "fixed_logit_scale"), ({"text_encoder": "minilm-layer"}, "384")]:
         with pytest.raises(ValueError, match=match):
             small("blip4cir-bi", **hp)
     with pytest.raises(ValueError, match="no image tokens"):
@@ -271,8 +271,12 @@ def test_resume_across_the_stage_boundary_equals_a_straight_run(toy, tmp_path):
 
 def test_checkpoint_round_trip_with_custom_hparams(tmp_path):
     dims = toy_dims(aligned=True)
-    hp = dict(bi_weight=0.1, combiner_bi_weight=0.1, marker_tokens=2, layers=2, heads=2, image_encoder="global")
+    hp = dict(bi_weight=0.1, combiner_bi_weight=0.1, marker_tokens=2, layers=2, heads=2, image_encoder="global",
+              fixed_logit_scale=100.0)
     m = small(dims=dims, **hp)
+    # the original's fixed scale of 100 in both stages: a constant, not a parameter
+    assert float(m.scale()) == pytest.approx(100) and float(m.combiner.scale()) == pytest.approx(100)
+    assert not any(n.endswith("logit_scale") for n, _ in m.named_parameters())
     assert isinstance(m.image_proj, torch.nn.Identity) and m.embed_dim == dims.image_dim  # the original's frozen image side
     opt = torch.optim.AdamW(m.parameters(), lr=1e-2)
     for s in range(2):  # move away from the initialisation so a silent re-init would show
@@ -290,4 +294,4 @@ def test_checkpoint_round_trip_with_custom_hparams(tmp_path):
     m2 = load_checkpoint(tmp_path / "ck")
     assert type(m2) is type(m) and m2.hparams == m.hparams
     assert torch.equal(m2.similarity(m2.encode_query(ref, text), m2.encode_gallery(gal)), s)
-    assert torch.isfinite(s).all()
+    assert torch.isfinite(s).all() and float(m2.scale()) == pytest.approx(100)

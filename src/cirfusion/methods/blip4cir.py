@@ -69,6 +69,7 @@ cache is the feasible form: a sixth-layer copy applied once more over the cached
 from __future__ import annotations
 
 import contextlib
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
@@ -115,6 +116,7 @@ class Blip4CirParams:
     hidden_dim: int = hparam(1024, "Combiner hidden width")
     combiner_dropout: float = hparam(0.5, "Combiner dropout (as in the original)")
     logit_scale_init: float = hparam(20.0, "initial logit scale of each stage (learned, capped at 100)")
+    fixed_logit_scale: float = hparam(0.0, "> 0: both stages use this fixed logit scale instead (the original: 100)")
 
 
 @dataclass
@@ -209,6 +211,12 @@ def load_minilm_layer(layer: nn.TransformerEncoderLayer, index: int) -> None:
             dst.bias.copy_(sd[src + ".bias"])
 
 
+def fix_logit_scale(method: CIRMethod, scale: float) -> None:
+    """Turn a method's learned logit scale into a constant (a buffer: saved with the weights, never trained)."""
+    del method.logit_scale
+    method.register_buffer("logit_scale", torch.tensor(math.log(scale), dtype=torch.float32))
+
+
 @contextlib.contextmanager
 def frozen(*modules: nn.Module) -> Iterator[None]:
     """Eval mode (no dropout) and no gradient for ``modules`` while the block runs; modes are restored after."""
@@ -240,6 +248,8 @@ class BLIP4CIR(CIRMethod):
                 raise HyperParameterError(f"{self.method_name}: {name} must be >= 0, got {getattr(h, name)}")
         if h.marker_tokens < 1:
             raise HyperParameterError(f"{self.method_name}: marker_tokens must be >= 1, got {h.marker_tokens}")
+        if h.fixed_logit_scale < 0 or h.fixed_logit_scale > 100:
+            raise HyperParameterError(f"{self.method_name}: fixed_logit_scale must be in [0, 100], got {h.fixed_logit_scale}")
         if h.combiner_bi_weight > 0 and not h.combiner:
             raise HyperParameterError(f"{self.method_name}: combiner_bi_weight > 0 needs combiner=true")
         if h.text_encoder == "head" and dims.max_text_tokens < 1:
@@ -269,6 +279,8 @@ class BLIP4CIR(CIRMethod):
             self.markers = nn.Parameter(torch.zeros(2, h.marker_tokens, width))
             nn.init.trunc_normal_(self.markers, std=0.02)
         self.init_logit_scale(h.logit_scale_init)
+        if h.fixed_logit_scale > 0:
+            fix_logit_scale(self, h.fixed_logit_scale)
         self.combiner: CLIP4CIR | None = None
         if h.combiner:
             # CLIP4CIR on a D-dim aligned space with global inputs has identity projections: exactly the Combiner.
@@ -277,6 +289,8 @@ class BLIP4CIR(CIRMethod):
             self.combiner = CLIP4CIR(space, image_encoder="global", project="auto", projection_dim=h.projection_dim,
                                      hidden_dim=h.hidden_dim, dropout=h.combiner_dropout,
                                      logit_scale_init=h.logit_scale_init)
+            if h.fixed_logit_scale > 0:
+                fix_logit_scale(self.combiner, h.fixed_logit_scale)
 
     # ---- stages ---------------------------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
@@ -284,7 +298,7 @@ class BLIP4CIR(CIRMethod):
             return [Stage("text-encoder", loss="loss")]
         # Stage I: everything but the Combiner (a parameter-free identity P_img names no prefix).
         stage1 = tuple(n for n, m in self.named_children() if n != "combiner" and any(True for _ in m.parameters()))
-        stage1 += ("logit_scale",) + (("markers",) if self.markers is not None else ())
+        stage1 += tuple(n for n in ("logit_scale", "markers") if isinstance(getattr(self, n), nn.Parameter))
         return [Stage("text-encoder", train=stage1, loss="loss", validate=False),
                 Stage("combiner", train=("combiner",), loss="loss_combiner")]
 
