@@ -102,7 +102,9 @@ def test_stage1_reversed_query_reads_target_and_backward_marker():
     fwd, back = m.text(batch.text, FORWARD), m.text(batch.text, BACKWARD)
     assert not torch.allclose(fwd, back)
     # the reversed NCE is computed on norm(target + backward text) against the references
-    expect = BLIP4CIR.reverse_info_nce(m.sum_query(i_tgt, back), F.normalize(i_ref, dim=-1), batch, m.scale())
+    # the original sums the normalised target (and the raw reference in the forward query)
+    expect = BLIP4CIR.reverse_info_nce(m.sum_query(F.normalize(i_tgt, dim=-1), back), F.normalize(i_ref, dim=-1), batch,
+                                       m.scale())
     _, logs = m.loss(batch)
     assert logs["loss_reverse"] == pytest.approx(float(expect.detach()), rel=1e-5)
     assert logs["loss_forward"] == pytest.approx(float(m.info_nce(m.sum_query(i_ref, fwd), F.normalize(i_tgt, dim=-1), batch).detach()), rel=1e-5)

@@ -348,7 +348,8 @@ class BLIP4CIR(CIRMethod):
         logs = {"loss_forward": float(forward.detach())}
         loss = forward
         if self.params.bi_weight > 0:
-            rev = self.sum_query(i_tgt, self.text(batch.text, BACKWARD))
+            # As the original: the reversed query sums the normalised target feature (the forward one, the raw reference).
+            rev = self.sum_query(g, self.text(batch.text, BACKWARD))
             reverse = self.reverse_info_nce(rev, l2norm(i_ref), batch, self.scale())
             loss = loss + self.params.bi_weight * reverse
             logs["loss_reverse"] = float(reverse.detach())
