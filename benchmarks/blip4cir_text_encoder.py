@@ -11,6 +11,7 @@ forms are compared, each trained with the shared loop (both stages, same seed an
                       hold them. This is exactly fine-tuning MiniLM's last layer (with the markers inserted before it).
 
     PYTHONPATH=src python benchmarks/blip4cir_text_encoder.py --root DATA/synthetic --cache-dir CACHE [--epochs 4]
+        [--variants head,minilm-layer,minilm-unfrozen] [--hparam combiner=false --hparam combiner_bi_weight=0]
 
 Prints one line per variant and ends with one JSON line (split: val).
 """
@@ -74,6 +75,8 @@ def main() -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--epochs", type=int, default=4, help="per stage (the quickstart's)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--hparam", action="append", default=[], metavar="KEY=JSON",
+                    help="a hyper-parameter for every variant, e.g. combiner=false to compare stage I alone")
     args = ap.parse_args()
     torch.set_num_threads(1)
 
@@ -81,6 +84,7 @@ def main() -> int:
     cache = FeatureCache(backbone, args.cache_dir)
     data = {s: load_split_data(cache, load_dataset("synthetic", args.root, s), training=s == "train")
             for s in ("train", "val")}
+    common = {k: json.loads(v) for k, v in (item.split("=", 1) for item in args.hparam)}
     fifth: dict[str, SplitData] = {}
     results: dict[str, dict[str, Any]] = {}
     for name in args.variants.split(","):
@@ -93,7 +97,7 @@ def main() -> int:
                 print(f"fifth-layer MiniLM states extracted ({time.perf_counter() - t0:.0f} s)", flush=True)
             splits = fifth
         seed_everything(args.seed)
-        method = create_method(args.method, backbone, **hp)
+        method = create_method(args.method, backbone, **{**common, **hp})
         t0 = time.perf_counter()
         res = train(method, splits["train"], splits["val"], args.out / name,
                     TrainConfig(epochs=args.epochs, seed=args.seed, progress=False), overwrite=True)
@@ -102,7 +106,8 @@ def main() -> int:
                          "trainable_parameters": method.num_parameters(), "train_s": round(time.perf_counter() - t0, 1)}
         print(f"{name:16s} val " + "  ".join(f"{k} {v:.2f}" for k, v in results[name]["val"].items())
               + f"  (best epoch {res.best_epoch}, {results[name]['train_s']:.0f} s)", flush=True)
-    print(json.dumps({"benchmark": "blip4cir_text_encoder", "split": "val", "method": args.method, "epochs": args.epochs,
+    print(json.dumps({"benchmark": "blip4cir_text_encoder", "split": "val", "method": args.method, "hparams": common,
+                      "epochs": args.epochs,
                       "seed": args.seed, "results": results}))
     return 0
 

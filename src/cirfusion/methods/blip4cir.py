@@ -8,7 +8,7 @@ The original has two stages, and so does this method (``stages()``; ``--stage-ep
         t   = TextEnc([FORWARD] + caption)               the text-only encoder, trained
         q   = norm(i + t)                                 element-wise sum
         g   = norm(P_img(target))                        gallery
-        L_I = NCE(q, g) + bi_weight · NCE(norm(P_img(target) + TextEnc([BACKWARD] + caption)), norm(P_img(ref)))
+        L_I = NCE(q, g) + bi_weight · NCE(norm(g + TextEnc([BACKWARD] + caption)), norm(P_img(ref)))
     stage II "combiner"      (src/combiner_train.py, src/combiner.py)
         q   = Combiner(norm(i), norm(t))                  CLIP4Cir's Combiner; stage I frozen (eval mode, no grad)
         L_II = NCE(q, g) + combiner_bi_weight · NCE(Combiner(norm(P_img(target)), norm(t_backward)), norm(P_img(ref)))
@@ -30,9 +30,10 @@ every caption in training and at       vectors per direction, inserted after the
 inference (data_utils.py               text encoder's first token, in training     markers, so the marker enters the
 ``__prepend_text__``); the word        and at inference (forward marker)            trainable encoder as learned
 pieces' embeddings train with BERT                                                 vectors, not as word pieces
-reversed query = target + BACKWARD     follows; duplicate references in a batch    a repeated image is not a negative
-text -> reference; weight 0.1 CIRR,    are not negatives. ``bi_weight`` default
-0.4 FashionIQ (clip_fine_tune.py)      chosen on synthetic val (see below)
+reversed query = normalize(normalized  follows (the normalised target, as there);  a repeated image is not a negative
+target + BACKWARD text) -> reference;  duplicate references in a batch are not
+weight 0.1 CIRR, 0.4 FashionIQ         negatives. ``bi_weight`` default chosen
+(clip_fine_tune.py)                    on synthetic val (see below)
 stage-II reversed weight 0.1 CIRR,     follows (``combiner_bi_weight``); default   the paper's values are per dataset
 0.5 FashionIQ (combiner_train.py)      chosen on synthetic val
 Combiner (combiner.py)                 follows by reuse: the ``combiner`` is       one Combiner in the package; inputs
@@ -51,8 +52,9 @@ frozen BLIP ViT image encoder          differs: a trainable ``P_img`` (the      
                                        or a linear map of the global vector);      image side needs a learned map into
                                        identity on an aligned backbone with        the common space; tokens measured
                                        ``image_encoder=global`` (the original)     better in CLIP4CIR's docstring
-fixed logit scale 100 in both stages   differs: learned (CLIP-style), capped at    a from-scratch head trains better
-                                       100, one per stage                          with a learned temperature
+fixed logit scale 100 in both stages   differs by default: learned (CLIP-style),   measured on synthetic val (below);
+                                       capped at 100, one per stage;               ``fixed_logit_scale=100`` is the
+                                       ``fixed_logit_scale=100`` follows           original
 lr 2e-6 BLIP, x100 for text_proj; the  differs: the run's optimiser (AdamW, warm-  parts here are trained from scratch
 best stage-I epoch picked on val       up + cosine) per stage; stage I is not      and the loop picks the best epoch on
                                        validated (its model is not the final       the last stage's validation
