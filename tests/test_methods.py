@@ -247,7 +247,7 @@ def test_train_list_is_generated_from_the_dataclasses():
             default = f.default if f.default is not MISSING else f.default_factory()
             assert line == f"    {f.name} ({f.type}) = {json.dumps(default)}: {f.metadata['help']}"
     assert "    embed_dim (int) = 256: D when a learned projection is used" in text
-    assert "    bi_weight (float) = 0.4:" in "\n".join(blocks["blip4cir-bi"])
+    assert "    bi_weight (float) = 0.1:" in "\n".join(blocks["blip4cir-bi"])
     assert "image-only (no parameters): Rank the gallery by similarity to the reference image" in text
     assert "``" not in text and ":func:" not in text
 

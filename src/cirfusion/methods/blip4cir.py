@@ -125,7 +125,7 @@ class Blip4CirParams:
 class Blip4CirBiParams(Blip4CirParams):
     """BLIP4CIR+Bi's hyper-parameters: BLIP4CIR's, with both reversed losses on (defaults chosen on synthetic val)."""
 
-    bi_weight: float = hparam(0.4, "stage I: weight of the reversed (target + backward marker + text -> reference) "
+    bi_weight: float = hparam(0.1, "stage I: weight of the reversed (target + backward marker + text -> reference) "
                                    "NCE; the paper: 0.1 CIRR, 0.4 FashionIQ; 0 = off")
     combiner_bi_weight: float = hparam(0.5, "stage II: weight of the reversed NCE; the paper: 0.1 CIRR, 0.5 FashionIQ")
 
