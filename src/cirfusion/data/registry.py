@@ -22,6 +22,7 @@ DATASETS: Registry[Loader] = Registry("dataset", [
     "cirfusion.data.custom",
     "cirfusion.data.synthetic",
     "cirfusion.data.catalog",
+    "cirfusion.data.ip2p",
 ])  # fmt: skip
 
 
