@@ -40,7 +40,7 @@ def toy_batch(tmp_path, m, n=32, hard_negatives=0):
 
 
 def test_stages_follow_the_switches():
-    names = lambda m: [(s.name, s.train, s.split) for s in m.stages()]  # noqa: E731
+    names = lambda m: [(s.name, s.train, s.split) for s in m.stages()]
     assert names(new()) == [("di-pretrain", ("di",), "edit_pairs"), ("joint", ("di", "gm"), None),
                             ("compositor", ("afc",), None)]
     assert names(new(pretrain_split="none")) == [("joint", ("di", "gm"), None), ("compositor", ("afc",), None)]

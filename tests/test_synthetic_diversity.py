@@ -102,8 +102,8 @@ def test_bad_diversity_options(tmp_path: Path) -> None:
                       ({"pretrain_scenes": -1}, "pretrain_scenes"),
                       ({"pretrain_scenes": 2, "pretrain_scene_images": 1}, "pretrain_scene_images")]:
         with pytest.raises(OptionError, match=match):
-            S.generate(tmp_path / "x", seed=0, n_images=100, **kw)
+            S.generate(tmp_path / "x", seed=0, n_images=200, **kw)
     with pytest.raises(OptionError, match="not made"):
-        split_annotations(tmp_path / "y", "pretrain", seed=0, n_images=100)
-    with pytest.raises(DataError, match="manifest.json is missing"):
+        split_annotations(tmp_path / "y", "pretrain", seed=0, n_images=200)
+    with pytest.raises(DataError, match=r"manifest\.json is missing"):
         load_dataset("synthetic", tmp_path / "nothing", "edit_pairs")

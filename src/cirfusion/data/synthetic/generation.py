@@ -145,7 +145,7 @@ def generate(
 
     plan = _plan(seed, n_images, image_size, sizes, n_held_out, held_out_test_share, train_scenes, train_scene_images,
                  pretrain_scenes, pretrain_scene_images)
-    held_out, held_set, held_out_test_share, splits = plan.held_out, plan.held_set, plan.held_out_test_share, plan.splits
+    held_out, held_out_test_share, splits = plan.held_out, plan.held_out_test_share, plan.splits
     all_splits = tuple(splits)
 
     renderer: _Renderer | None = None
@@ -261,7 +261,6 @@ def _plan(seed: int, n_images: int, image_size: int, sizes: Sequence[int], n_hel
         clusters = _extra_clusters(rng, pretrain_scenes, pretrain_scene_images, held_set, seen)
         splits[PRETRAIN_SPLIT] = _split_images(PRETRAIN_SPLIT, clusters, image_size,
                                                random.Random(f"{base}/{PRETRAIN_SPLIT}/images"))
-    all_splits = tuple(splits)
     return _Plan(base, held_out, held_set, held_out_test_share, splits)
 
 
