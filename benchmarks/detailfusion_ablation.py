@@ -59,6 +59,10 @@ def main() -> int:
     p.add_argument("--pool", default="clip4cir", help="comma-separated pool methods; the best on val is reported")
     p.add_argument("--diversity", default="", help="comma-separated train scene counts for the DI diversity curve")
     p.add_argument("--scene-images", type=int, default=12)
+    p.add_argument("--parts", default="full,di,noref,nopre,pool",
+                   help="rows to train (to spread the work over processes): full (gm, static, detailfusion), di, noref, "
+                        "nopre, pool")
+    p.add_argument("--only-diversity", action="store_true", help="only the diversity curve (a second process)")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: synthetic, catalog")
     args = p.parse_args()
     torch.set_num_threads(1)  # 2 shared cores: 1 thread measured far faster than 2
@@ -69,7 +73,8 @@ def main() -> int:
     from cirfusion.data.synthetic import generate
     from cirfusion.evaluation import evaluate
     from cirfusion.features import FeatureCache
-    from cirfusion.methods.detailfusion_run import edit_pair_dataset, train_detailfusion
+    from cirfusion.methods.detailfusion import describe_alpha
+    from cirfusion.methods.detailfusion_run import edit_pair_dataset, query_alphas, train_detailfusion
     from cirfusion.methods.registry import create_method
     from cirfusion.seeding import seed_everything
     from cirfusion.train import TrainConfig, train
@@ -81,6 +86,7 @@ def main() -> int:
     cache = FeatureCache(create_backbone(args.backbone), args.cache_dir or out / "cache")
     skip = {s for s in args.skip.split(",") if s}
     gammas = [float(g) for g in args.gammas.split(",") if g]
+    parts = set(args.parts.split(","))
     result: dict[str, Any] = {}
 
     def say(msg: str) -> None:
@@ -101,11 +107,11 @@ def main() -> int:
 
         # Full model per gamma, gamma chosen on val.
         full: dict[float, Any] = {}
-        for g in gammas:
+        for g in gammas if "full" in parts else []:
             full[g] = train_detailfusion(name, root, cache, runs_dir / f"full-gamma{g}", hparams={"gamma": g},
                                          config=stage_cfg(0, **ep), splits=data, test=False)
             say(f"{name}: full gamma={g}: val " + json.dumps({o: pick(v) for o, v in full[g].val.items()}))
-        best_g = max(gammas, key=lambda g: full[g].val["fused"][metric])
+        best_g = max(full, key=lambda g: full[g].val["fused"][metric]) if full else None
 
         # DI alone: with / without the reference negative over seeds, without pre-training.
         def di(tag: str, seed: int, **hp: Any) -> Any:
@@ -116,13 +122,13 @@ def main() -> int:
             return r
 
         seeds = list(range(args.seeds))
-        di_runs = [di("di", s) for s in seeds]
-        noref_runs = [di("di-no-ref-negative", s, ref_negative=False) for s in seeds]
-        nopre = di("di-no-pretrain", 0, pretrain_split="none")
+        di_runs = [di("di", s) for s in seeds] if "di" in parts else []
+        noref_runs = [di("di-no-ref-negative", s, ref_negative=False) for s in seeds] if "noref" in parts else []
+        nopre = di("di-no-pretrain", 0, pretrain_split="none") if "nopre" in parts else None
 
         # Pool models, the best on val.
         pool: dict[str, Any] = {}
-        for mname in [m for m in args.pool.split(",") if m]:
+        for mname in [m for m in args.pool.split(",") if m and "pool" in parts]:
             seed_everything(0)
             m = create_method(mname, cache.backbone)
             res = train(m, data["train"], data["val"], runs_dir / mname, stage_cfg(0), overwrite=True)
@@ -131,39 +137,38 @@ def main() -> int:
         best_pool = max(pool, key=lambda k: evaluate(pool[k], data["val"], progress=False)[metric]) if pool else None
 
         # Test, read once for the chosen configurations.
-        f = full[best_g]
         test: dict[str, dict[str, float]] = {}
-        for row, out_name in (("gm", "gm"), ("static", "static"), ("detailfusion", "fused")):
-            test[row] = pick(evaluate(f.model.use_output(out_name), data["test"], progress=False))
-        f.model.use_output("fused")
+        f = full[best_g] if best_g is not None else None
+        if f is not None:
+            for row, out_name in (("gm", "gm"), ("static", "static"), ("detailfusion", "fused")):
+                test[row] = pick(evaluate(f.model.use_output(out_name), data["test"], progress=False))
+            f.model.use_output("fused")
         spread = {}
         for row, runs in (("di", di_runs), ("di_no_ref_negative", noref_runs)):
+            if not runs:
+                continue
             per_seed = [pick(evaluate(r.model, data["test"], progress=False)) for r in runs]
             test[row] = per_seed[0]
             spread[row] = {k: {"mean": round(statistics.mean(x[k] for x in per_seed), 2),
                                "std": round(statistics.pstdev(x[k] for x in per_seed), 2),
                                "per_seed": [x[k] for x in per_seed]} for k in per_seed[0]}
             spread[row]["val_per_seed"] = [pick(r.val["di"]) for r in runs]
-        test["di_no_pretrain"] = pick(evaluate(nopre.model, data["test"], progress=False))
+        if nopre is not None:
+            test["di_no_pretrain"] = pick(evaluate(nopre.model, data["test"], progress=False))
         if best_pool is not None:
             test["best_pool"] = {**pick(evaluate(pool[best_pool], data["test"], progress=False)), "method": best_pool}
-        alpha = {k: round(v, 4) for k, v in f.alpha.items()} if f.alpha else {}
-        if not alpha:
-            from cirfusion.methods.detailfusion import describe_alpha
-            from cirfusion.methods.detailfusion_run import query_alphas
-
-            alpha = {k: round(v, 4) for k, v in describe_alpha(query_alphas(f.model, data["test"])).items()}
+        alpha = {} if f is None else {k: round(v, 4) for k, v in describe_alpha(query_alphas(f.model, data["test"])).items()}
         print(f"\n{name} (test split; every choice on val: gamma={best_g}, best pool={best_pool})")
-        keys = [k for k in ("rsubset1", "rmean", "r10", "map10") if k in test["detailfusion"]]
+        keys = [k for k in ("rsubset1", "rmean", "r10", "map10") if any(k in v for v in test.values())]
         print("  " + "row".ljust(22) + "".join(f"{METRICS[k]:>11}" for k in keys))
         for row in ("gm", "di", "di_no_ref_negative", "di_no_pretrain", "static", "detailfusion", "best_pool"):
             if row in test:
-                print("  " + row.ljust(22) + "".join(f"{test[row][k]:>11.2f}" for k in keys))
+                print("  " + row.ljust(22) + "".join(f"{test[row].get(k, float('nan')):>11.2f}" for k in keys))
         print(f"  seeds {seeds}: " + json.dumps({r: {k: v for k, v in s.items() if k in ('rsubset1', 'rmean')}
                                                  for r, s in spread.items()}))
         print(f"  alpha on test: {alpha}")
         return {**test, "seed_spread": spread, "gamma": best_g, "alpha": alpha,
-                "di_no_pretrain_val": pick(nopre.val["di"]),
+                **({"di_no_pretrain_val": pick(nopre.val["di"])} if nopre is not None else {}),
                 "val": {"full": {str(g): {o: pick(v) for o, v in r.val.items()} for g, r in full.items()}}}
 
     if "synthetic" not in skip:
@@ -171,7 +176,7 @@ def main() -> int:
         if not (root / "manifest.json").is_file():
             generate(root, seed=0, n_images=args.n_images, eval_queries_per_image=args.eval_queries_per_image,
                      pretrain_scenes=args.pretrain_scenes, workers=1)
-        result["synthetic"] = run_benchmark("synthetic", root, {"text": args.text})
+        result["synthetic"] = {} if args.only_diversity else run_benchmark("synthetic", root, {"text": args.text})
         curve = {}
         for n in [int(x) for x in args.diversity.split(",") if x]:
             droot = out / "data" / f"synthetic-scenes{n}"
@@ -184,8 +189,10 @@ def main() -> int:
             curve[n] = pick(r.val["di"])
             say(f"diversity: {n} train scenes: val {curve[n]}")
         if curve:  # the benchmark's own train split (its natural scene count) is the curve's first point
-            scenes = len({q.meta["cluster"] for q in load_dataset("synthetic", root, "train").queries})
-            result["synthetic"]["diversity_val"] = {scenes: result["synthetic"]["di_no_pretrain_val"], **curve}
+            if "di_no_pretrain_val" in result["synthetic"]:
+                scenes = len({q.meta["cluster"] for q in load_dataset("synthetic", root, "train").queries})
+                curve = {scenes: result["synthetic"]["di_no_pretrain_val"], **curve}
+            result["synthetic"]["diversity_val"] = curve
     if args.catalog is not None and "catalog" not in skip:
         result["catalog"] = run_benchmark("catalog", args.catalog, {})
     result["selection_split"] = "val"

@@ -147,3 +147,23 @@ def test_stage_one_needs_its_split(tmp_path):
     tr, va = make_toy(tmp_path, files=False, n_train=64)
     with pytest.raises(OptionError, match="edit_pairs"):
         train(new(), tr, va, tmp_path / "run", TrainConfig(epochs=1, **FAST))
+
+
+def test_quickstart_detailfusion_on_a_small_synthetic_benchmark(tmp_path):
+    """The one call the quickstart makes: stage-1 pairs found for the benchmark, every output scored on val and test,
+    alpha per test query."""
+    from cirfusion.backbones import create_backbone
+    from cirfusion.data.synthetic import generate
+    from cirfusion.features import FeatureCache
+    from cirfusion.methods.detailfusion_run import outputs_of, quickstart_detailfusion
+
+    root = tmp_path / "syn"
+    generate(root, seed=1, n_images=160, image_size=48, workers=1)
+    cache = FeatureCache(create_backbone("tiny"), tmp_path / "cache")
+    run = quickstart_detailfusion("synthetic", root, cache, tmp_path / "run", stage_epochs={"di-pretrain": 1, "joint": 1,
+                                                                                          "compositor": 1})
+    assert set(run.test) == set(run.val) == set(outputs_of(run.model)) == {"fused", "static", "gm", "di"}
+    assert "Rsubset@1" in run.test["fused"] and run.checkpoint.is_dir()
+    assert 0 < run.alpha["alpha_gm_mean"] < 1
+    rows = run.alpha_of([0, 1, 2])
+    assert len(rows) == 3 and all(abs(r["gm"] + r["di"] - 1) < 1e-5 for r in rows)
