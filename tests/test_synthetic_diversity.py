@@ -107,3 +107,15 @@ def test_bad_diversity_options(tmp_path: Path) -> None:
         split_annotations(tmp_path / "y", "pretrain", seed=0, n_images=200)
     with pytest.raises(DataError, match=r"manifest\.json is missing"):
         load_dataset("synthetic", tmp_path / "nothing", "edit_pairs")
+
+
+def test_cli_make_synthetic_diversity_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from cirfusion.cli import main
+
+    rc = main(["data", "make-synthetic", "--out", str(tmp_path / "s"), "--n-images", "200", "--image-size", "48",
+               "--workers", "1", "--train-scenes", "8", "--train-scene-images", "10", "--pretrain-scenes", "3",
+               "--pretrain-scene-images", "6", "--json"])
+    assert rc == 0
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["splits"]["train"]["clusters"] == 8 and stats["splits"]["pretrain"]["images"] == 18
+    assert stats["splits"]["pretrain"]["queries"] == 0 and stats["splits"]["pretrain"]["edit_pairs"] > 0
