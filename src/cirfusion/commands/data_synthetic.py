@@ -29,6 +29,13 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--n-held-out", type=int, default=6, help="colour x shape combinations held out of train/val (default 6)")
     p.add_argument("--held-out-test-share", type=float, default=0.4,
                    help="share of test clusters built around a held-out combination (default 0.4)")  # fmt: skip
+    p.add_argument("--train-scenes", type=int, default=None,
+                   help="train split made of this many distinct base scenes (default: --splits' share of the images)")
+    p.add_argument("--train-scene-images", type=int, default=None, help="at most this many images per train scene")
+    p.add_argument("--pretrain-scenes", type=int, default=0,
+                   help="extra base scenes (split 'pretrain') carrying only stage-1 atomic edit pairs (default 0)")
+    p.add_argument("--pretrain-scene-images", type=int, default=12, help="images per pretrain scene (default 12)")
+    p.add_argument("--pretrain-pairs-per-image", type=float, default=4.0, help="edit pairs per pretrain image (default 4)")
     p.add_argument("--workers", type=int, default=None, help="rendering processes (default: min(2, CPUs))")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output directory (only one written by make-synthetic)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -59,6 +66,11 @@ def handler(args: argparse.Namespace) -> int:
             edit_pairs_per_image=args.edit_pairs_per_image,
             n_held_out=args.n_held_out,
             held_out_test_share=args.held_out_test_share,
+            train_scenes=args.train_scenes,
+            train_scene_images=args.train_scene_images,
+            pretrain_scenes=args.pretrain_scenes,
+            pretrain_scene_images=args.pretrain_scene_images,
+            pretrain_pairs_per_image=args.pretrain_pairs_per_image,
             workers=args.workers,
             overwrite=args.overwrite,
             progress=not args.no_progress and not args.json,

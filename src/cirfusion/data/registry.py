@@ -23,6 +23,7 @@ DATASETS: Registry[Loader] = Registry("dataset", [
     "cirfusion.data.custom",
     "cirfusion.data.synthetic",
     "cirfusion.data.catalog",
+    "cirfusion.data.ip2p",
 ])  # fmt: skip
 
 

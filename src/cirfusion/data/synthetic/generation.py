@@ -26,6 +26,7 @@ from .scenes import (
     GENERATOR_VERSION,
     GRID,
     POSITIONS,
+    PRETRAIN_SPLIT,
     SHAPES,
     SIZES,
     SPLITS,
@@ -43,6 +44,7 @@ from .stats import benchmark_stats
 
 _EDIT_PROBS = {1: 0.3, 2: 0.4, 3: 0.3}  # queries by number of atomic edits
 _SUBSET_DISTRACTORS = 4
+_MIN_QUERY_CLUSTER = 6  # reference + target + 4 distractors (one detail from the target)
 _COARSE_DROP = 0.3  # chance the coarse text leaves one edit out (queries with >= 2 edits)
 # A make-synthetic output: what --overwrite may replace.
 OUTPUT = OutputKind("make-synthetic", "format", FORMAT_NAME,
@@ -78,6 +80,11 @@ def generate(
     edit_pairs_per_image: float = 1.0,
     n_held_out: int = 6,
     held_out_test_share: float = 0.4,
+    train_scenes: int | None = None,
+    train_scene_images: int | None = None,
+    pretrain_scenes: int = 0,
+    pretrain_scene_images: int = 12,
+    pretrain_pairs_per_image: float = 4.0,
     workers: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
@@ -88,6 +95,19 @@ def generate(
     Python, Pillow and zlib versions: PNG bytes depend on the encoder).
     Written into a temporary sibling directory and renamed into place at the end, so an interrupted run never
     leaves a directory that looks complete.
+
+    Diversity (all off by default, and then every file is what it always was):
+
+    - ``train_scenes``: the train split is made of this many distinct base scenes (clusters), each cut to at most
+      ``train_scene_images`` images (default: the cluster's natural 12-40), instead of ``split_fractions[0]`` of
+      ``n_images`` at the natural cluster size. Val and test are unchanged.
+    - ``pretrain_scenes``: a fourth split, ``pretrain``, of that many base scenes of ``pretrain_scene_images``
+      images each, which carries only atomic edit pairs (``pretrain_pairs_per_image`` per image; no queries):
+      stage-1 pre-training data at scale (the loader's ``edit_pairs`` split joins them with train's pairs).
+
+    The test split stays byte-identical whatever these are: every split's clusters are first drawn exactly as
+    without them (so the record of used scenes that test's draw consults is the same), and the new train and
+    pretrain scenes are then drawn from their own random streams, disjoint from every val and test scene.
     """
     out = Path(out)
     if n_images < 1:
@@ -104,6 +124,17 @@ def generate(
                     ("edit_pairs_per_image", edit_pairs_per_image)):  # fmt: skip
         if v < 0:
             raise OptionError(f"{name} must be >= 0, got {v}")
+    for name, n in (("train_scenes", train_scenes), ("train_scene_images", train_scene_images)):
+        if n is not None and n < 1:
+            raise OptionError(f"{name} must be >= 1, got {n}")
+    if train_scene_images is not None and train_scene_images < _MIN_QUERY_CLUSTER:
+        raise OptionError(f"train_scene_images must be >= {_MIN_QUERY_CLUSTER} (a query needs its target's one-detail "
+                          f"neighbours in the scene), got {train_scene_images}")
+    if pretrain_scenes < 0 or pretrain_pairs_per_image < 0:
+        raise OptionError(f"pretrain_scenes and pretrain_pairs_per_image must be >= 0, got {pretrain_scenes}, "
+                          f"{pretrain_pairs_per_image}")
+    if pretrain_scenes and pretrain_scene_images < 2:
+        raise OptionError(f"pretrain_scene_images must be >= 2 (an edit pair needs two images), got {pretrain_scene_images}")
     if not 0.0 <= held_out_test_share <= 1.0:
         raise OptionError(f"held_out_test_share must be in [0, 1], got {held_out_test_share}")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -112,6 +143,87 @@ def generate(
         OUTPUT.check_replaceable(out)  # --overwrite replaces a make-synthetic output, nothing else
     workers = max(1, min(2, os.cpu_count() or 1)) if workers is None else max(1, int(workers))
 
+    plan = _plan(seed, n_images, image_size, sizes, n_held_out, held_out_test_share, train_scenes, train_scene_images,
+                 pretrain_scenes, pretrain_scene_images)
+    held_out, held_out_test_share, splits = plan.held_out, plan.held_out_test_share, plan.splits
+    all_splits = tuple(splits)
+
+    renderer: _Renderer | None = None
+    # Written into a temporary sibling that replaces ``out`` only when complete (a crash leaves ``out`` as it was).
+    with atomic_directory(out) as tmp:
+        try:
+            tasks = []
+            for split in all_splits:
+                (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
+                tasks += [(str(tmp / rec["path"]), rec["render"]) for rec in splits[split].records]
+            renderer = _Renderer(tasks, workers, progress)
+            renderer.start()
+            # 2. Queries and edit pairs, in this process while the workers render.
+            counts = {}
+            for split in all_splits:
+                qpi = {"train": train_queries_per_image, PRETRAIN_SPLIT: 0.0}.get(split, eval_queries_per_image)
+                epi = pretrain_pairs_per_image if split == PRETRAIN_SPLIT else edit_pairs_per_image
+                counts[split] = _write_split_texts(tmp, plan, split, qpi, epi)
+            renderer.finish()
+            manifest = {
+                "format": FORMAT_NAME,
+                "generator_version": GENERATOR_VERSION,
+                "seed": seed,
+                "n_images": n_images,
+                "image_size": image_size,
+                "grid": GRID,
+                "split_fractions": fr,
+                "train_queries_per_image": train_queries_per_image,
+                "eval_queries_per_image": eval_queries_per_image,
+                "edit_pairs_per_image": edit_pairs_per_image,
+                "held_out_test_share": held_out_test_share,
+                "vocab": {"shapes": list(SHAPES), "colours": {k: list(v) for k, v in COLOURS.items()}, "sizes": list(SIZES),
+                          "positions": list(POSITIONS), "edit_kinds": list(EDIT_KINDS), "detail_kinds": list(DETAIL_KINDS)},
+                "held_out_combos": [list(c) for c in held_out],
+                "splits": counts,
+                "files": {"gallery": "gallery.{split}.json", "queries": "queries.{split}.jsonl", "scenes": "scenes.{split}.jsonl",
+                          "edit_pairs": "edit_pairs.{split}.jsonl", "images": "images/{split}/{id}.png"},
+                "complete": True,
+            }
+            if train_scenes is not None or pretrain_scenes:  # only then: default manifests keep their bytes
+                manifest["diversity"] = {"train_scenes": train_scenes, "train_scene_images": train_scene_images,
+                                         "pretrain_scenes": pretrain_scenes, "pretrain_scene_images": pretrain_scene_images,
+                                         "pretrain_pairs_per_image": pretrain_pairs_per_image}
+            write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete benchmark
+        except BaseException:
+            if renderer is not None:
+                renderer.kill()  # never leave orphan renderers behind
+            raise
+    return benchmark_stats(out)
+
+
+def _extra_clusters(rng: random.Random, n: int, max_images: int | None, held_set: set[tuple[str, str]],
+                    seen: set[tuple]) -> list[_Cluster]:
+    """``n`` new clusters (no held-out combination, no scene already in ``seen``), each cut to ``max_images``."""
+    out = []
+    for _ in range(n):
+        c = _sample_cluster(rng, held_set, "exclude", seen)
+        if max_images is not None and len(c.configs) > max_images:
+            _truncate(c, max_images, rng)
+        for cfg in c.configs:
+            seen.add(_scene_key(c.scene(cfg).values()))
+        out.append(c)
+    return out
+
+
+@dataclass
+class _Plan:
+    base: str
+    held_out: list[tuple[str, str]]
+    held_set: set[tuple[str, str]]
+    held_out_test_share: float
+    splits: dict[str, "_SplitImages"]
+
+
+def _plan(seed: int, n_images: int, image_size: int, sizes: Sequence[int], n_held_out: int, held_out_test_share: float,
+          train_scenes: int | None, train_scene_images: int | None, pretrain_scenes: int,
+          pretrain_scene_images: int) -> _Plan:
+    """Clusters and image specs of every split (cheap; no rendering)."""
     base = f"{FORMAT_NAME}/{GENERATOR_VERSION}/{seed}"
     held_out = _choose_held_out(random.Random(f"{base}/held-out"), n_held_out)
     held_set = set(held_out)
@@ -139,56 +251,52 @@ def generate(
             clusters.append(c)
             remaining -= len(c.configs)
         splits[split] = _split_images(split, clusters, image_size, random.Random(f"{base}/{split}/images"))
+    # Diversity: new train / pretrain scenes from their own streams, after (and disjoint from) every drawn scene.
+    if train_scenes is not None:
+        rng = random.Random(f"{base}/train/clusters/scenes={train_scenes},images={train_scene_images}")
+        clusters = _extra_clusters(rng, train_scenes, train_scene_images, held_set, seen)
+        splits["train"] = _split_images("train", clusters, image_size, random.Random(f"{base}/train/images/diverse"))
+    if pretrain_scenes:
+        rng = random.Random(f"{base}/{PRETRAIN_SPLIT}/clusters")
+        clusters = _extra_clusters(rng, pretrain_scenes, pretrain_scene_images, held_set, seen)
+        splits[PRETRAIN_SPLIT] = _split_images(PRETRAIN_SPLIT, clusters, image_size,
+                                               random.Random(f"{base}/{PRETRAIN_SPLIT}/images"))
+    return _Plan(base, held_out, held_set, held_out_test_share, splits)
 
-    renderer: _Renderer | None = None
-    # Written into a temporary sibling that replaces ``out`` only when complete (a crash leaves ``out`` as it was).
-    with atomic_directory(out) as tmp:
-        try:
-            tasks = []
-            for split in SPLITS:
-                (tmp / "images" / split).mkdir(parents=True, exist_ok=True)
-                tasks += [(str(tmp / rec["path"]), rec["render"]) for rec in splits[split].records]
-            renderer = _Renderer(tasks, workers, progress)
-            renderer.start()
-            # 2. Queries and edit pairs, in this process while the workers render.
-            counts = {}
-            for split in SPLITS:
-                si = splits[split]
-                qpi = train_queries_per_image if split == "train" else eval_queries_per_image
-                queries, pairs = _split_texts(split, si, held_set, qpi, edit_pairs_per_image, random.Random(f"{base}/{split}/queries"),
-                                              random.Random(f"{base}/{split}/edit-pairs"))  # fmt: skip
-                write_json(tmp / f"gallery.{split}.json", {r["id"]: r["path"] for r in si.records})
-                write_jsonl(tmp / f"scenes.{split}.jsonl", si.records)
-                write_jsonl(tmp / f"queries.{split}.jsonl", (q.to_dict() for q in queries))
-                write_jsonl(tmp / f"edit_pairs.{split}.jsonl", pairs)
-                counts[split] = {"images": len(si.records), "clusters": len(si.clusters), "queries": len(queries), "edit_pairs": len(pairs)}
-            renderer.finish()
-            manifest = {
-                "format": FORMAT_NAME,
-                "generator_version": GENERATOR_VERSION,
-                "seed": seed,
-                "n_images": n_images,
-                "image_size": image_size,
-                "grid": GRID,
-                "split_fractions": fr,
-                "train_queries_per_image": train_queries_per_image,
-                "eval_queries_per_image": eval_queries_per_image,
-                "edit_pairs_per_image": edit_pairs_per_image,
-                "held_out_test_share": held_out_test_share,
-                "vocab": {"shapes": list(SHAPES), "colours": {k: list(v) for k, v in COLOURS.items()}, "sizes": list(SIZES),
-                          "positions": list(POSITIONS), "edit_kinds": list(EDIT_KINDS), "detail_kinds": list(DETAIL_KINDS)},
-                "held_out_combos": [list(c) for c in held_out],
-                "splits": counts,
-                "files": {"gallery": "gallery.{split}.json", "queries": "queries.{split}.jsonl", "scenes": "scenes.{split}.jsonl",
-                          "edit_pairs": "edit_pairs.{split}.jsonl", "images": "images/{split}/{id}.png"},
-                "complete": True,
-            }
-            write_json(tmp / "manifest.json", manifest)  # last: its presence marks a complete benchmark
-        except BaseException:
-            if renderer is not None:
-                renderer.kill()  # never leave orphan renderers behind
-            raise
-    return benchmark_stats(out)
+
+def _write_split_texts(directory: Path, plan: _Plan, split: str, queries_per_image: float,
+                       edit_pairs_per_image: float) -> dict[str, int]:
+    """Write a split's gallery, scenes, queries and edit pairs into ``directory``; return its counts."""
+    si = plan.splits[split]
+    queries, pairs = _split_texts(split, si, plan.held_set, queries_per_image, edit_pairs_per_image,
+                                  random.Random(f"{plan.base}/{split}/queries"), random.Random(f"{plan.base}/{split}/edit-pairs"))
+    write_json(directory / f"gallery.{split}.json", {r["id"]: r["path"] for r in si.records})
+    write_jsonl(directory / f"scenes.{split}.jsonl", si.records)
+    write_jsonl(directory / f"queries.{split}.jsonl", (q.to_dict() for q in queries))
+    write_jsonl(directory / f"edit_pairs.{split}.jsonl", pairs)
+    return {"images": len(si.records), "clusters": len(si.clusters), "queries": len(queries), "edit_pairs": len(pairs)}
+
+
+def split_annotations(out: str | Path, split: str = "test", seed: int = 0, n_images: int = 6000, image_size: int = 128,
+                      eval_queries_per_image: float = 1.0, edit_pairs_per_image: float = 1.0, **diversity: Any) -> list[Path]:
+    """Write the annotation files of one split (gallery, scenes with every image's render spec, queries, edit
+    pairs) exactly as :func:`generate` with the same arguments writes them, without rendering a single image (the
+    scenes file fixes every pixel): a quick way to check that a split is what it was. Returns the files written."""
+    if split not in (*SPLITS, PRETRAIN_SPLIT):
+        raise OptionError(f"unknown split {split!r}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    known = {"train_scenes", "train_scene_images", "pretrain_scenes", "pretrain_scene_images"}
+    if set(diversity) - known:
+        raise OptionError(f"split_annotations: unknown option(s) {sorted(set(diversity) - known)}")
+    plan = _plan(seed, n_images, image_size, _split_sizes(n_images, (0.7, 0.1, 0.2)), 6, 0.4,
+                 diversity.get("train_scenes"), diversity.get("train_scene_images"), diversity.get("pretrain_scenes", 0),
+                 diversity.get("pretrain_scene_images", 12))
+    if split not in plan.splits:
+        raise OptionError(f"split {split!r} is not made with these options")
+    _write_split_texts(out, plan, split, 2.0 if split == "train" else eval_queries_per_image, edit_pairs_per_image)
+    return [out / f"{kind}.{split}.{ext}" for kind, ext in (("gallery", "json"), ("scenes", "jsonl"), ("queries", "jsonl"),
+                                                             ("edit_pairs", "jsonl"))]
 
 
 @dataclass

@@ -10,9 +10,10 @@ from typing import Any
 
 from .._jsonio import read_jsonl
 from ..generated import EditPair, read_edit_pairs, read_manifest
+from ..ip2p import edit_pairs_dataset
 from ..registry import register_dataset
 from ..schema import CIRDataset, DataError, Gallery, Query, SceneGraph
-from .scenes import EDIT_KINDS, FORMAT_NAME
+from .scenes import EDIT_KINDS, EDIT_PAIRS_SPLIT, FORMAT_NAME, PRETRAIN_SPLIT
 
 
 def _read_manifest(root: Path) -> dict[str, Any]:
@@ -63,6 +64,8 @@ def load_synthetic(root: str | Path, split: str, text: str = "coarse", validate:
     if text not in ("coarse", "fine"):
         raise DataError(root, None, f"synthetic dataset option text must be 'coarse' or 'fine', got {text!r}")
     m = _read_manifest(root)
+    if split == EDIT_PAIRS_SPLIT:
+        return edit_pairs_split(root, m)
     _check_split(root, m, split)
     gpath, gallery = _read_gallery(root, split)
     qpath = root / f"queries.{split}.jsonl"
@@ -88,6 +91,17 @@ def load_synthetic(root: str | Path, split: str, text: str = "coarse", validate:
     if validate:
         ds.validate()
     return ds
+
+
+def edit_pairs_split(root: Path, m: dict[str, Any] | None = None) -> CIRDataset:
+    """Split ``edit_pairs``: the atomic edit pairs of every split a model may train on -- ``train`` and, when the
+    benchmark has one, ``pretrain`` (extra scenes made only for stage-1 pre-training) -- as one CIR dataset (reference
+    = source image, text = the one-edit instruction, target = the edited image). Never val or test."""
+    m = m if m is not None else _read_manifest(root)
+    parts = [s for s in ("train", PRETRAIN_SPLIT) if s in m["splits"]]
+    pairs = [p for s in parts for p in load_edit_pairs(root, s)]
+    return edit_pairs_dataset(pairs, name="synthetic", split=EDIT_PAIRS_SPLIT, root=root,
+                              files=[root / "manifest.json", *(root / f"edit_pairs.{s}.jsonl" for s in parts)])
 
 
 def load_edit_pairs(root: str | Path, split: str) -> list[EditPair]:

@@ -18,6 +18,8 @@ from ..schema import Entity, Relation, SceneGraph
 GENERATOR_VERSION = "1.0"
 FORMAT_NAME = "cirfusion-synthetic"
 SPLITS = ("train", "val", "test")
+PRETRAIN_SPLIT = "pretrain"  # optional: extra scenes whose images only feed stage-1 edit pairs
+EDIT_PAIRS_SPLIT = "edit_pairs"  # the loader's split of every trainable edit pair (train + pretrain)
 
 SHAPES = ("circle", "square", "triangle", "diamond", "star", "cross")
 # Saturated, bright colours, far apart in hue and lightness; backgrounds are dark and muted, so every colour
