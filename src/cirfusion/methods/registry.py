@@ -21,6 +21,7 @@ METHODS: Registry[type[CIRMethod]] = Registry("method", [
     "cirfusion.methods.tgcir",
     "cirfusion.methods.sprc",
     "cirfusion.methods.dafm",
+    "cirfusion.methods.finecir",
 ])
 
 M = TypeVar("M", bound=type[CIRMethod])
