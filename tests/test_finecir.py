@@ -78,7 +78,7 @@ def test_parse_cache_parses_once_and_keys_on_version(tmp_path: Path) -> None:
     assert ParseCache(p, tmp_path).graphs(["make it red"]) == [g[0]] and len(CALLS) == 1  # from disk
     ParseCache(register_parser("test-fake-2", fake_parse, "v2"), tmp_path).graphs(["make it red"])
     assert len(CALLS) == 2
-    with pytest.raises(ParseError, match="one graph per text|returned 0 graphs"):
+    with pytest.raises(ParseError, match=r"returned 0 graphs"):
         ParseCache(register_parser("test-bad", lambda ts: [], "v1")).graphs(["x"])
     with pytest.raises(ParseError, match="not a scene graph"):
         ParseCache(register_parser("test-bad2", lambda ts: ["x"] * len(ts), "v1")).graphs(["x"])

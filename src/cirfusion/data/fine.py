@@ -141,6 +141,8 @@ def write_cirr(out: Path, ds: CIRDataset, finemt: dict[str, str], write_gallery:
     _write_jsonl(path, lines)
     written = [path]
     if write_gallery:
+        if ds.root is None:
+            raise FineDataError(f"{ds.key}: the dataset has no root to write gallery paths against")
         base = Path(ds.root).resolve()
         rel = {}
         for image_id, p in zip(ds.gallery.ids, ds.gallery.paths, strict=True):
@@ -318,6 +320,23 @@ def write_fine(out: Path, ds: CIRDataset, finemt: dict[str, str], layout: str, w
     return write_cirr(out, ds, finemt, write_gallery) if layout == "cirr" else write_fiq(out, ds, finemt)
 
 
-__all__ = ["KNOWN_EDITS", "LAYOUTS", "BackboneRetrieval", "FilterReport", "FineDataError", "FineTextGenerator",
-           "catalog_edits", "compress", "generate_edits", "known_finemt", "make_fine_generated", "numbered",
-           "retrieval_filter", "select_pairs", "synthetic_edits", "write_cirr", "write_fiq", "write_fine"]
+__all__ = [
+    "KNOWN_EDITS",
+    "LAYOUTS",
+    "BackboneRetrieval",
+    "FilterReport",
+    "FineDataError",
+    "FineTextGenerator",
+    "catalog_edits",
+    "compress",
+    "generate_edits",
+    "known_finemt",
+    "make_fine_generated",
+    "numbered",
+    "retrieval_filter",
+    "select_pairs",
+    "synthetic_edits",
+    "write_cirr",
+    "write_fine",
+    "write_fiq",
+]

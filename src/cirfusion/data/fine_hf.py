@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from ..backbones._hf import build_word_tokenizer, quiet_transformers
-from .images import load_image
 from .fine import FineDataError
+from .images import load_image
 
 DRAFT_PROMPT = ("The reference image was changed as follows: {coarse}. Describe the target image's differences as "
                 "a numbered list of atomic edits (add, remove, replace, change, keep). Answer:")
@@ -49,11 +49,15 @@ class HFFineGenerator:
             if not Path(d).is_dir():
                 raise FineDataError(f"make-fine: the {what} directory {d} does not exist (models are read from local "
                                     "directories only)")
+        vlm_cls: Any = AutoModelForImageTextToText  # (its from_pretrained is typed for instances)
+        llm_cls: Any = AutoModelForCausalLM
         with quiet_transformers():
             self.processor = AutoProcessor.from_pretrained(str(vlm_dir), local_files_only=True)
-            self.vlm = AutoModelForImageTextToText.from_pretrained(str(vlm_dir), local_files_only=True).to(device).eval()
+            self.vlm: Any = vlm_cls.from_pretrained(str(vlm_dir), local_files_only=True)
+            self.vlm.to(device).eval()
             self.tokenizer = AutoTokenizer.from_pretrained(str(llm_dir), local_files_only=True)
-            self.llm = AutoModelForCausalLM.from_pretrained(str(llm_dir), local_files_only=True).to(device).eval()
+            self.llm: Any = llm_cls.from_pretrained(str(llm_dir), local_files_only=True)
+            self.llm.to(device).eval()
         self.max_new_tokens, self.min_new_tokens, self.device = max_new_tokens, min_new_tokens, device
 
     @torch.no_grad()
