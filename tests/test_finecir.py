@@ -188,3 +188,15 @@ def test_train_eval_load_and_fuse_on_cached_features(custom: Path, tmp_path: Pat
     fused = cirfusion.load(out / "best")
     r = fused.rank(ds.gallery.path(q.reference), q.text, list(ds.gallery.paths), k=3)
     assert len(r) == 3
+
+
+def test_run_finecir_for_the_quickstart(custom: Path, tmp_path: Path) -> None:
+    from cirfusion.finecir_run import run_finecir
+
+    cache = FeatureCache(create_backbone("tiny"), tmp_path / "cache")
+    tr, va = (load_split_data(cache, load_dataset("custom", custom, s), training=(s == "train")) for s in ("train", "val"))
+    fr = run_finecir({"train": tr, "val": va, "test": va}, cache.backbone, tmp_path / "run", epochs=1, batch_size=16,
+                     sample_rows=[0, 1], parser="test-fake", width=32, embed_dim=16, heads=2, gat_heads=2)
+    assert (fr.checkpoint / "config.json").exists() and fr.val_metric == "R@10" and "R@10" in fr.metrics
+    assert [g["qid"] for g in fr.graphs] == [q.qid for q in va.dataset.queries[:2]]
+    assert fr.graphs[0]["node_sets"] == [["square", fr.graphs[0]["text"].split()[-1]]]
