@@ -42,10 +42,11 @@ PROPERTY_NOUNS = frozenset({"colour", "color", "shade", "tone", "hue", "tint", "
 THING_PROPERTY_NOUNS = frozenset({"shape", "style", "cut"})
 # Nouns naming the picture itself, not something in it.
 META_NOUNS = frozenset({"image", "picture", "photo", "photograph", "pic", "shot", "view", "scene", "version",
-                        "target", "reference", "angle", "close", "closeup", "perspective", "frame", "match",
+                        "target", "reference", "angle", "close", "closeup", "perspective", "frame", "match", "presence",
+                        "addition", "focus", "effect", "zoom", "shot", "backdrop_of",
                         "same", "thing", "stuff", "kind", "lot", "bit", "difference", "instead"})
 # "a group of dogs" -> dog: the noun after "of" is the entity.
-PARTITIVE_NOUNS = frozenset({"group", "pair", "couple", "bunch", "set", "pack", "herd", "flock", "collection",
+PARTITIVE_NOUNS = frozenset({"breed", "species", "body", "presence", "group", "pair", "couple", "bunch", "set", "pack", "herd", "flock", "collection",
                              "number", "lot", "lots", "pile", "stack", "row", "kind", "type", "sort", "variety",
                              "piece", "slice", "close", "closeup", "picture", "image", "photo", "view", "shot",
                              "amount", "plenty", "few", "couple", "bowl", "cup", "glass", "plate"})
@@ -58,7 +59,7 @@ NON_ATTRIBUTES = frozenset({"other", "another", "same", "different", "similar", 
                             "identical", "left", "right", "top", "bottom", "middle", "center", "centre", "front",
                             "back", "second", "first", "third", "last", "next", "previous", "current", "original",
                             "instead", "also", "just", "too", "so", "rather", "both", "all", "some", "any", "each",
-                            "every", "no", "same", "like", "rid", "away", "else", "one", "possible", "visible", "present", "shown",
+                            "every", "no", "same", "like", "rid", "away", "else", "different", "one", "possible", "visible", "present", "shown",
                             "pictured", "related", "certain", "n't", "not", "most", "least", "mostly", "slightly",
                             "little_bit", "somewhat", "quite", "really", "fairly", "pretty", "bit", "lot"})
 # Adverbs kept in front of an adjective: "more fitted", "less busy", "light blue".
@@ -87,3 +88,22 @@ ADJECTIVES = frozenset({"big", "small", "large", "little", "tiny", "huge", "tall
                         "thin", "thick", "bigger", "smaller", "larger", "tinier", "shorter", "longer", "taller",
                         "plain", "solid", "dark", "light", "bright", "pale", "sleeveless", "striped", "floral",
                         "plaid", "checkered", "shiny", "loose", "tight", "fitted", "casual", "formal"})
+# Words that make one attribute with the next: "light blue", "more fitted"; and the participles that make one with
+# the word before: "long sleeved", "v shaped".
+COLOUR_GRADERS = frozenset({"light", "dark", "pale", "deep", "bright", "lighter", "darker", "brighter", "solid", "pure",
+                            "hot", "baby", "royal", "neon", "pastel", "dusty", "muted", "vivid", "off"})
+DEGREE = frozenset({"more", "less", "most", "least", "much"})
+SUFFIXED = frozenset({"sleeved", "shaped", "toed", "necked", "heeled", "patterned", "printed", "laced", "strapped"})
+# Garment and shoe parts: after an adjective inside a chunk they describe the head ("long sleeve shirt").
+PART_NOUNS = frozenset({"sleeve", "neck", "collar", "heel", "toe", "strap", "length", "waist", "hem", "neckline",
+                        "button", "lace", "sole", "print", "pattern"})
+# Position words that name a part when right before a noun ("top strap", "side pocket").
+PART_POSITIONS = frozenset({"top", "bottom", "side", "front", "back"})
+GARMENTS = frozenset({"dress", "shirt", "tee", "top", "blouse", "skirt", "shoe", "sneaker", "boot", "sandal", "jacket",
+                      "coat", "sweater", "t-shirt", "t shirt", "tank", "gown", "pant", "jean", "short", "hoodie",
+                      "cardigan", "vest", "heel", "pump", "loafer", "flat", "slipper", "tunic", "jumpsuit", "romper",
+                      "polo", "turtleneck", "button down", "low-top", "high-top", "cowlneck", "halter", "tank top", "bikini",
+                      "swimsuit", "sweatshirt", "pullover", "camisole", "tshirt", "sneakers"})
+# Adjectives that with a part noun describe a garment ("long sleeve", "high heel").
+PART_DESCRIBERS = frozenset({"long", "short", "high", "low", "wide", "narrow", "thick", "thin", "flat", "open", "closed",
+                             "cap", "half", "full", "square", "round", "pointed", "pointy", "v", "deep", "crew"})

@@ -50,11 +50,12 @@ _DETS = frozenset({"the", "a", "an", "this", "that", "these", "those", "another"
 _CLAUSE_BREAK = frozenset({".", ";", "!", "?", ","})
 _CONJ_BREAK = frozenset({"and", "then", "but", "while", "also", "or"})
 _OLD_VALUE = frozenset({"instead", "than", "not", "from", "of"})  # "blue instead of red": red is the old value
-_COMPOUND_WORDS = {("plus", "sign"), ("t", "shirt"), ("v", "neck"), ("tank", "top")}
+_COMPOUND_WORDS = {("plus", "sign"), ("t", "shirt"), ("v", "neck"), ("tank", "top"), ("button", "down")}
 _MAKE_LIKE = frozenset({"make", "turn", "paint", "colour", "color", "recolour", "recolor", "dye", "render", "get",
                         "set", "change", "give", "keep", "leave"})
 _FUNCTION_WORDS = frozenset({"but", "and", "or", "than", "then", "so", "yet", "also", "too", "same", "now", "not",
                              "instead", "plus", "with", "without", "of", "to", "in", "on"})
+_PLACE_WORDS = frozenset({"left", "right", "top", "bottom", "middle", "centre", "center", "corner", "side"})
 _PARTICLES = frozenset({"away", "out", "off", "rid", "of", "up", "down", "over", "back", "around"})
 _NUMBERS = frozenset({"two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "several", "many",
                       "multiple", "few", "some"})
@@ -73,10 +74,11 @@ class _Tok:
     """A plain copy of a spaCy token's fields (a spaCy ``Token`` is rebuilt on every access, and the rules read
     each token many times)."""
 
-    __slots__ = ("i", "lemma", "lower", "pos", "tag")
+    __slots__ = ("before_prep", "i", "lemma", "lower", "pos", "tag")
 
     def __init__(self, i: int, lower: str, lemma: str, pos: str, tag: str) -> None:
         self.i, self.lower, self.lemma, self.pos, self.tag = i, lower, lemma, pos, tag
+        self.before_prep = False  # a participle before a preposition is a verb: "perched on a wire"
 
 
 def _tokens(doc: Any) -> list[_Tok]:
@@ -87,6 +89,8 @@ def _tokens(doc: Any) -> list[_Tok]:
         if t.pos_ == "VERB" and t.tag_ in ("VB", "VBP") and t.i > 0 and doc[t.i - 1].pos_ == "DET":
             lemma = lower  # a noun the tagger took for a verb ("the left", "a cross")
         out.append(_Tok(t.i, lower, lemma, t.pos_, t.tag_))
+    for a, b in zip(out, out[1:], strict=False):
+        a.before_prep = b.pos == "ADP" and b.lower not in ("of", "than")
     return out
 
 
@@ -96,7 +100,52 @@ def _colour(t: _Tok) -> bool:
 
 def _adjective(t: _Tok) -> bool:
     """A word that can describe: an adjective, a colour, a comparative, a participle used as one."""
-    return _colour(t) or t.lower in lx.ADJECTIVES or t.pos == "ADJ" or t.tag in ("JJ", "JJR", "JJS") or (t.tag == "VBN" and t.lower.endswith("ed"))
+    return _colour(t) or t.lower in lx.ADJECTIVES or t.pos == "ADJ" or t.tag in ("JJ", "JJR", "JJS") or (
+        t.tag == "VBN" and t.lower.endswith("ed") and not t.before_prep)
+
+
+def _units(toks: Sequence[_Tok]) -> list[tuple[str, _Tok]]:
+    """Tokens as words, hyphenated ones glued ("chocolate-brown", "short-sleeved"); each with its last token."""
+    out: list[tuple[str, _Tok]] = []
+    glue = False
+    for x in toks:
+        if x.lower == "-":
+            glue = bool(out)
+            continue
+        if glue:
+            out[-1] = (out[-1][0] + "-" + x.lower, x)
+        else:
+            out.append((x.lower, x))
+        glue = False
+    return out
+
+
+def _attr_phrases(units: Sequence[tuple[str, _Tok]]) -> list[str]:
+    """Attribute texts of a run of modifiers: "light blue", "navy blue", "more fitted", "long sleeved" stay one
+    attribute; quantifiers and pointing words are dropped; "red colored" is "red"."""
+    out: list[str] = []
+    i = 0
+    while i < len(units):
+        w, x = units[i]
+        nxt = units[i + 1] if i + 1 < len(units) else None
+        if w in (",", "and", "or", "&") or w in lx.COLOURED or x.lemma in lx.COLOURED:
+            i += 1
+            continue
+        if nxt is not None and (nxt[0] in lx.SUFFIXED or (w in lx.DEGREE and nxt[0] not in lx.NON_ATTRIBUTES) or (
+                (w in lx.COLOUR_GRADERS or w in lx.COLOURS) and nxt[0] in lx.COLOURS)):
+            j = i + 1  # chains: "much lighter blue" is not one, "dark navy blue" is
+            phrase = [w, nxt[0]]
+            while j + 1 < len(units) and units[j + 1][0] in lx.COLOURS and (units[j][0] in lx.COLOURS or units[j][0] in lx.COLOUR_GRADERS):
+                j += 1
+                phrase.append(units[j][0])
+            out.append(" ".join(phrase))
+            i = j + 1
+            continue
+        if w not in lx.NON_ATTRIBUTES and x.lemma not in lx.NON_ATTRIBUTES and w.replace("-", "").isalnum() and not (
+                x.pos == "NUM" and w in ("one", "1")):
+            out.append(w)
+        i += 1
+    return list(dict.fromkeys(out))
 
 
 class _Chunk:
@@ -174,7 +223,11 @@ class _Builder:
         if t.pos in _NOMINAL and t.lower not in lx.ADJECTIVES:
             return True
         if t.lower == "one" and in_run:
-            return True
+            j = k + 1  # "the red one blue": a head; "a one sleeved mini dress": a modifier
+            while j < len(self.t) and (_adjective(self.t[j]) or self.t[j].tag in ("VBN", "VBD")):
+                j += 1
+            return not (j < len(self.t) and self.t[j].pos in _NOMINAL and j > k + 1 or (
+                j == k + 1 and j < len(self.t) and self.t[j].pos in _NOMINAL))
         nxt = self.t[k + 1] if k + 1 < len(self.t) else None
         if in_run and not has_head and t.pos in ("VERB", "CCONJ", "NUM") and t.tag not in ("VBN", "VBG") and t.lower not in (
                 "and", "or", "with", "in", "on", "of", "to", "than", "not", "instead", "more", "less", "very"):
@@ -188,8 +241,8 @@ class _Builder:
             return _Chunk(k, k + 1, k, "pronoun", self.implicit_name, [], "")
         if t[k].lower in _DETS and t[k].pos in ("DET", "NUM", "PRON") or t[k].tag == "PRP$":
             det, k = t[k].lower, k + 1
-        elif t[k].tag == "POS" or t[k].pos == "PART":
-            return None
+        elif t[k].tag == "POS" or t[k].pos == "PART" or (t[k].tag == "VBG" and t[k].lower not in lx.ADJECTIVES):
+            return None  # a chunk does not start with a verb's -ing form: "birds eating food"
         j, head = k, -1
         while j < len(t):
             tj = t[j]
@@ -198,7 +251,10 @@ class _Builder:
                 continue
             if self.nominal(j, in_run=j > start or bool(det), has_head=head != -1):
                 head = j
-            elif _adjective(tj) or tj.pos == "NUM" or (tj.tag in ("VBN", "VBG") and j + 1 < len(t) and (
+            elif tj.lower in ("and", ",") and head == -1 and j > k and _adjective(t[j - 1]) and j + 1 < len(t) and (
+                    _adjective(t[j + 1])):
+                pass  # "a white and pink stripe"
+            elif _adjective(tj) or tj.pos == "NUM" or (tj.tag in ("VBN", "VBG", "VBD") and j + 1 < len(t) and (
                     t[j + 1].pos in _NOMINAL or _adjective(t[j + 1]))) or (
                     tj.lower in lx.GRADERS and j + 1 < len(t) and _adjective(t[j + 1])):
                 if head != -1 and not (j + 1 < len(t) and self.nominal(j + 1, True)):
@@ -222,45 +278,36 @@ class _Builder:
             return None
         if head + 1 < len(t) and (t[head].lower, t[head + 1].lower) in _COMPOUND_WORDS:
             head += 1
+        while head + 1 < len(t) and t[head].lower in _PLACE_WORDS and t[head + 1].lower in _PLACE_WORDS:
+            head += 1  # "the bottom right", "the top left corner": one place, whatever the tags
         end = head + 1
         return self.make_chunk(start, end, head, det)
 
     def make_chunk(self, start: int, end: int, head: int, det: str) -> _Chunk:
         t = self.t
         h = t[head]
-        words = t[start + 1 if det else start:end]
-        names, mods = [], []
-        pending = ""
-        for x in words:
-            if x.i == head:
-                break
-            if x.lower == "-":
-                continue
-            glued = x.i + 1 < len(t) and t[x.i + 1].lower == "-"
-            if (x.lower, t[x.i + 1].lower if x.i + 1 < len(t) else "") in _COMPOUND_WORDS or (
-                    glued and x.i + 2 < len(t) and t[x.i + 2].i == head and x.pos in _NOMINAL):
-                names.append(x.lower + ("-" if glued else " "))
-                continue
-            if x.pos in _NOMINAL and not _colour(x) and x.tag not in ("JJ",) and x.lower not in lx.ADJECTIVES:
-                names.append(x.lower + " ")
-                continue
-            word = x.lower
-            if glued:  # "chocolate-brown": one attribute
-                pending += word + "-"
-                continue
-            if word in lx.GRADERS and x.i + 1 < end and _adjective(t[x.i + 1]) and x.i + 1 != head:
-                pending += word + " "
-                continue
-            word = pending + word
-            pending = ""
-            if x.lemma in lx.COLOURED or word in lx.COLOURED:
-                continue
-            if word not in lx.NON_ATTRIBUTES and x.lemma not in lx.NON_ATTRIBUTES and word.replace("-", "").isalnum():
-                if x.pos == "NUM" and x.lower in ("one", "1"):
-                    continue
-                mods.append(word)
-        name = ("".join(names) + h.lemma).replace("- ", "-").strip()
-        base = h.lemma
+        units = _units(t[start + 1 if det else start:head])
+        names: list[str] = []
+        mods: list[tuple[str, _Tok]] = []
+        for n, (w, x) in enumerate(units):
+            last = n == len(units) - 1
+            compound = x.i + 1 < len(t) and (x.lower, t[x.i + 1].lower) in _COMPOUND_WORDS
+            nominal = x.pos in _NOMINAL and not _colour(x) and x.tag != "JJ" and x.lower not in lx.ADJECTIVES
+            if compound or (last and "-" in w and nominal) or (last and x.lower in lx.PART_POSITIONS):
+                names.append(w)
+            elif n + 1 < len(units) and units[n + 1][0] in lx.SUFFIXED:
+                mods.append((w, x))  # "v shaped"
+            elif nominal and x.lemma in lx.PART_NOUNS and mods and not names and mods[-1][0] in lx.PART_DESCRIBERS:
+                mods[-1] = (mods[-1][0] + " " + w, x)  # "long sleeve shirt": "long sleeve" describes the shirt
+            elif nominal and x.lemma in lx.PROPERTY_NOUNS - lx.THING_PROPERTY_NOUNS:
+                continue  # "black color flying animal": the colour word names no thing
+            elif nominal and not (w.isdigit()):
+                names.append(w)
+            else:
+                mods.append((w, x))
+        mod_texts = _attr_phrases(mods)
+        name = " ".join([*names, h.lemma if h.pos in _NOMINAL else h.lower])
+        base = h.lemma if h.pos in _NOMINAL else h.lower
         prev_of = end < len(t) and t[end].lower == "of"
         if base in lx.POSITION_NOUNS or base in lx.META_NOUNS and not (base in lx.PARTITIVE_NOUNS and prev_of):
             kind = "place" if base in lx.POSITION_NOUNS else "meta"
@@ -271,7 +318,11 @@ class _Builder:
             kind = "meta"
         else:
             kind = "entity"
-        return _Chunk(start, end, head, kind, name, list(dict.fromkeys(m for m in mods if m)), det)
+        if kind == "property" and names and not prev_of:  # "the netting colour": the netting
+            kind, name = "entity", " ".join(names)
+        if base in lx.POSITION_NOUNS and det in ("a", "an") and mod_texts:
+            kind = "entity"  # "an open back": a part, not a place
+        return _Chunk(start, end, head, kind, name, mod_texts, det)
 
     # ---- clauses -------------------------------------------------------------------------------------------------
     def verbish(self, k: int, first: bool) -> bool:
@@ -283,7 +334,8 @@ class _Builder:
             return True
         # a clause-initial edit verb the tagger took for a noun ("Replace the ...", "Drop the ...")
         nxt = self.t[k + 1] if k + 1 < len(self.t) else None
-        return first and t.lemma in lx.EDIT_VERBS and nxt is not None and (nxt.lower in _DETS or nxt.pos == "PRON")
+        return first and nxt is not None and (t.lemma in lx.EDIT_VERBS or t.lower in lx.EDIT_VERBS | lx.HAVE_VERBS | {
+            "hang", "shows"}) and nxt.pos not in ("VERB", "AUX", "PUNCT") and nxt.lower not in ("of", "'s")
 
     def clauses(self) -> list[_Clause]:
         """The clauses, each with its chunks and verb. A clause ends at ".", ";", "," and at "and" / "then" /
@@ -359,7 +411,7 @@ class _Builder:
                 k = ch.end
                 continue
             tk = self.t[k]
-            if tk.lower not in ("the", "a", "an") and not (_adjective(tk) or tk.pos in ("ADV", "PUNCT", "DET")) or (
+            if tk.lower not in ("the", "a", "an") and not (_adjective(tk) or tk.pos in ("ADV", "PUNCT", "DET", "PRON")) or (
                     tk.lower in (",", "instead", "not", "rather", "next", "close")):
                 words.append(tk.lower)
                 self.tail.append(tk.lower)
@@ -374,34 +426,44 @@ class _Builder:
                 pred = lx.POSITION_PREDICATES.get(self.t[k].lower)
                 if pred is not None:
                     return pred
-        kept = [w for w in words if w not in ("and", ",", "also", "then", "is", "are", "'s", "that", "which")]
+        kept = [w for w in words if w not in ("and", ",", "also", "then", "is", "are", "'s", "that", "which", "up", "down",
+                                              "away", "out", "off", "around", "over", "back", "just")] or [
+            w for w in words if w in ("up", "down", "over", "off")]
         if not kept or len(kept) > 3 or any(w in ("instead", "not", "than", "as", "rather") for w in kept):
             return None
         return " ".join(kept)
 
     def free_adjectives(self, c: _Clause) -> list[tuple[int, list[str]]]:
-        """(position, attributes) of the predicative adjectives in a clause: not inside a chunk, not an old value."""
+        """(position, attributes) of the runs of predicative adjectives in a clause: outside chunks, not old values
+        ("blue instead of red": red is not)."""
         out = []
         t = self.t
         k = c.start
         while k < c.end:
-            if k in self.chunk_at or not (_adjective(t[k]) or (t[k].tag in ("JJR", "RBR") and t[k].lower not in (
-                    "more", "less"))) or (c.verb is not None and k == c.verb.i):
+            if k in self.chunk_at or (c.verb is not None and k == c.verb.i) or not self.describes(k):
                 k += 1
                 continue
             start = k
-            while start > c.start and (t[start - 1].lower in lx.GRADERS or t[start - 1].lower == "-") and (
-                    start - 1) not in self.chunk_at:
-                start -= 1
+            while k < c.end and k not in self.chunk_at and (self.describes(k) or t[k].lower == "-"):
+                k += 1
+            run = [x for x in t[start:k]]
             before = [x.lower for x in t[max(c.start, start - 2):start]]
-            word = " ".join(x.lower for x in t[start:k + 1]).replace(" - ", "-")
-            k += 1
             if any(w in _OLD_VALUE for w in before) and "to" not in before[-1:]:
                 continue
-            if t[k - 1].lemma in lx.COLOURED or word in lx.NON_ATTRIBUTES or t[k - 1].lemma in lx.NON_ATTRIBUTES:
-                continue
-            out.append((start, [word]))
+            phrases = _attr_phrases(_units(run))
+            if phrases:
+                out.append((start, phrases))
         return out
+
+    def describes(self, k: int) -> bool:
+        t = self.t[k]
+        nxt = self.t[k + 1] if k + 1 < len(self.t) else None
+        if t.lower in lx.DEGREE or t.lower in lx.COLOUR_GRADERS:
+            if nxt is not None and (self.describes(k + 1) or nxt.lower == "-"):
+                return True
+            if t.lower in lx.DEGREE:
+                return False
+        return (_adjective(t) or t.tag in ("JJR", "RBR") or t.lower in lx.SUFFIXED) and t.lower not in ("more", "less")
 
     def verb_kind(self, c: _Clause) -> str:
         v = c.verb
@@ -425,8 +487,11 @@ class _Builder:
         """What a text that has / shows / describes ``ch`` does to it: a definite or described thing changes, a new
         one ("a hat", "two dogs", "straps") is added."""
         new = self.new.get(id(ent), [])
-        if ch.det in ("the", "this", "that", "these", "those", "its", "his", "her", "their") or (
-                not ch.det and (ch.mods or new) and not any(m.isdigit() or m in _NUMBERS for m in ch.mods)):
+        words = self.words(ch)
+        comparative = any(self.t[k].tag in ("JJR", "RBR") or self.t[k].lower in ("less", "fewer") for k in range(ch.start, ch.head))
+        if ch.det in ("the", "this", "that", "these", "those", "its", "his", "her", "their") or comparative or (
+                "different" in words) or (not ch.det and (ch.mods or new) and not any(
+                m.isdigit() or m in _NUMBERS for m in ch.mods)) or (self.t[ch.head].lemma in lx.GARMENTS and ch is self.topic):
             return "change", list(dict.fromkeys(ch.mods + new)), None
         return "add", ch.mods, None
 
@@ -435,14 +500,28 @@ class _Builder:
         v = c.verb
         vi = v.i if v is not None and c.inherited is None else c.start - 1
         ents = [ch for ch in c.chunks if ch.kind in ("entity", "pronoun")]
-        subjects = [ch for ch in ents if ch.end <= vi]
+        before = [ch for ch in ents if ch.end <= vi]
         after = [ch for ch in ents if ch.start > vi]
-        subject: Entity | None = self.entity(subjects[-1]) if subjects else None
         role: dict[int, tuple[str, Any]] = {}  # chunk start -> (role, detail)
+        subjects: list[_Chunk] = []
+        for n, ch in enumerate(before):  # "the cross above the disc should be blue": the disc is a landmark
+            if n == 0:
+                subjects.append(ch)
+                continue
+            words, places = self.link(before[n - 1].end, ch.start)
+            if set(self.tail) <= {"and", ",", "or", "&"} and not places:
+                subjects.append(ch)
+                continue
+            role[ch.start] = ("landmark", None)
+            pred = self.predicate(words, places, ch.start)
+            if pred:
+                self.add_relation(self.entity(subjects[0]), pred, self.entity(ch))
+        subject: Entity | None = self.entity(subjects[-1]) if subjects else None
         primary: list[_Chunk] = []
         prev: _Chunk | None = subjects[-1] if subjects and kind == "none" else None
         anchor = vi + 1
         attr_subject = False  # "is an orange dress": the chunk after the copula is the subject
+        as_attrs: list[str] = []  # chunks after a copula that are the subject's attributes
         for ch in after:
             words, places = self.link(anchor, ch.start, after_verb=v is not None and anchor == vi + 1 and not c.inherited)
             anchor = ch.end
@@ -451,21 +530,43 @@ class _Builder:
             coord = tail <= {"and", ",", "or", "&", "but", "also"} or (
                 self.tail == ["of"] and bool(places) and places[-1].kind in ("property", "meta"))
             nxt_det = ch.det in ("a", "an")
-            if prev is not None and (("instead" in w and "of" in w) or ("rather" in w and "than" in w) or words == ["not"]):
+            if prev is not None and (("instead" in w and "of" in w) or ("rather" in w and "than" in w) or self.tail[-1:] == ["not"]):
                 role[ch.start] = ("old", prev)
                 continue
             if w & lx.REMOVE_PREPS:
                 role[ch.start] = ("remove", None)
             elif prev is not None and prev in primary and (
                     (kind == "replace" and self.tail[-1:] in (["with"], ["by"], ["for"], ["to"], ["into"])) or
-                    (kind == "change" and (self.tail in (["into"], ["to"], ["as"]) or (
-                        not self.tail and v is not None and v.lemma in ("make", "turn"))) and nxt_det) or
+                    (kind == "change" and (self.tail in (["into"], ["to"]) and v is not None and v.lemma in (
+                        "change", "turn", "transform", "convert", "switch", "alter") and ch.det != "the" or (
+                        self.tail == ["as"] or not self.tail and v is not None and v.lemma in ("make", "turn")) and nxt_det)) or
                     (kind != "other" and self.tail == ["as"] and nxt_det)):
                 role[ch.start] = ("new", prev)
                 continue
+            elif coord and prev is None and c.inherited is not None and self.last_has is not None and not primary:
+                role[ch.start] = ("has", None)  # "with fitted waist and long sleeves"
+                owner, pred = self.last_has
+                self.add_relation(owner, pred, self.entity(ch))
+                prev = ch
+                continue
             elif coord and (prev is None or kind not in ("other",) or not primary):
                 if kind == "copula" and not primary and (subject is None or subject.implicit):
+                    h = self.t[ch.head]
+                    if not ch.det and h.tag == "NN" and h.lemma not in lx.GARMENTS and not set(self.words(ch)) & (
+                            lx.ADD_CUES | {"no"}):
+                        # "are suede", "is pink and purple striped floor length": the subject's material or cut
+                        ch.kind = "attribute"
+                        degree = self.t[ch.start - 1].lower if ch.start > 0 and self.t[ch.start - 1].lower in lx.DEGREE else ""
+                        text = " ".join(w for w, _ in _units(self.t[ch.start:ch.end]))
+                        as_attrs.extend([f"{degree} {text}".strip()] if "-" in text or degree else [*ch.mods, ch.name])
+                        continue
+                    if set(self.words(ch)) & lx.ADD_CUES:  # "is more text": something added, not the subject
+                        role[ch.start] = ("has", None)
+                        prev = ch
+                        continue
                     attr_subject = True
+                if self.topic is None and kind in ("none", "copula"):
+                    self.topic = ch
                 role[ch.start] = ("primary", None)
                 primary.append(ch)
             elif kind in ("have", "copula", "none") and (w & {"with", "has", "have", "having", "featuring"}) and not places:
@@ -475,8 +576,9 @@ class _Builder:
                     owner = self.get_implicit()
                 elif owner is None:  # "with shorter sleeves" alone: the implicit garment's, if the text has one
                     self.pending_with.append(self.entity(ch))
-                if owner is not None:
+                if owner is not None and ch.det != "no":
                     self.add_relation(owner, "with" if "with" in w else "has", self.entity(ch))
+                    self.last_has = (owner, "with" if "with" in w else "has")
             else:
                 role[ch.start] = ("landmark", None)
                 owner_chunk = prev if prev is not None else (primary[-1] if primary else None)
@@ -485,20 +587,27 @@ class _Builder:
                 if kind == "other" and v is not None and owner is subject and not primary:
                     pred = f"{v.lower} {pred}" if pred else v.lower
                 if owner is not None and pred:
-                    self.add_relation(owner, pred, self.entity(ch))
+                    group = primary if owner_chunk is not None and primary and owner_chunk is primary[-1] else []
+                    for o in [self.entity(g) for g in group] or [owner]:  # "put a lawn and trees behind X"
+                        self.add_relation(o, pred, self.entity(ch))
                 continue
             prev = ch
+        if as_attrs:
+            subject = subject or self.get_implicit()
+            self.set_new(subject, as_attrs)
         if kind == "have" and subject is None and v is not None and v.lemma in lx.IMPLICIT_SUBJECT_VERBS:
             subject = self.get_implicit()
         if kind == "have" and subject is not None:
-            for ch in primary:
+            for ch in [p for p in primary if p.det != "no"]:
                 self.add_relation(subject, "has", self.entity(ch))
+        if c.inherited is None or kind not in ("have", "copula", "none"):
+            self.last_has = self.last_has if any(r == "has" for r, _ in role.values()) else None
         # predicatives: to the nearest entity before them that is not a landmark, else the subject
         for pos, attrs in self.free_adjectives(c):
             target: Entity | None = None
             for ch in reversed(c.chunks):
                 if ch.end <= pos and ch.kind in ("entity", "pronoun") and role.get(ch.start, ("primary",))[0] in (
-                        "primary", "has", "new", "remove"):
+                        "primary", "new", "remove", "subject") or (ch.end <= pos and role.get(ch.start, ("",))[0] == "has" and kind == "none"):
                     target = self.entity(ch)
                     break
             if target is None:
@@ -594,7 +703,7 @@ class _Builder:
             elif kind == "change":
                 self.emit("change", ent, [])
             elif kind == "copula" and attr_subject:
-                self.emit("change", ent, list(dict.fromkeys(ch.mods + new)))
+                self.emit_has(ch, ent)
             elif kind in ("have", "none", "copula"):
                 self.emit_has(ch, ent)
 
@@ -620,6 +729,8 @@ class _Builder:
         self.pending_change: list[tuple[_Chunk, Entity, list[str]]] = []
         self.implicit_done = False
         self.pending_with: list[Entity] = []
+        self.topic: _Chunk | None = None  # the first thing a verbless or copula text speaks of
+        self.last_has: tuple[Entity, str] | None = None  # the owner a "with" / "has" clause gave, for "and ..."
         for c in self.clauses():
             self.process(c)
         for ent in self.pending_with:
