@@ -39,6 +39,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("index", "cirfusion.commands.index", "build a faiss index of a gallery for cirfusion search"),
     Command("search", "cirfusion.commands.search",
             "top-k gallery images for a reference image + text (index or checkpoint)"),
+    Command("parse", "cirfusion.commands.parse",
+            "parse modification texts into scene graphs (entities, attributes, relations, edits)"),
 )
 
 # OSErrors that are about the user's files or machine, not about cirfusion: reported in one line, exit 2.

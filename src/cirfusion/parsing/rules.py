@@ -231,7 +231,10 @@ class _Builder:
         nxt = self.t[k + 1] if k + 1 < len(self.t) else None
         if in_run and not has_head and t.pos in ("VERB", "CCONJ", "NUM") and t.tag not in ("VBN", "VBG") and t.lower not in (
                 "and", "or", "with", "in", "on", "of", "to", "than", "not", "instead", "more", "less", "very"):
-            return nxt is None or nxt.pos not in _NOMINAL and not _adjective(nxt)
+            return nxt is None or nxt.pos not in _NOMINAL
+        if in_run and not has_head and t.pos == "ADV" and t.lower not in lx.NON_ATTRIBUTES and t.lower not in lx.DEGREE:
+            # "the square bigger" (square/RB): a noun when what follows cannot carry on the noun phrase
+            return nxt is None or nxt.pos in ("PUNCT", "ADP", "CCONJ", "DET") or nxt.tag in ("JJR", "RBR")
         return False
 
     def chunk_from(self, k: int) -> _Chunk | None:
@@ -251,7 +254,7 @@ class _Builder:
                 continue
             if self.nominal(j, in_run=j > start or bool(det), has_head=head != -1):
                 head = j
-            elif tj.lower in ("and", ",") and head == -1 and j > k and _adjective(t[j - 1]) and j + 1 < len(t) and (
+            elif tj.lower == "and" and head == -1 and j > k and _adjective(t[j - 1]) and j + 1 < len(t) and (
                     _adjective(t[j + 1])):
                 pass  # "a white and pink stripe"
             elif _adjective(tj) or tj.pos == "NUM" or (tj.tag in ("VBN", "VBG", "VBD") and j + 1 < len(t) and (
@@ -266,12 +269,13 @@ class _Builder:
                 break
             j += 1
         last = j - 1
-        while head == -1 and last > k and (_colour(t[last]) or t[last].tag in ("JJR", "RBR")):
+        while head == -1 and last > k and (_colour(t[last]) or t[last].tag in ("JJR", "RBR") or (
+                t[last].lower in lx.ADJECTIVES and last == j - 1 and not _colour(t[last - 1]))):
             last -= 1  # "the square bigger": the comparative is a predicate
         if head == -1 and last < j - 1 and det:
             j = last + 1
         if head == -1 and j > k and not _colour(t[j - 1]) and t[j - 1].tag not in ("JJR", "RBR") and (
-                t[j - 1].lower not in lx.NON_ATTRIBUTES) and (det in ("a", "an", "the") or (
+                t[j - 1].lower not in lx.NON_ATTRIBUTES) and (det in ("a", "an", "the", "no") or (
                 j < len(t) and t[j].lower in ("not", "instead", "as"))):
             head = j - 1  # "a cross", "a square": a noun the tagger took for an adjective
         if head == -1:
@@ -536,7 +540,8 @@ class _Builder:
             if w & lx.REMOVE_PREPS:
                 role[ch.start] = ("remove", None)
             elif prev is not None and prev in primary and (
-                    (kind == "replace" and self.tail[-1:] in (["with"], ["by"], ["for"], ["to"], ["into"])) or
+                    (kind == "replace" and (self.tail[-1:] in (["with"], ["by"], ["for"], ["to"], ["into"]) or bool(
+                        w & {"with", "by", "for"}) and not any(p.kind == "place" for p in places))) or
                     (kind == "change" and (self.tail in (["into"], ["to"]) and v is not None and v.lemma in (
                         "change", "turn", "transform", "convert", "switch", "alter") and ch.det != "the" or (
                         self.tail == ["as"] or not self.tail and v is not None and v.lemma in ("make", "turn")) and nxt_det)) or
