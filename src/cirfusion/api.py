@@ -105,7 +105,8 @@ class CIRModel:
         mask = torch.zeros(n, bb.max_text_tokens, dtype=torch.bool)
         tokens[:, :length], mask[:, :length] = _fp16(f.tokens), f.mask.bool()  # padded like the cache
         tokens[~mask] = 0
-        return TextFeatures(global_=_fp16(f.global_), tokens=tokens, mask=mask)
+        # The raw strings and this encoder travel along for methods that read them (FineCIR's parse).
+        return TextFeatures(global_=_fp16(f.global_), tokens=tokens, mask=mask, texts=list(texts), encoder=self.text_features)
 
     # ---- embeddings and scores ---------------------------------------------------------------------------------------
     @torch.no_grad()

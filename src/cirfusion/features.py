@@ -153,6 +153,9 @@ class TextFeatureTable(_RowLookup):
     tokens: np.ndarray
     mask: np.ndarray
     hashes: list[str]
+    # Encodes other strings with the same cached text encoder (``FeatureCache.encode_texts``), for methods that
+    # read more than the table's texts (FineCIR's entity words); None for a table built by hand.
+    encoder: Any = field(default=None, repr=False, compare=False)
     _pos: dict[str, int] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -446,7 +449,8 @@ class FeatureCache:
             return TextFeatureTable(
                 texts=list(tables[0].texts), global_=np.concatenate([np.asarray(t.global_) for t in tables], 1),
                 tokens=np.concatenate([_pad_last(np.asarray(t.tokens), d) for t in tables], 1),
-                mask=np.concatenate([np.asarray(t.mask) for t in tables], 1), hashes=list(tables[0].hashes))
+                mask=np.concatenate([np.asarray(t.mask) for t in tables], 1), hashes=list(tables[0].hashes),
+                encoder=self.encode_texts)
         unique = list(dict.fromkeys(texts))
         keys = [text_key(t) for t in unique]
         store = self._texts()
@@ -488,7 +492,14 @@ class FeatureCache:
                 interrupts.__exit__()
                 bar.close()
         arrays = store.gather(keys)
-        return TextFeatureTable(texts=unique, global_=arrays["global"], tokens=arrays["tokens"], mask=arrays["mask"], hashes=keys)
+        return TextFeatureTable(texts=unique, global_=arrays["global"], tokens=arrays["tokens"], mask=arrays["mask"], hashes=keys,
+                                encoder=self.encode_texts)
+
+    def encode_texts(self, texts: list[str]) -> TextFeatures:
+        """Cached features of ``texts`` as tensors, rows in the order given (duplicates allowed); what a
+        :class:`TextFeatureTable`'s ``encoder`` is. The strings are encoded once and cached like any text."""
+        table = self.text_features(texts, progress=False)
+        return table.torch(table.rows(texts))
 
 
 def dataset_texts(dataset: CIRDataset) -> list[str]:

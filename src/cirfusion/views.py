@@ -108,4 +108,7 @@ class FeatureView:
         else:
             t = torch.zeros(len(rows), 0, self.texts.tokens.shape[-1])
             m = torch.zeros(len(rows), 0, dtype=torch.bool)
-        return TextFeatures(global_=g, tokens=t, mask=m)
+        # The raw strings and the table's encoder travel along for methods that read them (FineCIR's parse).
+        names = getattr(self.texts, "texts", None)
+        return TextFeatures(global_=g, tokens=t, mask=m, texts=None if names is None else [names[int(r)] for r in rows],
+                            encoder=getattr(self.texts, "encoder", None))

@@ -8,7 +8,8 @@ vector plus token features with a padding mask. It knows its own preprocessing, 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -26,11 +27,18 @@ class ImageFeatures:
 
 @dataclass
 class TextFeatures:
-    """``global_``: [B, D_txt]; ``tokens``: [B, L, D_txt_tok]; ``mask``: [B, L] bool, True on real tokens."""
+    """``global_``: [B, D_txt]; ``tokens``: [B, L, D_txt_tok]; ``mask``: [B, L] bool, True on real tokens.
+
+    Optional, for methods that read more than the cached features of the text itself (FineCIR parses the text and
+    encodes its entity and attribute words): ``texts``, the raw strings of the rows, and ``encoder``, a function
+    that encodes other strings with the same (cached) text encoder. Who builds features from a feature table or a
+    backbone sets them; features built by hand may leave them out."""
 
     global_: torch.Tensor
     tokens: torch.Tensor
     mask: torch.Tensor
+    texts: list[str] | None = field(default=None, repr=False, compare=False)
+    encoder: Callable[[list[str]], TextFeatures] | None = field(default=None, repr=False, compare=False)
 
 
 class Backbone(nn.Module, ABC):

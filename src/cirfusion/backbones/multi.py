@@ -66,8 +66,10 @@ class PartSlice:
         return ImageFeatures(global_=f.global_[:, self.g0 : self.g1], tokens=f.tokens[:, self.t0 : self.t1, : self.dt])
 
     def text(self, f: TextFeatures) -> TextFeatures:
+        enc = f.encoder
         return TextFeatures(global_=f.global_[:, self.x0 : self.x1], tokens=f.tokens[:, self.l0 : self.l1, : self.lt],
-                            mask=f.mask[:, self.l0 : self.l1])
+                            mask=f.mask[:, self.l0 : self.l1], texts=f.texts,
+                            encoder=None if enc is None else (lambda ts: self.text(enc(ts))))
 
 
 def part_slices(parts: Sequence[Any]) -> list[PartSlice]:

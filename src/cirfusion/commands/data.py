@@ -16,6 +16,8 @@ DATA_COMMANDS: tuple[Command, ...] = (
             "generate the synthetic scene-graph CIR benchmark (rendered scenes, fine/coarse texts, subsets, edit pairs)"),
     Command("make-catalog", "cirfusion.commands.data_catalog",
             "build CIR triplets (category/colour/edit queries) from a folder of photos labelled by category"),
+    Command("make-fine", "cirfusion.commands.data_fine",
+            "coarse -> fine modification texts (numbered atomic edits) in the Fine-CIRR / Fine-FashionIQ layout"),
 )
 
 

@@ -22,6 +22,7 @@ METHODS: Registry[type[CIRMethod]] = Registry("method", [
     "cirfusion.methods.sprc",
     "cirfusion.methods.dafm",
     "cirfusion.methods.detailfusion",
+    "cirfusion.methods.finecir",
 ])
 
 M = TypeVar("M", bound=type[CIRMethod])

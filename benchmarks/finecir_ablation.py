@@ -1,0 +1,201 @@
+"""FineCIR ablation (issue 10) on the synthetic benchmark (fine and coarse texts for every query), and on the catalog
+when its fine texts exist (``cirfusion data make-fine``).
+
+Rows (each model trained on train, its epoch chosen on val by the loop's validation metric, Rmean; test read once
+per row at the end):
+
+- ``finecir_fine``              FineCIR trained on fine text, tested on fine;
+- ``no_entities``               the same with ``entity_guidance=false`` (everything else equal);
+- ``finecir_coarse_on_fine``    FineCIR trained on coarse text, tested on fine;
+- ``finecir_coarse_on_coarse``  the same model tested on coarse;
+- ``clip4cir_fine``, ``sprc_fine``   trained and tested on fine text.
+
+Parsers (``--parser``): ``cirfusion`` (the built-in :mod:`cirfusion.parsing`), or ``synthetic-lexicon``: a
+lexicon matcher over the synthetic generator's own vocabulary (shape, colour and size words with their synonyms,
+the nine cell phrases): it reads only what a text says, so coarse texts get coarse graphs.
+
+    python benchmarks/finecir_ablation.py --synthetic /path/to/synthetic --cache-dir CACHE --out bench-finecir
+
+Ends with one JSON line: ``{"synthetic": {row: {"rsubset1", "rmean", "r10"}}, "catalog": ..., "parser": ...,
+"selection_split": "val"}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import inspect
+import json
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROWS = ("finecir_fine", "no_entities", "finecir_coarse_on_fine", "finecir_coarse_on_coarse", "clip4cir_fine", "sprc_fine")
+
+
+def lexicon_parse(texts: list[str]) -> list[dict[str, Any]]:
+    """Scene graphs of synthetic-benchmark texts from the generator's vocabulary (see the module docstring): per
+    clause (split on ';', ',' and 'and'), each shape noun (or 'shape'/'one'/'object') is an entity whose attributes
+    are the size and colour words before it, a cell phrase after it, and predicative words at the clause's end."""
+    from cirfusion.data.synthetic.language import _CELL_PHRASES, _COLOUR_WORDS, _SHAPE_WORDS, _SIZE_WORDS
+
+    colour = {w: c for c, ws in _COLOUR_WORDS.items() for w in ws}
+    size = {w: s for s, ws in _SIZE_WORDS.items() for w in ws}
+    size.update({"bigger": "large", "larger": "large", "smaller": "small", "tinier": "small"})
+    shape = {w: s for s, ws in _SHAPE_WORDS.items() for w in ws}
+    cells = sorted(((p.removeprefix("the "), f"{'top middle bottom'.split()[r]} {'left centre right'.split()[c]}")
+                    for (r, c), ps in _CELL_PHRASES.items() for p in ps), key=lambda x: -len(x[0]))
+    generic = {"shape", "one", "object"}
+    out = []
+    for text in texts:
+        entities: list[dict[str, Any]] = []
+        last: dict[str, Any] | None = None
+        for clause in re.split(r";|,| and ", text.lower()):
+            for k, (phrase, _) in enumerate(cells):  # numbered marks: no vocabulary word inside a mark
+                clause = clause.replace(phrase, f" cell:{k} ")
+            clause = clause.replace("plus sign", "plus_sign")
+            pending: list[str] = []
+            for w in clause.split():
+                w = w.replace("plus_sign", "plus sign")
+                if w in colour or w in size:
+                    pending.append(colour.get(w) or size[w])
+                elif w in shape or w in generic:
+                    last = {"name": shape.get(w, "shape"), "attributes": pending, "implicit": False}
+                    entities.append(last)
+                    pending = []
+                elif w.startswith("cell:") and last is not None:
+                    last["attributes"].append(cells[int(w[5:])][1])
+            if pending and last is not None:
+                last["attributes"].extend(pending)
+        out.append({"text": text, "entities": entities, "relations": [], "edits": []})
+    return out
+
+
+def row_metrics(m: dict[str, float]) -> dict[str, float]:
+    return {"rsubset1": round(m["Rsubset@1"], 2), "rmean": round(m["Rmean"], 2), "r10": round(m["R@10"], 2)}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--synthetic", type=Path, default=None, help="an existing synthetic benchmark (default: generate one in OUT)")
+    p.add_argument("--catalog", type=Path, default=None, help="a catalog benchmark (make-catalog); omitted: skipped")
+    p.add_argument("--catalog-fine", type=Path, default=None, help="its fine texts (make-fine catalog --out DIR)")
+    p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/cache)")
+    p.add_argument("--out", type=Path, default=Path("bench-finecir"))
+    p.add_argument("--n-images", type=int, default=2500, help="images of a generated synthetic benchmark")
+    p.add_argument("--epochs", type=int, default=4)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--parser", default="cirfusion", help="the parser FineCIR reads: cirfusion | synthetic-lexicon")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
+    args = p.parse_args()
+
+    import torch
+
+    from cirfusion.backbones import create_backbone
+    from cirfusion.checkpoint import load_checkpoint
+    from cirfusion.data import load_dataset
+    from cirfusion.data.synthetic import generate
+    from cirfusion.evaluation import evaluate
+    from cirfusion.features import FeatureCache
+    from cirfusion.methods import create_method
+    from cirfusion.parse_cache import ParseCache, get_parser, register_parser
+    from cirfusion.seeding import seed_everything
+    from cirfusion.train import TrainConfig, train
+    from cirfusion.views import load_split_data
+
+    torch.set_num_threads(1)
+    t_start = time.perf_counter()
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    version = hashlib.sha256(inspect.getsource(lexicon_parse).encode()).hexdigest()
+    register_parser("synthetic-lexicon", lexicon_parse, version)
+    root = args.synthetic
+    if root is None:
+        root = out / "data" / "synthetic"
+        if not (root / "manifest.json").exists():
+            generate(root, seed=args.seed, n_images=args.n_images)
+    bb = create_backbone("embedded")
+    cache = FeatureCache(bb, args.cache_dir or out / "cache")
+    rows = [r for r in args.rows.split(",") if r]
+
+    def splits(bench: str, bench_root: Path, **kw: Any) -> dict[str, Any]:
+        return {s: load_split_data(cache, load_dataset(bench, bench_root, s, **kw), training=(s == "train"))
+                for s in ("train", "val", "test")}
+
+    # (row, method, hparams, train text, [(result row, test text)])
+    plan = [
+        ("finecir_fine", "finecir", {"parser": args.parser}, "fine", [("finecir_fine", "fine")]),
+        ("no_entities", "finecir", {"parser": args.parser, "entity_guidance": False}, "fine", [("no_entities", "fine")]),
+        ("finecir_coarse", "finecir", {"parser": args.parser}, "coarse",
+         [("finecir_coarse_on_fine", "fine"), ("finecir_coarse_on_coarse", "coarse")]),
+        ("clip4cir_fine", "clip4cir", {}, "fine", [("clip4cir_fine", "fine")]),
+        ("sprc_fine", "sprc", {}, "fine", [("sprc_fine", "fine")]),
+    ]
+
+    def run_bench(bench: str, data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        res: dict[str, Any] = {}
+        for name, method_name, hp, train_text, tests in plan:
+            if not any(r in rows for r, _ in tests):
+                continue
+            t0 = time.perf_counter()
+            seed_everything(args.seed)
+            method = create_method(method_name, bb, **hp)
+            run_dir = out / "runs" / bench / name
+            if run_dir.exists():
+                shutil.rmtree(run_dir)
+            tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=False)
+            r = train(method, data[train_text]["train"], data[train_text]["val"], run_dir, tc)
+            best = load_checkpoint(r.best_dir)
+            for row, test_text in tests:
+                res[row] = {**row_metrics(evaluate(best, data[test_text]["test"])),
+                            "val_" + str(r.val_metric): round(float(r.best_metric or 0.0), 2), "best_epoch": r.best_epoch}
+            print(f"[finecir-ablation] {bench}/{name}: {time.perf_counter() - t0:.0f} s, "
+                  + "; ".join(f"{row} {res[row]}" for row, _ in tests), flush=True)
+        return res
+
+    results: dict[str, Any] = {"selection_split": "val", "epochs": args.epochs, "parser_used": args.parser}
+    syn = {t: splits("synthetic", root, text=t) for t in ("fine", "coarse")}
+    results["synthetic"] = run_bench("synthetic", syn)
+
+    # The parser: cirfusion.parsing's own scores against the generator's graphs (fine + coarse texts of test) and
+    # its speed; the parser FineCIR used here (if another one) is timed as well.
+    from cirfusion.parsing.evaluation import score_synthetic, throughput
+
+    test_q = syn["fine"]["test"].dataset.queries
+    sc = score_synthetic(test_q)
+    texts = [t for q in test_q for t in q.captions]
+    results["parser"] = {"name": "cirfusion", "entity_f1": sc["all"]["entity_f1"], "attribute_f1": sc["all"]["attribute_f1"],
+                         "edit_f1": sc["all"]["edit_f1"], **throughput(texts), "fine": sc["fine"], "coarse": sc["coarse"]}
+    if args.parser != "cirfusion":
+        t0 = time.perf_counter()
+        ParseCache(get_parser(args.parser)).graphs(list(dict.fromkeys(texts)))
+        results["parser"]["used_by_finecir"] = {"name": args.parser,
+                                                "texts_per_s": round(len(texts) / (time.perf_counter() - t0), 1)}
+    if args.catalog is not None and args.catalog_fine is not None:
+        # fine: the make-fine output (one target per query, target_hard = the first); coarse: the catalog's own
+        cat = {"fine": splits("finecir", args.catalog_fine, image_dir=str(args.catalog.resolve())),
+               "coarse": splits("catalog", args.catalog)}
+        results["catalog"] = run_bench("catalog", cat)
+    else:
+        results["catalog"] = {"skipped": "no --catalog and --catalog-fine given"}
+    s = results["synthetic"]
+    checks = {}
+    if {"finecir_fine", "no_entities"} <= s.keys():
+        checks["entity_guidance_plus3_rsubset1"] = s["finecir_fine"]["rsubset1"] >= s["no_entities"]["rsubset1"] + 3
+    if {"finecir_fine", "finecir_coarse_on_fine"} <= s.keys():
+        checks["fine_over_coarse_plus3_r10"] = s["finecir_fine"]["r10"] >= s["finecir_coarse_on_fine"]["r10"] + 3
+    for base in ("clip4cir_fine", "sprc_fine"):
+        if {"finecir_fine", base} <= s.keys():
+            checks[f"beats_{base}"] = all(s["finecir_fine"][k] >= s[base][k] for k in ("rsubset1", "rmean"))
+    results["targets_met"] = checks
+    results["wall_s"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
