@@ -69,7 +69,7 @@ def test_figures_are_measured_once_and_cached(fresh_cache, monkeypatch):
     monkeypatch.setattr(SP, "probe_paths", fake_probe)
     assert SP.measured_paths() == FAKE
     saved = json.loads(fresh_cache.read_text())
-    assert saved == {SP.machine_key(): FAKE}  # keyed by CPU model, capability, torch version and threads
+    assert saved == {SP.machine_key(): FAKE}  # keyed by CPU model, capability and torch version
     SP._memo.clear()  # a new process: read from the file, not measured again
     assert SP.measured_paths() == FAKE and len(calls) == 1
     assert SP.measured_paths(refresh=True) == FAKE and len(calls) == 2
@@ -117,3 +117,15 @@ def test_info_command_reports_the_choice(fresh_cache, monkeypatch, capsys):
     assert set(info["fused_scoring"]["probe_ms"]) == set(SP.PATHS)
     assert main(["info"]) == 0
     assert "score_dtype=auto here: float16" in capsys.readouterr().out
+
+
+def test_the_choice_does_not_depend_on_the_thread_count(fresh_cache, monkeypatch):
+    # a model is fitted on one thread (cirfusion.threads) and queried on every core: one path for both
+    from cirfusion.threads import torch_threads
+
+    monkeypatch.setattr(SP, "probe_paths", lambda: FAKE)
+    with torch_threads(1):
+        one = (SP.machine_key(), SP.choose_score_dtype().dtype)
+    with torch_threads(2):
+        two = (SP.machine_key(), SP.choose_score_dtype().dtype)
+    assert one == two

@@ -14,8 +14,9 @@ default, so a fused model with ``score_dtype="auto"`` (the default) decides at f
    the reference, always passes.
 
 The probe's figures are cached in ``~/.cache/cirfusion/score_paths.json`` (``$CIRFUSION_SCORE_PATHS`` names another
-file), keyed by the CPU model, torch's vector capability, the torch version and the thread count, so they are
-measured once per machine. An explicit ``score_dtype`` on the model always wins, and is what makes a fused model's
+file), keyed by the CPU model, torch's vector capability and the torch version, so they are measured once per machine
+(whatever the thread count at the time: a fused model scores with the same path when fitted on one thread and when
+queried on every core). An explicit ``score_dtype`` on the model always wins, and is what makes a fused model's
 scores identical across machines; ``auto`` makes them identical on one machine (the cached choice), while two
 machines may pick two paths whose scores differ by the rounding above. The choice and the figures behind it are what
 :meth:`cirfusion.methods.dafm.DAFM.score_path` returns and ``cirfusion info`` prints.
@@ -61,7 +62,8 @@ class ScorePath:
 
 
 def machine_key() -> str:
-    """What a path ranking depends on: CPU model, torch's vector capability, torch version, intra-op threads."""
+    """What the choice depends on: CPU model, torch's vector capability, torch version. Not the thread count: one
+    model must score with one path whether it is fitted (one thread, cirfusion.threads) or queried (every core)."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
@@ -72,7 +74,7 @@ def machine_key() -> str:
     except OSError:
         pass
     cap = torch.backends.cpu.get_cpu_capability()
-    return f"{cpu} | {cap} | torch {torch.__version__} | {torch.get_num_threads()} threads"
+    return f"{cpu} | {cap} | torch {torch.__version__}"
 
 
 def native_dtypes() -> list[str]:
