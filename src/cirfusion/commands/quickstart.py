@@ -45,7 +45,7 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--pool-backbone", action="append", default=[], metavar="METHOD=BACKBONE",
                    help="train this base method on another backbone (repeatable), e.g. tg-cir=colour; the fused "
                         "model reads the backbones side by side. Default with the embedded backbone: "
-                        "tg-cir=colour sprc=colour; 'none': every method on --backbone")
+                        "clip4cir=colour tg-cir=colour sprc=colour; 'none': every method on --backbone")
     p.add_argument("--no-fuse", action="store_true", help="skip the DAFM fusion")
     p.add_argument("--catalog-limit", type=int, default=None, help="use at most N photos (seeded sample)")
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/cache)")
