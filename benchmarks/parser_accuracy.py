@@ -32,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split", default="val")
     ap.add_argument("--limit", type=int, default=500, help="synthetic queries scored (0: all)")
     ap.add_argument("--dev", default=str(ROOT / "tests/data/parser_dev.jsonl"))
+    ap.add_argument("--data-root", default=str(ROOT.parent / "shared" / "data"),
+                    help="the real-data folder the dev set's captions are read from (they are not stored here)")
     ap.add_argument("--speed-file", default=None, help="a CIRR captions file to time the parser on")
     ap.add_argument("--backend", default="rules")
     args = ap.parse_args(argv)
@@ -46,14 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     for part in ("fine", "coarse", "all"):
         print(f"synthetic {args.split} {part:6s} ({syn['n_queries']} queries): " +
               ", ".join(f"{k} {v:.4f}" for k, v in syn[part].items()))
-    dev = score_annotated(args.dev, args.backend)
+    dev = score_annotated(args.dev, args.backend, data_root=args.data_root)
     print(f"dev set ({dev['n_texts']} texts): " + ", ".join(f"{k} {dev[k]:.4f}" for k in syn["all"]))
     for src, s in dev["by_source"].items():
         print(f"  {src:10s} ({s['n_texts']:3d}): " + ", ".join(f"{k} {v:.4f}" for k, v in s.items() if k != "n_texts"))
     if args.speed_file:
         texts = [x["caption"] for x in json.loads(Path(args.speed_file).read_text())]
     else:
-        texts = [g.text for _, g in load_annotated(args.dev)] * 20
+        texts = [g.text for _, g in load_annotated(args.dev, args.data_root)] * 20
     speed = throughput(texts, get_parser(args.backend))
     print(f"speed: {speed['texts_per_s']} texts/s wall, {speed['texts_per_cpu_s']} texts per CPU-second "
           f"({speed['n_texts']} texts, one process)")

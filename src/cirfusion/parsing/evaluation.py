@@ -1,15 +1,19 @@
 """Parser accuracy and speed: on the synthetic benchmark's fine and coarse texts against the generator's own edit
 graphs (:mod:`cirfusion.data.synthetic.graphs`), and on a hand-annotated set of real captions (a JSONL file of
-:meth:`SceneGraph.to_dict` rows with a ``source`` field, e.g. ``tests/data/parser_dev.jsonl``).
+:meth:`SceneGraph.to_dict` rows with a ``source`` field, e.g. ``tests/data/parser_dev.jsonl``). A row may name its
+text by reference instead -- ``"text_ref": {"file": PATH, "sha256": HEX}``, PATH relative to the real-data folder
+(``../shared/data``) and HEX the hash of the stripped caption -- so that captions of the public datasets are read
+from the user's copy and never stored in this repository.
 
 Not imported by ``cirfusion.parsing`` itself (it reads the synthetic generator's modules).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,18 +30,61 @@ DEFAULT_IMPLICIT = "garment"
 SCORE_KEYS = ("entity_f1", "attribute_f1", "relation_f1", "edit_f1", "edit_op_accuracy")
 
 
-def load_annotated(path: str | Path) -> list[tuple[str, SceneGraph]]:
-    """(source, gold graph) per line of an annotated JSONL file."""
+def _strings(obj: Any) -> Iterator[str]:
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+
+
+def _resolver(data_root: Path | None) -> Callable[[dict[str, Any], str], str | None]:
+    """``resolve(text_ref, where)``: the caption a reference names, or None when the data folder is absent."""
+    by_file: dict[str, dict[str, str]] = {}
+
+    def resolve(ref: dict[str, Any], where: str) -> str | None:
+        if data_root is None or not data_root.is_dir():
+            return None
+        rel = str(ref.get("file", ""))
+        if rel.startswith("/") or ".." in Path(rel).parts:
+            raise ParseGraphError(f"{where}: text_ref file {rel!r} must be a path inside the data folder")
+        if rel not in by_file:
+            try:
+                data = json.loads((data_root / rel).read_text(encoding="utf-8"))
+            except (OSError, ValueError) as exc:
+                raise ParseGraphError(f"{where}: cannot read {data_root / rel}: {exc}") from exc
+            by_file[rel] = {hashlib.sha256(t.strip().encode()).hexdigest(): t.strip() for t in _strings(data)}
+        text = by_file[rel].get(str(ref.get("sha256", "")))
+        if text is None:
+            raise ParseGraphError(f"{where}: no caption in {data_root / rel} has sha256 {ref.get('sha256')!r}")
+        return text
+
+    return resolve
+
+
+def load_annotated(path: str | Path, data_root: str | Path | None = None) -> list[tuple[str, SceneGraph]]:
+    """(source, gold graph) per line of an annotated JSONL file. Rows that name their text by ``text_ref`` are read
+    from ``data_root`` (the real-data folder); without it they are left out."""
+    resolve = _resolver(Path(data_root) if data_root is not None else None)
     out = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{n}"
             try:
                 d = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise ParseGraphError(f"{path}:{n}: not JSON: {exc}") from exc
-            out.append((str(d.get("source", "")), SceneGraph.from_dict(d, f"{path}:{n}")))
+                raise ParseGraphError(f"{where}: not JSON: {exc}") from exc
+            if "text_ref" in d:
+                text = resolve(d["text_ref"], where)
+                if text is None:
+                    continue
+                d = {**{k: v for k, v in d.items() if k != "text_ref"}, "text": text}
+            out.append((str(d.get("source", "")), SceneGraph.from_dict(d, where)))
     return out
 
 
@@ -45,10 +92,11 @@ def _rounded(d: dict[str, Any]) -> dict[str, float]:
     return {k: round(float(d[k]), 4) for k in SCORE_KEYS}
 
 
-def score_annotated(path: str | Path, backend: str = "rules", **options: Any) -> dict[str, Any]:
+def score_annotated(path: str | Path, backend: str = "rules", data_root: str | Path | None = None,
+                    **options: Any) -> dict[str, Any]:
     """Scores of ``backend`` on an annotated file: overall and by source (each source parsed with its implicit
-    entity name)."""
-    items = load_annotated(path)
+    entity name); ``data_root`` resolves the rows' ``text_ref`` captions (:func:`load_annotated`)."""
+    items = load_annotated(path, data_root)
     by_source: dict[str, list[int]] = {}
     for i, (src, _) in enumerate(items):
         by_source.setdefault(src.split("-")[0], []).append(i)
