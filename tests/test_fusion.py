@@ -377,7 +377,7 @@ def test_explanations_sum_to_one(tmp_path):
     assert sum(summary["argmax_share"].values()) == pytest.approx(1.0)
     # weights scale the channels: a model with (forced) weight 0 does not change the fused scores
     q, g = v.query_bundle(slice(0, 5)), v.gallery_bundle()
-    norm = next(m._tiles(q, g))
+    norm = next(m.normalised_tiles(q, g))
     w0 = torch.tensor([[0.5, 0.5, 0.0]]).expand(5, -1)
     z2 = norm.z.clone()
     z2[:, 2] = torch.randn_like(z2[:, 2])

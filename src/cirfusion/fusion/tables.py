@@ -15,8 +15,9 @@ image id (:func:`cirfusion.data.schema.reference_columns`), as the metrics do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -231,16 +232,24 @@ def per_query_base(table: SplitTable, k: int, chunk: int = 256) -> dict[str, np.
     return _per_query_from(lambda r: base.similarity(rows_of(q, r), g).float(), table.dataset, chunk)
 
 
-@torch.no_grad()
-def per_query_fused(model: DAFM, table: SplitTable, chunk: int = 256) -> dict[str, np.ndarray]:
-    """Per-query results of a fused model (the table holds exactly its bases, in its order)."""
+@contextlib.contextmanager
+def _fused_scorer(model: DAFM, table: SplitTable) -> Iterator[Callable[[Any], torch.Tensor]]:
+    """``rows -> fused scores`` of ``model`` over the table's gallery (encoded once, in the model's score dtype), with
+    the model in eval mode inside the ``with`` and its mode restored after."""
     was = model.training
     model.eval()
     try:
         g = table.gallery_bundle(model.score_dtype)
-        return _per_query_from(lambda r: model.similarity(table.query_bundle(r), g), table.dataset, chunk)
+        yield lambda r: model.similarity(table.query_bundle(r), g)
     finally:
         model.train(was)
+
+
+@torch.no_grad()
+def per_query_fused(model: DAFM, table: SplitTable, chunk: int = 256) -> dict[str, np.ndarray]:
+    """Per-query results of a fused model (the table holds exactly its bases, in its order)."""
+    with _fused_scorer(model, table) as score:
+        return _per_query_from(score, table.dataset, chunk)
 
 
 @torch.no_grad()
@@ -253,13 +262,8 @@ def evaluate_base(table: SplitTable, k: int, chunk: int = 256) -> dict[str, floa
 @torch.no_grad()
 def evaluate_fused(model: DAFM, table: SplitTable, chunk: int = 256) -> dict[str, float]:
     """Metrics of a fused model on a split whose table holds exactly the model's bases, in its order."""
-    was = model.training
-    model.eval()
-    try:
-        g = table.gallery_bundle(model.score_dtype)
-        return _metrics_from(lambda r: model.similarity(table.query_bundle(r), g), table.dataset, chunk)
-    finally:
-        model.train(was)
+    with _fused_scorer(model, table) as score:
+        return _metrics_from(score, table.dataset, chunk)
 
 
 __all__ = ["SplitTable", "evaluate_base", "evaluate_fused", "per_query_base", "per_query_fused"]

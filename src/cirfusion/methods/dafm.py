@@ -258,8 +258,9 @@ class DAFM(CIRMethod):
         """The torch dtype of the scoring path (:meth:`score_path`): what fitting, evaluation and queries use alike."""
         return SCORE_DTYPES[self.score_path().dtype]
 
-    def _tiles(self, q: Mapping[str, Any], g: Mapping[str, Any]) -> Iterator[Normalised]:
-        """Yield the normalised scores of each tile of queries."""
+    def normalised_tiles(self, q: Mapping[str, Any], g: Mapping[str, Any]) -> Iterator[Normalised]:
+        """Yield the normalised scores of each tile of queries: what :meth:`similarity`, :meth:`explain` and
+        :meth:`contributions` read (the service reads one query's tile once for all three)."""
         if len(q["q"]) != self.num_models or len(g["g"]) != self.num_models:
             raise ValueError(f"dafm: embeddings hold {len(q['q'])}/{len(g['g'])} models, the fused model {self.num_models}")
         b, n = int(q["fp"].shape[0]), int(g["fp"].shape[0])
@@ -275,7 +276,7 @@ class DAFM(CIRMethod):
 
     def similarity(self, q: Any, g: Any) -> torch.Tensor:
         out = []
-        for norm in self._tiles(q, g):
+        for norm in self.normalised_tiles(q, g):
             with single_thread_if_small(norm.z.numel()):
                 out.append(self.fusion(norm.z, norm.stats))
         if not out:
@@ -285,7 +286,7 @@ class DAFM(CIRMethod):
     @torch.no_grad()
     def explain(self, q: Any, g: Any) -> torch.Tensor:
         """``[B, K]`` effective weight of each base model per query (softmax over models: each row sums to 1)."""
-        parts = [self.fusion.weights(norm.stats) for norm in self._tiles(q, g)]
+        parts = [self.fusion.weights(norm.stats) for norm in self.normalised_tiles(q, g)]
         return torch.cat(parts) if parts else torch.zeros(0, self.num_models)
 
     @torch.no_grad()
@@ -300,7 +301,7 @@ class DAFM(CIRMethod):
             raise ValueError(f"dafm: one gallery column per query expected ({int(q['fp'].shape[0])}), got shape "
                              f"{tuple(cols.shape)}")
         h, phis, vals, s = self.params, [], [], 0
-        for norm in self._tiles(q, g):
+        for norm in self.normalised_tiles(q, g):
             n = int(norm.z.shape[0])
             phi, v = shapley_values(self.fusion, norm, cols[s : s + n], h.topk, h.beta)
             phis.append(phi)

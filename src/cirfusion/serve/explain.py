@@ -42,18 +42,18 @@ def explain(method: Any, q: Embedding, text: str) -> dict[str, Any]:
 
 def is_fused(method: Any) -> bool:
     """Whether ``method`` is a DAFM-style fusion (base models, a fusion network, exact Shapley contributions)."""
-    return hasattr(method, "contributions") and hasattr(method, "base_names") and hasattr(method, "_tiles")
+    return hasattr(method, "contributions") and hasattr(method, "base_names") and hasattr(method, "normalised_tiles")
 
 
 def fused_rank(method: Any, q: Embedding, g: Embedding, k: int, exclude: int | None, explain_top: int,
                with_explanation: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """Rank and explain one query of a fused model from ONE pass of base scores over the gallery.
 
-    ``DAFM._tiles`` (the method's own scoring, not a copy of it) gives the query's normalised scores and statistics
+    ``DAFM.normalised_tiles`` (the method's own scoring, not a copy of it) gives the query's normalised scores and statistics
     once; the fused scores (what ``DAFM.similarity`` returns), the gate weights (``DAFM.explain``) and the exact
     Shapley values of the top ``explain_top`` results (``DAFM.contributions``, through
     :func:`cirfusion.fusion.shapley.shapley_values`) are all read from it, instead of three full passes."""
-    norm = next(iter(method._tiles(q, g)))  # one query: one tile
+    norm = next(iter(method.normalised_tiles(q, g)))  # one query: one tile
     fused = method.fusion(norm.z, norm.stats)[0].float().numpy().copy()
     if exclude is not None:
         fused[exclude] = -np.inf
