@@ -15,14 +15,15 @@ What it builds (cached under ``--work``, default /tmp/cirfusion-serve-load, so a
   EfficientNet-Lite0 at 128 px (~10-20 ms more per upload on one core); gallery-id references never run the backbone
   (their cached features are reused), so that figure is the same for every backbone.
 
-What it measures: the server (``cirfusion serve``, a separate process: ``--workers`` model threads x 1 torch thread)
+What it measures: the server (``cirfusion serve``, a separate process: one model thread with every core's torch
+threads, concurrent searches answered in batches of up to ``--max-batch``; ``--workers`` request threads)
 answers ``POST /api/search`` with a gallery-id reference, a text drawn from 24 modifications and k = 10, explanation
 included (exact Shapley contributions of the 4 models for the top 10 results) - what the page asks for. Each level
 runs ``--seconds`` with that many client threads, each on its own keep-alive connection, one request after another.
 Per level: p50 / p95 / p99 latency (client side, loopback), throughput, errors (any non-200 or failure). Then
 ``--uploads`` searches with distinct uploaded 1024 x 768 JPEGs (a fresh file each time: no cache helps), one at a
 time. The server's RSS is sampled every 0.2 s from /proc: peak (VmHWM) and growth (RSS at the end minus RSS after
-the warm-up). The client threads share the machine's cores with the server: the figures are for both on one box.
+the warm-up, which runs at the largest concurrency so the model thread's largest batches are allocated once). The client threads share the machine's cores with the server: the figures are for both on one box.
 
 Targets on 2 cores: 0 errors; p50 <= 30 ms at 1 client; upload p50 <= 100 ms; rps(32) >= 0.8 x rps(1) x cores; no
 RSS growth. The last line is one JSON object.
@@ -60,7 +61,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--seconds", type=float, default=20.0, help="duration of each concurrency level")
     p.add_argument("--levels", default="1,8,32", help="concurrent clients per level")
     p.add_argument("--uploads", type=int, default=30, help="uploaded 1024 px JPEG searches")
-    p.add_argument("--workers", type=int, default=2, help="the server's model threads")
+    p.add_argument("--workers", type=int, default=2, help="the server's request threads (uploads, thumbnails)")
+    p.add_argument("--max-batch", type=int, default=16, help="the server's largest batch of concurrent searches")
     p.add_argument("--work", type=Path, default=Path("/tmp/cirfusion-serve-load"))
     p.add_argument("--seed", type=int, default=0)
     return p.parse_args()
@@ -238,7 +240,7 @@ def main() -> None:
     env.pop("CIRFUSION_SERVE_TOKEN", None)
     log_path = args.work / "server.log"
     cmd = [sys.executable, "-m", "cirfusion.cli", "serve", str(ckpt), "--images", str(gallery), "--port", str(port),
-           "--cache-dir", str(args.work / "cache"), "--workers", str(args.workers), "--threads", "1", "--no-progress"]
+           "--cache-dir", str(args.work / "cache"), "--workers", str(args.workers), "--max-batch", str(args.max_batch), "--no-progress"]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -260,7 +262,9 @@ def main() -> None:
               f"{info['gallery_size']} images, mode {info['mode']}, explanations {info['explanation']}", flush=True)
         rss = RSS(server.pid)
         ids = [p.relative_to(gallery).with_suffix("").as_posix() for p in sorted(gallery.rglob("*.jpg"))]
-        warm = level(port, 2, 3.0, ids, args.seed + 99)  # first touches of the gallery, caches, thread pools
+        # First touches of the gallery, caches, thread pools, and the allocator's pools at the largest batch the model
+        # thread will see (the most clients): RSS growth is then measured from a steady state, so it shows a leak.
+        warm = level(port, max(int(x) for x in args.levels.split(",")), 3.0, ids, args.seed + 99)
         rss_after_warmup = rss.now()
         print(f"[serve_load] warm-up: {warm['requests']} requests, RSS {rss_after_warmup:.0f} MB", flush=True)
         out: dict[str, object] = {}
@@ -298,12 +302,17 @@ def main() -> None:
               flush=True)
         rss_end, peak = rss.now(), rss.peak()
         rss.stop()
+        c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        c.request("GET", "/api/info")
+        model_thread = json.loads(c.getresponse().read()).get("model_thread", {})
+        c.close()
         n_cores = cores()
         c1, c_last = out.get("c1"), out.get(f"c{args.levels.split(',')[-1]}")
         summary = {**out, "upload_p50_ms": upload_p50, "upload_errors": up_err,
                    "upload_server_cpu_ms_per_request": upload_cpu, "peak_rss_mb": round(peak, 1),
                    "rss_growth_mb": round(rss_end - rss_after_warmup, 1), "rss_mb_by_phase": rss_by_phase, "gallery_size": int(info["gallery_size"]),
-                   "cores": n_cores, "workers": args.workers, "backbone": info["backbone"], "seconds": args.seconds,
+                   "cores": n_cores, "workers": args.workers, "model_thread": model_thread, "backbone": info["backbone"],
+                   "seconds": args.seconds,
                    "loadavg_1m": round(os.getloadavg()[0], 2)}
         if isinstance(c1, dict) and isinstance(c_last, dict) and c1["rps"]:
             summary["scaling"] = round(c_last["rps"] / (c1["rps"] * n_cores), 3)

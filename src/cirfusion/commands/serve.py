@@ -11,8 +11,8 @@ Open http://HOST:PORT/ for the page, /docs for the API (POST /api/search, GET /a
 GET /api/info, GET /healthz). The server binds to 127.0.0.1 by default. Adding images (POST /api/images) needs a
 bearer token whenever one is set ($CIRFUSION_SERVE_TOKEN, or --token); binding to any other address without one is
 refused. Uploads are capped (--max-upload-mb, 413 above), images go through the safe loader (400 with the reason),
-text and k are capped. Model work runs in --workers threads with --threads torch threads each, never on the event
-loop. Added images live until the server stops (their files are kept in --upload-dir, a temporary folder by default).
+text and k are capped. Model work runs on one model thread with --threads torch threads (1 by default),
+never on the event loop; searches that arrive together are answered as one batch (--max-batch). Added images live until the server stops (their files are kept in --upload-dir, a temporary folder by default).
 """
 
 from __future__ import annotations
@@ -44,9 +44,14 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                         "environment variable, a command line is visible to other users)")
     cores = _cores()
     p.add_argument("--workers", type=int, default=min(4, cores),
-                   help=f"model worker threads (default min(4, cores) = {min(4, cores)})")
+                   help=f"threads that check requests (decode uploads) and draw thumbnails (default min(4, cores) = "
+                        f"{min(4, cores)})")
     p.add_argument("--threads", type=int, default=None,
-                   help="torch threads per worker (default cores // workers, at least 1)")
+                   help="torch threads of the one model thread that answers every search (default 1: a second "
+                        "thread costs more than it gains on shared cores; see docs/serve.md)")
+    p.add_argument("--max-batch", type=int, default=16,
+                   help="most concurrent searches the model thread answers together, reading each gallery once "
+                        "(default 16)")
     p.add_argument("--upload-dir", type=Path, default=None,
                    help="where added images are kept (default: a temporary folder removed at exit)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded file in MB (default 10)")
@@ -68,7 +73,7 @@ def _cores() -> int:
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
     for name, value in (("--max-upload-mb", args.max_upload_mb), ("--max-k", args.max_k), ("--max-text", args.max_text),
-                        ("--workers", args.workers), ("--port", args.port)):
+                        ("--workers", args.workers), ("--port", args.port), ("--max-batch", args.max_batch)):
         if value is None or value <= 0:
             raise CirfusionError(f"{name} must be positive, got {value}")
     if args.threads is not None and args.threads < 1:
@@ -80,7 +85,7 @@ def run(args: argparse.Namespace) -> int:
     limits = limits_from_args(args)
     token = resolve_token(args.token)
     check_binding(args.host, token)  # before anything is loaded: a refused start is instant
-    threads = args.threads or max(1, _cores() // args.workers)
+    threads = args.threads or 1
     own_tmp = args.upload_dir is None
     upload_dir = Path(tempfile.mkdtemp(prefix="cirfusion-serve-")) if own_tmp else Path(args.upload_dir)
     upload_dir.mkdir(parents=True, exist_ok=True)
@@ -89,8 +94,9 @@ def run(args: argparse.Namespace) -> int:
                                backbone_dirs=args.backbone_dir, allow_download=args.allow_download, limits=limits,
                                upload_dir=upload_dir, threads=threads, progress=not args.no_progress,
                                say=lambda m: print(f"[serve] {m}", flush=True))
-        app = create_app(catalog, token=token, workers=args.workers, torch_threads=threads)
-        print(f"[serve] {args.workers} worker thread(s) x {threads} torch thread(s); adding images "
+        app = create_app(catalog, token=token, workers=args.workers, torch_threads=threads, max_batch=args.max_batch)
+        print(f"[serve] one model thread ({threads} torch thread(s), batches of up to {args.max_batch} searches), "
+              f"{args.workers} request thread(s); adding images "
               f"{'needs the bearer token' if token else 'is open (loopback, no token)'}; open http://"
               f"{'[' + args.host + ']' if ':' in args.host else args.host}:{args.port}/", flush=True)
         uvicorn.run(app, host=args.host, port=args.port, log_level="info", access_log=False)

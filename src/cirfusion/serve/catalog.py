@@ -43,7 +43,7 @@ from ..backbones.base import ImageFeatures, TextFeatures
 from ..data.custom import IMAGE_SUFFIXES, _gallery_from_folder
 from ..data.images import ImageLoadError, load_image
 from ..data.schema import DataError
-from ..embeddings import Embedding, cat_embeddings
+from ..embeddings import Embedding, cat_embeddings, rows_of
 from ..errors import CirfusionError
 from ..evaluation import encode_gallery
 from ..exact_search import as_vectors, exact_scores, topk_rows
@@ -51,11 +51,14 @@ from ..features import FeatureCache, ImageFeatureTable
 from ..fusion import uses_default_similarity
 from ..index import META_FILE, CIRIndex, build_index, load_index
 from ..views import FeatureView
-from .explain import explain, fused_rank, is_fused
+from .explain import explain, fused_rank_batch, is_fused
 
 log = logging.getLogger("cirfusion.serve")
 
 _HASH_BLOCK = 1 << 20
+# Queries encoded and scored together at most: up to 16 query vectors, float16/bfloat16 gallery products are computed
+# row by row exactly as for a lone query (fusion.kernels.SMALL_BATCH).
+SCORE_BATCH = 16
 
 
 class ServeError(CirfusionError):
@@ -96,6 +99,21 @@ class _Gallery:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+
+@dataclass
+class CheckedQuery:
+    """A search request after :meth:`Catalog.check`: ``row`` is the gallery row the reference is (by id or by
+    content), ``upload_key`` the sha256 of an uploaded reference (None for a gallery id) and ``image`` its decoded
+    pixels (None when its features are already cached)."""
+
+    text: str
+    k: int
+    row: int | None
+    exclude: bool
+    upload_key: str | None
+    image: Image.Image | None
+    with_explanation: bool
 
 
 @dataclass
@@ -244,6 +262,7 @@ class Catalog:
 
     # ---- features ----------------------------------------------------------------------------------------------
     def _text_features(self, text: str) -> TextFeatures:
+        # One text at a time (never padded beside others), so a text's features do not depend on what else is asked.
         tf = self._text_cache.get(text)
         if tf is None:
             tf = self.model.text_features([text])
@@ -263,55 +282,121 @@ class Catalog:
             self._ref_cache.put(key, f)
         return f
 
-    def _upload_features(self, data: bytes, digest: str) -> ImageFeatures:
-        f = self._ref_cache.get(digest)
-        if f is None:
-            f = self.model.image_features([self.decode_upload(data)])
-            self._ref_cache.put(digest, f)
-        return f
-
     # ---- search --------------------------------------------------------------------------------------------------
     def search(self, text: str, k: int, *, reference: str | None = None, upload: bytes | None = None,
                keep_reference: bool = False, with_explanation: bool = True) -> SearchResult:
         """Top ``k`` gallery images for a reference (a gallery id, or the bytes of an uploaded image) modified by
         ``text``. Raises :class:`ServeError` for bad input (400), an unknown id (404), a too-large upload (413)."""
+        query = self.check(text, k, reference=reference, upload=upload, keep_reference=keep_reference,
+                           with_explanation=with_explanation)
+        out = self.search_batch([query])[0]
+        if isinstance(out, BaseException):
+            raise out
+        return out
+
+    def check(self, text: Any, k: Any, *, reference: str | None = None, upload: bytes | None = None,
+              keep_reference: bool = False, with_explanation: bool = True) -> CheckedQuery:
+        """A search request checked and made ready for :meth:`search_batch`: the text and k validated, the reference
+        found (404) or the upload decoded through the safe loader (400 / 413). No model work: the service runs this
+        in its worker threads, beside the model thread."""
         if (reference is None) == (upload is None):
             raise ServeError("give exactly one reference: an uploaded image or the id of a gallery image")
         text, k = self.check_text(text), self.check_k(k)
         g = self._g
+        image: Image.Image | None = None
         if reference is not None:
             row = g.row_of.get(reference)
             if row is None:
                 raise ServeError(f"no gallery image has the id {reference!r}", 404)
             ref: int | None = row
-            feats = self._row_features(g, row)
+            key = None
         else:
             assert upload is not None
-            digest = hashlib.sha256(upload).hexdigest()
-            feats = self._upload_features(upload, digest)
-            ref = g.row_of_hash.get(digest)
+            key = hashlib.sha256(upload).hexdigest()
+            ref = g.row_of_hash.get(key)
+            if self._ref_cache.get(key) is None:
+                image = self.decode_upload(upload)
         exclude = ref is not None and not keep_reference
         k = min(k, len(g) - int(exclude))
         if k < 1:
             raise ServeError("nothing to return: the gallery holds only the reference image (set keep_reference)")
-        with torch.no_grad():
-            q = self.method.encode_query(feats, self._text_features(text))
-            excl = ref if exclude else None
-            if g.emb is not None and is_fused(self.method):
-                scores, rows, explanation = fused_rank(self.method, q, g.emb, k, excl, self.limits.explain_top,
-                                                       with_explanation)
-                for e in explanation.get("results", []):
-                    e["id"] = g.ids[e.pop("row")]
-            else:
-                scores, rows = self._rank(g, q, k, excl)
-                explanation = explain(self.method, q, text) if with_explanation else {}
-        hits = [Hit(g.ids[r], int(r), float(s)) for s, r in zip(scores, rows, strict=True)]
-        return SearchResult(hits, None if ref is None else g.ids[ref], exclude, explanation)
+        return CheckedQuery(text, k, ref, exclude, key, image, with_explanation)
 
-    def _rank(self, g: _Gallery, q: Embedding, k: int, exclude: int | None) -> tuple[np.ndarray, np.ndarray]:
-        """Best ``k`` rows (scores descending, ties by the lower row) without row ``exclude``."""
+    def _reference_features(self, g: _Gallery, c: CheckedQuery) -> ImageFeatures:
+        if c.upload_key is None:
+            assert c.row is not None
+            return self._row_features(g, c.row)
+        f = self._ref_cache.get(c.upload_key)
+        if f is None:
+            image = c.image if c.image is not None else None
+            if image is None:  # evicted from the cache between check and search: checked again by the safe loader
+                raise ServeError("the uploaded image is no longer held by the server: send it again", 400)
+            f = self.model.image_features([image])
+            self._ref_cache.put(c.upload_key, f)
+        return f
+
+    def search_batch(self, queries: Sequence[CheckedQuery]) -> list[SearchResult | BaseException]:
+        """Answer several checked queries together (what the service's model thread does with the requests that
+        arrived while it was busy): their query embeddings are computed in one batch and, for an exactly scored
+        gallery, every gallery matrix is read once for all of them (tiles of at most :data:`SCORE_BATCH` queries).
+        Each query gets the answer it gets alone: the same results, scores equal up to float rounding (float32 query
+        encoders may round a batch's rows differently in the last bit; float16/bfloat16 gallery products are
+        computed row by row exactly as alone; tested). A query whose reference cannot be read gets its own
+        :class:`ServeError`; the others are answered."""
+        g = self._g
+        out: list[SearchResult | BaseException | None] = [None] * len(queries)
+        live: list[int] = []
+        refs: list[ImageFeatures] = []
+        texts: list[TextFeatures] = []
+        for i, c in enumerate(queries):
+            try:
+                refs.append(self._reference_features(g, c))
+                texts.append(self._text_features(c.text))
+                live.append(i)
+            except ServeError as exc:
+                out[i] = exc
+        for s in range(0, len(live), SCORE_BATCH):
+            part = live[s : s + SCORE_BATCH]
+            answers: Sequence[SearchResult | BaseException]
+            try:
+                answers = self._answer(g, [queries[i] for i in part], _cat_images([refs[s + j] for j in range(len(part))]),
+                                       _cat_texts([texts[s + j] for j in range(len(part))]))
+            except Exception as exc:  # a failure of the batch fails each of its queries, not the model thread
+                log.exception("search batch of %d failed", len(part))
+                answers = [exc] * len(part)
+            for i, a in zip(part, answers, strict=True):
+                out[i] = a
+        return [o if o is not None else ServeError("not answered", 500) for o in out]
+
+    def _answer(self, g: _Gallery, qs: Sequence[CheckedQuery], feats: ImageFeatures,
+                tf: TextFeatures) -> list[SearchResult]:
+        results = []
+        with torch.no_grad():
+            q = self.method.encode_query(feats, tf)
+            excl = [c.row if c.exclude else None for c in qs]
+            if g.emb is not None and is_fused(self.method):
+                ranked = fused_rank_batch(self.method, q, g.emb, [c.k for c in qs], excl, self.limits.explain_top,
+                                          [c.with_explanation for c in qs])
+                for _, _, explanation in ranked:
+                    for e in explanation.get("results", []):
+                        e["id"] = g.ids[e.pop("row")]
+                results = list(ranked)
+            else:
+                sims = self.method.similarity(q, g.emb).float() if g.emb is not None else None
+                for j, c in enumerate(qs):
+                    qj = rows_of(q, slice(j, j + 1))
+                    scores, rows = self._rank(g, qj, c.k, excl[j], None if sims is None else sims[j])
+                    results.append((scores, rows, explain(self.method, qj, c.text) if c.with_explanation else {}))
+        return [SearchResult([Hit(g.ids[r], int(r), float(s)) for s, r in zip(scores, rows, strict=True)],
+                             None if c.row is None else g.ids[c.row], c.exclude, explanation)
+                for c, (scores, rows, explanation) in zip(qs, results, strict=True)]
+
+    def _rank(self, g: _Gallery, q: Embedding, k: int, exclude: int | None,
+              sims: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Best ``k`` rows (scores descending, ties by the lower row) without row ``exclude``; ``sims``: the query's
+        similarity to the gallery when already computed (model-scored catalogs)."""
         if g.emb is not None:
-            s = self.method.similarity(q, g.emb)[0].float().numpy().copy()
+            s = (self.method.similarity(q, g.emb)[0] if sims is None else sims).float().numpy().copy()
             if exclude is not None:
                 s[exclude] = -np.inf
             return topk_rows(s, np.arange(s.shape[0], dtype=np.int64), k)
@@ -377,6 +462,22 @@ class Catalog:
                 self._g = _extend(g, [n[0] for n in new], [n[1] for n in new], [n[2] for n in new], emb)
                 log.info("added %d image(s); the gallery holds %d", len(new), len(self._g))
             return out
+
+
+def _cat_images(parts: Sequence[ImageFeatures]) -> ImageFeatures:
+    if len(parts) == 1:
+        return parts[0]
+    return ImageFeatures(torch.cat([p.global_ for p in parts]), torch.cat([p.tokens for p in parts]))
+
+
+def _cat_texts(parts: Sequence[TextFeatures]) -> TextFeatures:
+    if len(parts) == 1:
+        return parts[0]
+    texts = [t for p in parts for t in (p.texts or [])]
+    return TextFeatures(torch.cat([p.global_ for p in parts]), torch.cat([p.tokens for p in parts]),
+                        torch.cat([p.mask for p in parts]),
+                        texts=texts if len(texts) == sum(len(p.global_) for p in parts) else None,
+                        encoder=parts[0].encoder)
 
 
 def _iso(t: float) -> str:

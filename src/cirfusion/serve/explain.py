@@ -14,14 +14,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import torch
 
-from ..embeddings import Embedding
+from ..embeddings import Embedding, rows_of
 from ..exact_search import topk_rows
-from ..fusion.kernels import Normalised
+from ..fusion.kernels import SMALL_BATCH, Normalised
 from ..fusion.shapley import shapley_values
 
 
@@ -47,14 +48,52 @@ def is_fused(method: Any) -> bool:
 
 def fused_rank(method: Any, q: Embedding, g: Embedding, k: int, exclude: int | None, explain_top: int,
                with_explanation: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Rank and explain one query of a fused model from ONE pass of base scores over the gallery.
+    """Rank and explain one query of a fused model: :func:`fused_rank_batch` for a batch of one."""
+    return fused_rank_batch(method, q, g, [k], [exclude], explain_top, [with_explanation])[0]
 
-    ``DAFM.normalised_tiles`` (the method's own scoring, not a copy of it) gives the query's normalised scores and statistics
-    once; the fused scores (what ``DAFM.similarity`` returns), the gate weights (``DAFM.explain``) and the exact
-    Shapley values of the top ``explain_top`` results (``DAFM.contributions``, through
-    :func:`cirfusion.fusion.shapley.shapley_values`) are all read from it, instead of three full passes."""
-    norm = next(iter(method.normalised_tiles(q, g)))  # one query: one tile
-    fused = method.fusion(norm.z, norm.stats)[0].float().numpy().copy()
+
+def _query_vectors(q: Embedding) -> int:
+    """The most vectors any part of a (bundled) query embedding gives one query (1 for single-vector models)."""
+    leaves: list[torch.Tensor] = []
+    stack: list[Any] = [q]
+    while stack:
+        x = stack.pop()
+        if isinstance(x, torch.Tensor):
+            leaves.append(x)
+        elif isinstance(x, dict):
+            stack.extend(x.values())
+        elif isinstance(x, (tuple, list)):
+            stack.extend(x)
+    return max([int(t.shape[1]) if t.dim() == 3 else 1 for t in leaves] or [1])
+
+
+@torch.no_grad()
+def fused_rank_batch(method: Any, q: Embedding, g: Embedding, ks: Sequence[int], excludes: Sequence[int | None],
+                     explain_top: int, with_explanation: Sequence[bool]) -> list[tuple[np.ndarray, np.ndarray, dict[str, Any]]]:
+    """Rank and explain a batch of queries of a fused model from ONE pass of base scores over the gallery.
+
+    ``DAFM.normalised_tiles`` (the method's own scoring, not a copy of it) gives the queries' normalised scores and
+    statistics once; the fused scores (what ``DAFM.similarity`` returns), the gate weights (``DAFM.explain``) and
+    the exact Shapley values of each query's top ``explain_top`` results (``DAFM.contributions``, through
+    :func:`cirfusion.fusion.shapley.shapley_values`) are all read from it, instead of three full passes. The queries
+    are scored in chunks of at most ``SMALL_BATCH`` query vectors, where reduced-precision gallery products are
+    computed row by row as for a lone query: an answer does not depend on the other queries of its batch."""
+    b = len(ks)
+    chunk = max(1, SMALL_BATCH // _query_vectors(q))
+    out: list[tuple[np.ndarray, np.ndarray, dict[str, Any]]] = []
+    for s in range(0, b, chunk):
+        rows = slice(s, min(b, s + chunk))
+        for norm in method.normalised_tiles(rows_of(q, rows), g):
+            fused = method.fusion(norm.z, norm.stats).float().numpy()
+            for j in range(fused.shape[0]):
+                i = len(out)
+                out.append(_rank_one(method, norm, j, fused[j].copy(), ks[i], excludes[i], explain_top,
+                                     with_explanation[i]))
+    return out
+
+
+def _rank_one(method: Any, norm: Normalised, j: int, fused: np.ndarray, k: int, exclude: int | None, explain_top: int,
+              with_explanation: bool) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     if exclude is not None:
         fused[exclude] = -np.inf
     scores, rows = topk_rows(fused, np.arange(fused.shape[0], dtype=np.int64), k)
@@ -64,19 +103,21 @@ def fused_rank(method: Any, q: Embedding, g: Embedding, k: int, exclude: int | N
     out: dict[str, Any] = {"kind": "shapley", "method": str(method.method_name or "dafm"), "models": names,
                            "label": "exact Shapley contribution of each base model to the fused score (all 2^K "
                                     "coalitions; an absent model scores every candidate alike)"}
-    weights = method.fusion.weights(norm.stats)[0]
+    one = slice(j, j + 1)
+    weights = method.fusion.weights(norm.stats[one])[0]
     out["gate_weights"] = {n: round(float(w), 6) for n, w in zip(names, weights, strict=True)}
     top = rows[:explain_top]
     if top.size:
         b = int(top.size)
-        rep = Normalised(z=norm.z.expand(b, -1, -1), mean=norm.mean.expand(b, -1), std=norm.std.expand(b, -1),
-                         stats=norm.stats.expand(b, -1, -1), valid=None if norm.valid is None else norm.valid.expand(b, -1))
+        rep = Normalised(z=norm.z[one].expand(b, -1, -1), mean=norm.mean[one].expand(b, -1),
+                         std=norm.std[one].expand(b, -1), stats=norm.stats[one].expand(b, -1, -1),
+                         valid=None if norm.valid is None else norm.valid[one].expand(b, -1))
         h = method.params
         phi, values = shapley_values(method.fusion, rep, torch.from_numpy(top), h.topk, h.beta)
         out["baseline"] = round(float(values[0, 0]), 6)
-        out["results"] = [{"row": int(r), "score": round(float(values[j, -1]), 6),
-                           "contributions": {n: round(float(phi[j, m]), 6) for m, n in enumerate(names)}}
-                          for j, r in enumerate(top)]
+        out["results"] = [{"row": int(r), "score": round(float(values[j2, -1]), 6),
+                           "contributions": {n: round(float(phi[j2, m]), 6) for m, n in enumerate(names)}}
+                          for j2, r in enumerate(top)]
     else:
         out["results"] = []
     return scores, rows, out
