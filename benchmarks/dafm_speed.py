@@ -10,7 +10,8 @@
     fastest path on this machine whose top-10 stays >= 99 % equal to float32's; the choice, the probe timings and the
     accuracy checks are printed) and for float32 (``--score-dtype`` picks the headline one), each with the overlap of
     its fused top-10 with exact float32 scoring, and against the **bandwidth limit**: in the same process, the time to
-    stream the same gallery bytes by a plain gemv or reduction (the faster) in the chosen dtype; target fused p50 <=
+    stream the same gallery bytes by a plain gemv or reduction (the faster) in the chosen dtype, one pass over all the
+    galleries as the query reads them (so from memory, not from a cache that holds one gallery); target fused p50 <=
     1.5x that limit.
 (b) Fusion training: 4,000 queries x 20,000 gallery x 4 models, 4 epochs (`cirfusion.fusion.fit`, the default
     shortlist negatives, including the setup pass over the full gallery): wall (target <= 60 s) and peak RSS
@@ -204,10 +205,14 @@ def phase_latency() -> dict:
 
 def bandwidth_limit_ms(galleries, dtype: torch.dtype) -> tuple[float, dict[str, str]]:
     """The floor of a fused query: the time to stream the bytes it reads -- every gallery in the chosen dtype (int8:
-    the cached int8 copies) -- by the faster of a plain gemv and a plain reduction over each, one query, median of 25
-    passes. Returns (sum over galleries of that time, which pass won per gallery)."""
-    q1 = torch.randn(1, 1)
-    total, how = 0.0, {}
+    the cached int8 copies) -- by a plain gemv or reduction over each (the faster of the two per gallery), one query.
+
+    Timed as the fused query reads them: one pass over all the galleries in turn, median of 25 passes. Together they
+    are larger than the last-level cache, so each pass streams them from memory, as every fused query does. (Timing
+    each gallery 25 times in a row, as this benchmark first did, keeps a 10 MB gallery in a 32 MB cache and measures
+    cache bandwidth: a floor the query can never reach. That per-gallery figure is still printed, labelled.)
+    Returns (the pass's median milliseconds, how each gallery was read)."""
+    ops, how, warm_total = [], {}, 0.0
     with torch.no_grad():
         for k, g in enumerate(galleries):
             if not isinstance(g, torch.Tensor):
@@ -230,16 +235,24 @@ def bandwidth_limit_ms(galleries, dtype: torch.dtype) -> tuple[float, dict[str, 
                 for _ in range(3):
                     fn()
                 ts = []
-                for _ in range(25):
+                for _ in range(9):
                     t0 = time.perf_counter()
                     fn()
                     ts.append(time.perf_counter() - t0)
                 best[name] = float(np.median(ts)) * 1000
             winner = min(best, key=best.get)
-            total += best[winner]
-            how[METHODS[k]] = f"{winner} {best[winner]:.2f} ms (gemv {best['gemv']:.2f}, reduction {best['reduction']:.2f})"
-    del q1
-    return total, how
+            ops.append((gemv, red)[winner == "reduction"])
+            warm_total += best[winner]
+            how[METHODS[k]] = f"{winner} (cache-warm alone: gemv {best['gemv']:.2f} ms, reduction {best['reduction']:.2f} ms)"
+        passes = []
+        for i in range(28):
+            t0 = time.perf_counter()
+            for fn in ops:
+                fn()
+            if i >= 3:
+                passes.append(time.perf_counter() - t0)
+    how["cache_warm_sum_ms"] = f"{warm_total:.2f}"
+    return float(np.median(passes)) * 1000, how
 
 
 def phase_train() -> dict:
@@ -309,7 +322,7 @@ def main() -> None:
     print(f"    score path: {lat['resolved_score_dtype']} ({sp.get('how', '?')}); probe ms per path on this machine: "
           + ", ".join(f"{k} {v:.2f}" for k, v in sp.get("probe_ms", {}).items())
           + "; top-10 overlap with float32 of the paths tried: " + ", ".join(f"{k} {v:.3f}" for k, v in sp.get("overlap", {}).items()))
-    print(f"    bandwidth limit (streaming the same bytes): {lat['bandwidth_limit_ms']:.2f} ms -> fused p50 / limit "
+    print(f"    bandwidth limit (one pass streaming the same bytes): {lat['bandwidth_limit_ms']:.2f} ms -> fused p50 / limit "
           f"{lat['over_limit']:.2f} (target <= 1.5); per gallery: " + "; ".join(f"{k} {v}" for k, v in lat["bandwidth_limit_how"].items()))
     print(f"    p50 {lat['p50_ms']:.2f} ms  p95 {lat['p95_ms']:.2f} ms  (target p50 <= 10 ms; DAFM: {ANCHOR['latency_s'] * 1000:.0f} ms "
           f"-> {ANCHOR['latency_s'] * 1000 / lat['p50_ms']:.0f}x faster)")

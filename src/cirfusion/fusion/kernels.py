@@ -253,13 +253,16 @@ def base_scores(bases: Sequence[CIRMethod], queries: Sequence[Embedding], galler
     scored by :func:`dot_or_maxsim` in ``dtype``; others by their own ``similarity``."""
     with torch.no_grad():
         blocks = []
-        for k, (base, q, g) in enumerate(zip(bases, queries, galleries, strict=True)):
+        for base, q, g in zip(bases, queries, galleries, strict=True):
             fast = uses_default_similarity(base) and isinstance(q, torch.Tensor) and isinstance(g, torch.Tensor)
-            s = dot_or_maxsim(q, g, dtype) if fast else base.similarity(q, g).float()
-            if not torch.isfinite(s).all():
-                raise FusionError(f"base model {k} ({base.method_name}) produced non-finite scores")
-            blocks.append(s)
+            blocks.append(dot_or_maxsim(q, g, dtype) if fast else base.similarity(q, g).float())
         raw = torch.stack(blocks, 1)
+        # One pass for the finiteness check: a row sum is finite iff every score in it is (scores summing past 3e38
+        # are no scores either); cheaper than a bool tensor per model on a lone query's tile.
+        bad = ~torch.isfinite(raw.sum(-1)).all(0)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0])
+            raise FusionError(f"base model {k} ({bases[k].method_name}) produced non-finite scores")
     observe("raw", raw)
     return raw
 
