@@ -86,18 +86,19 @@ def coalition_values(net: FusionNet, z: torch.Tensor, stats: torch.Tensor, absen
     return out.view(1 << k, b).transpose(0, 1)
 
 
-def shapley_values(net: FusionNet, norm: Normalised, cols: torch.Tensor, topk: int, beta: float) -> tuple[torch.Tensor,
-                                                                                                          torch.Tensor]:
+def shapley_values(net: FusionNet, norm: Normalised, cols: torch.Tensor, topk: int, beta: float,
+                   absent: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(phi [B, K], values [B, 2^K])``: exact Shapley value of each model in the fused score of column ``cols[b]``
     for query ``b`` of a tile (see the module docstring), and the coalition values (``values[:, 0]`` = v(empty),
-    ``values[:, -1]`` = v(all))."""
+    ``values[:, -1]`` = v(all)). ``absent``: :func:`absent_stats` of the tile when the caller has them (several
+    columns of one query share them: computing them once saves a top-k over the gallery per column)."""
     b, k, _ = norm.z.shape
     check_num_models(k)
     cols = torch.as_tensor(cols, dtype=torch.int64)
     if cols.shape != (b,):
         raise FusionError(f"shapley: one gallery column per query expected ({b}), got shape {tuple(cols.shape)}")
     zc = norm.z[torch.arange(b), :, cols]  # [B, K]
-    v = coalition_values(net, zc, norm.stats, absent_stats(norm, topk, beta))
+    v = coalition_values(net, zc, norm.stats, absent_stats(norm, topk, beta) if absent is None else absent)
     phi = (v.double() @ shapley_matrix(k).to(v.device)).to(v.dtype)
     return phi, v
 

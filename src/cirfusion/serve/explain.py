@@ -23,7 +23,7 @@ import torch
 from ..embeddings import Embedding, rows_of
 from ..exact_search import topk_rows
 from ..fusion.kernels import SMALL_BATCH, Normalised
-from ..fusion.shapley import shapley_values
+from ..fusion.shapley import absent_stats, shapley_values
 
 
 def explain(method: Any, q: Embedding, text: str) -> dict[str, Any]:
@@ -113,7 +113,10 @@ def _rank_one(method: Any, norm: Normalised, j: int, fused: np.ndarray, k: int, 
                          std=norm.std[one].expand(b, -1), stats=norm.stats[one].expand(b, -1, -1),
                          valid=None if norm.valid is None else norm.valid[one].expand(b, -1))
         h = method.params
-        phi, values = shapley_values(method.fusion, rep, torch.from_numpy(top), h.topk, h.beta)
+        alone = Normalised(z=norm.z[one], mean=norm.mean[one], std=norm.std[one], stats=norm.stats[one],
+                           valid=None if norm.valid is None else norm.valid[one])
+        absent = absent_stats(alone, h.topk, h.beta).expand(b, -1, -1)  # the same for every column of the query
+        phi, values = shapley_values(method.fusion, rep, torch.from_numpy(top), h.topk, h.beta, absent)
         out["baseline"] = round(float(values[0, 0]), 6)
         out["results"] = [{"row": int(r), "score": round(float(values[j2, -1]), 6),
                            "contributions": {n: round(float(phi[j2, m]), 6) for m, n in enumerate(names)}}
