@@ -23,7 +23,8 @@ runs ``--seconds`` with that many client threads, each on its own keep-alive con
 Per level: p50 / p95 / p99 latency (client side, loopback), throughput, errors (any non-200 or failure). Then
 ``--uploads`` searches with distinct uploaded 1024 x 768 JPEGs (a fresh file each time: no cache helps), one at a
 time. The server's RSS is sampled every 0.2 s from /proc: peak (VmHWM) and growth (RSS at the end minus RSS after
-the warm-up, which runs at the largest concurrency so the model thread's largest batches are allocated once). The client threads share the machine's cores with the server: the figures are for both on one box.
+the warm-up, which runs at the largest concurrency so the model thread's largest batches are allocated once, and
+sends three uploads). The client threads share the machine's cores with the server: the figures are for both on one box.
 
 Targets on 2 cores: 0 errors; p50 <= 30 ms at 1 client; upload p50 <= 100 ms; rps(32) >= 0.8 x rps(1) x cores; no
 RSS growth. The last line is one JSON object.
@@ -265,6 +266,12 @@ def main() -> None:
         # First touches of the gallery, caches, thread pools, and the allocator's pools at the largest batch the model
         # thread will see (the most clients): RSS growth is then measured from a steady state, so it shows a leak.
         warm = level(port, max(int(x) for x in args.levels.split(",")), 3.0, ids, args.seed + 99)
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        for i, data in enumerate(upload_jpegs(3, args.seed + 99)):  # and an upload's decoding buffers
+            body, ctype = multipart({"text": TEXTS[i], "k": "10"}, data, f"warm{i}.jpg")
+            conn.request("POST", "/api/search", body=body, headers={"Content-Type": ctype})
+            conn.getresponse().read()
+        conn.close()
         rss_after_warmup = rss.now()
         print(f"[serve_load] warm-up: {warm['requests']} requests, RSS {rss_after_warmup:.0f} MB", flush=True)
         out: dict[str, object] = {}

@@ -29,6 +29,7 @@ from cirfusion.seeding import seed_everything
 from cirfusion.serve import Limits, check_binding, create_app, is_loopback, load_catalog
 from cirfusion.serve.batcher import Batcher
 from cirfusion.serve.catalog import ServeError
+from cirfusion.serve.loading import restore_uploads
 from cirfusion.serve.security import TOKEN_ENV, resolve_token
 
 TEXT = "make it green and move it to the left"
@@ -283,6 +284,23 @@ def test_added_images_are_found_without_a_rebuild(world, name):
     bad = c.post("/api/images", files=[("images", ("x.png", b"junk", "image/png"))])
     assert bad.status_code == 400 and "image 1 (x.png)" in bad.json()["detail"]
     assert c.post("/api/images", data={"nothing": "1"}).status_code == 400
+
+
+def test_a_restarted_server_adds_back_what_it_kept(world):
+    up = world["root"] / "kept-uploads"
+    up.mkdir()
+    first = load_catalog(world["ck"]["clip"], world["gallery"], cache_dir=world["cache"], upload_dir=up, say=lambda m: None)
+    new = [draw((250, 20, 200), (5, 9)), draw((20, 250, 200), (12, 3), (40, 40), "JPEG")]
+    ids = [a["id"] for a in first.add_images([(new[0], "a.png"), (new[1], "b.jpg")])]
+    (up / "stray.png").write_bytes(new[0])  # not named by its hash: not the server's
+    said: list[str] = []
+    again = load_catalog(world["ck"]["clip"], world["gallery"], cache_dir=world["cache"], upload_dir=up, say=said.append)
+    assert restore_uploads(again, up, say=said.append) == 2
+    assert again.size == 20 and all(again.has(i) for i in ids)
+    assert any("stray.png" in m and "not a file the server kept" in m for m in said)
+    want = first.search(TEXT, 5, reference=ids[0])
+    got = again.search(TEXT, 5, reference=ids[0])
+    assert [h.id for h in got.hits] == [h.id for h in want.hits]
 
 
 def test_the_token_rule(world, monkeypatch):

@@ -12,7 +12,9 @@ GET /api/info, GET /healthz). The server binds to 127.0.0.1 by default. Adding i
 bearer token whenever one is set ($CIRFUSION_SERVE_TOKEN, or --token); binding to any other address without one is
 refused. Uploads are capped (--max-upload-mb, 413 above), images go through the safe loader (400 with the reason),
 text and k are capped. Model work runs on one model thread with --threads torch threads (1 by default),
-never on the event loop; searches that arrive together are answered as one batch (--max-batch). Added images live until the server stops (their files are kept in --upload-dir, a temporary folder by default).
+never on the event loop; searches that arrive together are answered as one batch (--max-batch). Added images are
+kept in --upload-dir (a temporary folder, removed at exit, by default); a server started again with the same
+--upload-dir adds them back, with the same ids.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import uvicorn
 
 from ..errors import CirfusionError
 from ..serve import Limits, check_binding, create_app, load_catalog
+from ..serve.loading import restore_uploads
 from ..serve.security import TOKEN_ENV, resolve_token
 from ._features import add_backbone_access_args, default_cache_dir
 
@@ -53,7 +56,8 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
                    help="most concurrent searches the model thread answers together, reading each gallery once "
                         "(default 16)")
     p.add_argument("--upload-dir", type=Path, default=None,
-                   help="where added images are kept (default: a temporary folder removed at exit)")
+                   help="where added images are kept; a server started again with the same folder adds them back "
+                        "(default: a temporary folder removed at exit)")
     p.add_argument("--max-upload-mb", type=float, default=10.0, help="largest uploaded file in MB (default 10)")
     p.add_argument("--max-k", type=int, default=100, help="most results per search (default 100)")
     p.add_argument("--max-text", type=int, default=500, help="longest modification text in characters (default 500)")
@@ -94,6 +98,8 @@ def run(args: argparse.Namespace) -> int:
                                backbone_dirs=args.backbone_dir, allow_download=args.allow_download, limits=limits,
                                upload_dir=upload_dir, threads=threads, progress=not args.no_progress,
                                say=lambda m: print(f"[serve] {m}", flush=True))
+        if not own_tmp:
+            restore_uploads(catalog, upload_dir, say=lambda m: print(f"[serve] {m}", flush=True))
         app = create_app(catalog, token=token, workers=args.workers, torch_threads=threads, max_batch=args.max_batch)
         print(f"[serve] one model thread ({threads} torch thread(s), batches of up to {args.max_batch} searches), "
               f"{args.workers} request thread(s); adding images "

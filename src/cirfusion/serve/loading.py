@@ -5,6 +5,7 @@ DAFM checkpoints included)."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import time
@@ -26,7 +27,7 @@ from ..features import FeatureCache
 from ..fusion import uses_default_similarity
 from ..index import META_FILE, build_index, load_index
 from ..views import FeatureView
-from .catalog import Catalog, Limits, _Gallery, file_sha256
+from .catalog import Catalog, Limits, ServeError, _Gallery, file_sha256
 
 log = logging.getLogger("cirfusion.serve")
 
@@ -127,4 +128,40 @@ def _default_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "cirfusion" / "features"
 
 
-__all__ = ["load_catalog"]
+def restore_uploads(catalog: Catalog, upload_dir: Path, say: Callable[[str], None] = log.info) -> int:
+    """Add back the images a previous run of the server added (the files it kept in ``upload_dir``, named by their
+    sha256): a server restarted with the same ``--upload-dir`` keeps its additions, with the same ids. A file whose
+    name is not the sha256 of its bytes (not written by the server) is skipped and named in the log; one that no
+    longer passes the safe loader is skipped with the reason. Returns how many images were added."""
+    files = sorted(p for p in Path(upload_dir).iterdir() if p.is_file() and not p.name.startswith("."))
+    added = 0
+    batch: list[tuple[bytes, str]] = []
+
+    def flush() -> None:
+        nonlocal added
+        try:
+            added += sum(a["added"] for a in catalog.add_images(batch))
+        except ServeError:  # one bad file: add them one by one, naming the bad ones
+            for data, name in batch:
+                try:
+                    added += sum(a["added"] for a in catalog.add_images([(data, name)]))
+                except ServeError as exc:
+                    say(f"not restored: {upload_dir / name}: {exc}")
+        batch.clear()
+
+    for path in files:
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != path.stem:
+            say(f"not restored: {path}: not a file the server kept (its name is not the sha256 of its bytes)")
+            continue
+        batch.append((data, path.name))
+        if len(batch) == catalog.limits.max_add_files:
+            flush()
+    if batch:
+        flush()
+    if added:
+        say(f"restored {added} image(s) added by an earlier run from {upload_dir}; the gallery holds {catalog.size}")
+    return added
+
+
+__all__ = ["load_catalog", "restore_uploads"]
