@@ -278,7 +278,7 @@ def pow2(shift: torch.Tensor) -> torch.Tensor:
 def fixed_point(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``x`` scaled by an exact power of two per row (last dimension) so the row's largest magnitude is below
     ``2**bits``, then rounded: integer-valued float32 ``q`` and the ``[..., 1]`` scale (``x ~ q / scale``)."""
-    m = torch.maximum(x.amax(-1, keepdim=True), -x.amin(-1, keepdim=True))
+    m = torch.maximum(x.amax(-1, keepdim=True), -x.amin(-1, keepdim=True))  # not aminmax: 13x slower on this CPU
     _, e = torch.frexp(m)  # m = f * 2**e with f in [0.5, 1): |x| < 2**e
     scale = pow2(bits - e)
     return (x * scale).round_(), scale
