@@ -61,6 +61,10 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n", type=int, default=20_000, help="gallery images")
     p.add_argument("--seconds", type=float, default=20.0, help="duration of each concurrency level")
     p.add_argument("--levels", default="1,8,32", help="concurrent clients per level")
+    p.add_argument("--warmup", type=float, default=8.0,
+                   help="seconds of warm-up at the largest concurrency (the allocator's pools of the model thread and "
+                        "the base threads reach their steady size: 3 s left 40 MB of growth for the levels to show, "
+                        "8 s leaves ~2 MB over a minute more)")
     p.add_argument("--uploads", type=int, default=30, help="uploaded 1024 px JPEG searches")
     p.add_argument("--workers", type=int, default=2, help="the server's request threads (uploads, thumbnails)")
     p.add_argument("--max-batch", type=int, default=16, help="the server's largest batch of concurrent searches")
@@ -265,7 +269,7 @@ def main() -> None:
         ids = [p.relative_to(gallery).with_suffix("").as_posix() for p in sorted(gallery.rglob("*.jpg"))]
         # First touches of the gallery, caches, thread pools, and the allocator's pools at the largest batch the model
         # thread will see (the most clients): RSS growth is then measured from a steady state, so it shows a leak.
-        warm = level(port, max(int(x) for x in args.levels.split(",")), 3.0, ids, args.seed + 99)
+        warm = level(port, max(int(x) for x in args.levels.split(",")), args.warmup, ids, args.seed + 99)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for i, data in enumerate(upload_jpegs(3, args.seed + 99)):  # and an upload's decoding buffers
             body, ctype = multipart({"text": TEXTS[i], "k": "10"}, data, f"warm{i}.jpg")

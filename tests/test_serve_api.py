@@ -453,3 +453,16 @@ def test_the_model_thread_batches_what_waits_and_runs_calls_alone():
         b.close()
     with pytest.raises(ValueError, match="max_batch"):
         Batcher(run, max_batch=0)
+
+
+def test_a_fused_models_bases_side_by_side_score_exactly_as_in_turn(world):
+    c = client(world, "dafm")
+    cat = c.app.state.catalog  # type: ignore[attr-defined]
+    assert cat.method.base_map is not map and c.get("/api/info").json()["model_thread"]["base_threads"] == 2
+    qs = [cat.check(t, 8, reference=r) for r, t in [("warm/c0_p0", TEXT), ("cool/c3_p2", "red"), ("warm/c4_p1", "x")]]
+    side_by_side = [cat.search_batch([q])[0] for q in qs] + cat.search_batch(qs)
+    cat.method.base_map = map
+    in_turn = [cat.search_batch([q])[0] for q in qs] + cat.search_batch(qs)
+    for a, b in zip(side_by_side, in_turn, strict=True):
+        assert [(h.id, h.score) for h in a.hits] == [(h.id, h.score) for h in b.hits]  # bitwise: the same computation
+        assert a.explanation == b.explanation

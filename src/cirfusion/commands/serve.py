@@ -52,6 +52,9 @@ def register(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None
     p.add_argument("--threads", type=int, default=None,
                    help="torch threads of the one model thread that answers every search (default 1: a second "
                         "thread costs more than it gains on shared cores; see docs/serve.md)")
+    p.add_argument("--base-threads", type=int, default=None,
+                   help="a fused (DAFM) model's base models run side by side on this many threads within a search "
+                        f"(default: every core, {cores}, at most K; 1: in turn)")
     p.add_argument("--max-batch", type=int, default=16,
                    help="most concurrent searches the model thread answers together, reading each gallery once "
                         "(default 16)")
@@ -77,7 +80,8 @@ def _cores() -> int:
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
     for name, value in (("--max-upload-mb", args.max_upload_mb), ("--max-k", args.max_k), ("--max-text", args.max_text),
-                        ("--workers", args.workers), ("--port", args.port), ("--max-batch", args.max_batch)):
+                        ("--workers", args.workers), ("--port", args.port), ("--max-batch", args.max_batch),
+                        ("--base-threads", 1 if args.base_threads is None else args.base_threads)):
         if value is None or value <= 0:
             raise CirfusionError(f"{name} must be positive, got {value}")
     if args.threads is not None and args.threads < 1:
@@ -100,7 +104,8 @@ def run(args: argparse.Namespace) -> int:
                                say=lambda m: print(f"[serve] {m}", flush=True))
         if not own_tmp:
             restore_uploads(catalog, upload_dir, say=lambda m: print(f"[serve] {m}", flush=True))
-        app = create_app(catalog, token=token, workers=args.workers, torch_threads=threads, max_batch=args.max_batch)
+        app = create_app(catalog, token=token, workers=args.workers, torch_threads=threads, max_batch=args.max_batch,
+                         base_threads=args.base_threads)
         print(f"[serve] one model thread ({threads} torch thread(s), batches of up to {args.max_batch} searches), "
               f"{args.workers} request thread(s); adding images "
               f"{'needs the bearer token' if token else 'is open (loopback, no token)'}; open http://"

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -248,15 +249,21 @@ def uses_default_similarity(base: CIRMethod) -> bool:
 
 
 def base_scores(bases: Sequence[CIRMethod], queries: Sequence[Embedding], galleries: Sequence[Embedding],
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                dtype: torch.dtype = torch.float32, map_fn: Callable[..., Iterable[Any]] = map) -> torch.Tensor:
     """``[B, K, N]`` float32: each base model's own similarity, no gradient. Bases with the default similarity are
-    scored by :func:`dot_or_maxsim` in ``dtype``; others by their own ``similarity``."""
-    with torch.no_grad():
-        blocks = []
-        for base, q, g in zip(bases, queries, galleries, strict=True):
+    scored by :func:`dot_or_maxsim` in ``dtype``; others by their own ``similarity``. ``map_fn`` maps the scoring
+    of one base over the K bases (``map``: in turn, here; a thread pool's ``map``: the bases side by side, each the
+    same computation, so the same scores)."""
+    def one(k: int) -> torch.Tensor:
+        base, q, g = bases[k], queries[k], galleries[k]
+        with torch.no_grad():  # grad mode is per thread: set here, where the work runs
             fast = uses_default_similarity(base) and isinstance(q, torch.Tensor) and isinstance(g, torch.Tensor)
-            blocks.append(dot_or_maxsim(q, g, dtype) if fast else base.similarity(q, g).float())
-        raw = torch.stack(blocks, 1)
+            return dot_or_maxsim(q, g, dtype) if fast else base.similarity(q, g).float()
+
+    if not len(bases) == len(queries) == len(galleries):
+        raise FusionError(f"base_scores: {len(bases)} bases, {len(queries)} queries, {len(galleries)} galleries")
+    with torch.no_grad():
+        raw = torch.stack(list(map_fn(one, range(len(bases)))), 1)
         # One pass for the finiteness check: a row sum is finite iff every score in it is (scores summing past 3e38
         # are no scores either); cheaper than a bool tensor per model on a lone query's tile.
         bad = ~torch.isfinite(raw.sum(-1)).all(0)

@@ -34,7 +34,7 @@ this class through the method registry): no import cycle.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -44,7 +44,7 @@ import torch
 from ..backbones.base import ImageFeatures, TextFeatures
 from ..backbones.multi import PartSlice, composite_fields, feature_parts, part_slices
 from ..checkpoint import MODEL_FILE, CheckpointError, load_state_strict, load_weights, read_config, write_checkpoint_files
-from ..embeddings import rows_of
+from ..embeddings import Embedding, rows_of
 from ..fusion.kernels import (
     SCORE_DTYPES,
     Normalised,
@@ -179,6 +179,10 @@ class DAFM(CIRMethod):
         # "auto" is resolved at first use (score_dtype): the probe costs about a second once per machine
         self._score_path: ScorePath | None = None if h.score_dtype == "auto" else ScorePath(h.score_dtype, "explicit")
         self.fusion = FusionNet(len(bases), h.hidden, h.blocks, h.gate_hidden)
+        # How a query's work is mapped over the K base models (encoders, then gallery scores): the builtin map, in
+        # turn on this thread. Not saved: a server sets a thread pool's map (cirfusion.serve) so that one query's
+        # bases run side by side on several cores, each on one torch thread -- the same computation, the same scores.
+        self.base_map: Callable[..., Iterable[Any]] = map
         self.register_buffer("tau", torch.tensor(h.tau0))
 
     # ---- construction -------------------------------------------------------------------------------------------------
@@ -224,10 +228,15 @@ class DAFM(CIRMethod):
 
     # ---- the contract -----------------------------------------------------------------------------------------------
     def encode_query(self, ref: ImageFeatures, text: TextFeatures) -> dict[str, Any]:
+        cuts = self._cuts()
+
+        def one(k: int) -> Embedding:
+            b, c = self._bases[k], cuts[k]
+            with torch.no_grad():  # grad mode is per thread: set where the work runs (base_map may use threads)
+                return b.encode_query(ref, text) if c is None else b.encode_query(c.image(ref), c.text(text))
+
         with torch.no_grad():
-            q = tuple(b.encode_query(ref, text) if c is None else b.encode_query(c.image(ref), c.text(text))
-                      for b, c in zip(self._bases, self._cuts(), strict=True))
-            return {"q": q, "fp": image_fingerprint(ref.global_)}
+            return {"q": tuple(self.base_map(one, range(len(self._bases)))), "fp": image_fingerprint(ref.global_)}
 
     def _cuts(self) -> list[PartSlice | None]:
         """Per base, the slice of the (multi: backbone's) features it reads, or None for all of them."""
@@ -268,7 +277,7 @@ class DAFM(CIRMethod):
         tile = block_rows(n, max(self.num_models, h.hidden), h.tile)
         for s in range(0, b, tile):
             rows = slice(s, min(b, s + tile))
-            raw = base_scores(self._bases, [rows_of(x, rows) for x in q["q"]], g["g"], self.score_dtype)
+            raw = base_scores(self._bases, [rows_of(x, rows) for x in q["q"]], g["g"], self.score_dtype, self.base_map)
             excl = fingerprint_exclusion(q["fp"][rows], g["fp"]) if h.exclude_reference else None
             with single_thread_if_small(raw.numel()):
                 norm = normalise_scores(raw, excl, h.topk, h.beta)

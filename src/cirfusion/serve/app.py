@@ -32,6 +32,7 @@ import hmac
 import io
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +56,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from ..data.images import ImageLoadError, load_image
 from .batcher import Batcher
 from .catalog import LRU, Catalog, CheckedQuery, SearchResult, ServeError
+from .explain import is_fused
 
 log = logging.getLogger("cirfusion.serve")
 
@@ -144,12 +146,23 @@ _ADD_DOC: dict[str, Any] = {"requestBody": {"required": True, "content": {"multi
 
 
 def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, torch_threads: int | None = None,
-               max_batch: int = 16) -> FastAPI:
+               max_batch: int = 16, base_threads: int | None = None) -> FastAPI:
     """The service over ``catalog``. ``token``: the bearer token ``POST /api/images`` requires (None: open, which
     ``cirfusion serve`` allows on loopback only). ``workers``: threads that check requests and draw thumbnails;
     ``torch_threads``: the model thread's torch intra-op threads (default 1); ``max_batch``: the most
-    searches the model thread answers together."""
+    searches the model thread answers together; ``base_threads``: for a fused model, the threads its K base models
+    run on side by side within one batch (default: every core, at most K; 1 = in turn on the model thread)."""
     threads = max(1, torch_threads or 1)
+    base_pool: ThreadPoolExecutor | None = None
+    fused: Any = catalog.method if is_fused(catalog.method) else None  # a DAFM (duck-typed: see explain.is_fused)
+    if fused is not None:
+        n_base = min(len(fused.base_names), base_threads or len(os.sched_getaffinity(0)))
+        if n_base > 1:
+            # Python threads, each with its own torch threads: no per-operator barrier between them (what makes two
+            # torch threads collapse on shared cores), one join per query; each base computes exactly as alone.
+            base_pool = ThreadPoolExecutor(n_base, thread_name_prefix="cirfusion-base",
+                                           initializer=lambda: torch.set_num_threads(threads))
+            fused.base_map = base_pool.map
     lim = catalog.limits
     pool = ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="cirfusion-serve")
     model_thread: Batcher[CheckedQuery, SearchResult] = Batcher(catalog.search_batch, max_batch=max_batch,
@@ -161,6 +174,9 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
         yield
         pool.shutdown(wait=False, cancel_futures=True)
         model_thread.close()
+        if base_pool is not None:
+            fused.base_map = map
+            base_pool.shutdown(wait=False)
 
     app = FastAPI(lifespan=lifespan, title="cirfusion", version="1", summary="Composed image retrieval: a reference image plus a text",
                   description="Search a catalog by example and words. See docs/serve.md.")
@@ -200,6 +216,7 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
     async def info() -> dict[str, Any]:
         mean = model_thread.answered / model_thread.batches if model_thread.batches else 0.0
         return {**catalog.info(), "model_thread": {"torch_threads": threads, "max_batch": max_batch,
+                                                   "base_threads": base_pool._max_workers if base_pool else 1,
                                                    "batches": model_thread.batches,
                                                    "searches": model_thread.answered, "mean_batch": round(mean, 2)}}
 
@@ -228,8 +245,8 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
         return Response(data, media_type="image/jpeg", headers={"Cache-Control": "max-age=3600"})
 
     @app.post("/api/search", summary="top-k gallery images for a reference image + a modification text",
-              openapi_extra=_SEARCH_DOC)
-    async def search(request: Request) -> dict[str, Any]:
+              openapi_extra=_SEARCH_DOC, response_class=JSONResponse)
+    async def search(request: Request) -> JSONResponse:
         t0 = time.perf_counter()
         fields, upload = await _search_fields(request, lim.max_upload_bytes)
         keep = _flag(fields.get("keep_reference", False), "keep_reference")
@@ -238,15 +255,20 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
             raise ServeError("reference must be the id of a gallery image (a string)")
         if ref is not None and upload is not None:
             raise ServeError("give either an uploaded image or a gallery reference id, not both")
-        checked = await work(catalog.check, fields.get("text"), fields.get("k", min(10, lim.max_k)),
-                             reference=ref or None, upload=upload, keep_reference=keep)
+        args = (fields.get("text"), fields.get("k", min(10, lim.max_k)))
+        if upload is None:  # a gallery id: checking it is a few dict look-ups, no hop to a worker thread
+            checked = catalog.check(*args, reference=ref or None, keep_reference=keep)
+        else:  # decoding an upload is real work: off the event loop
+            checked = await work(catalog.check, *args, upload=upload, keep_reference=keep)
         res = await asyncio.wrap_future(model_thread.submit(checked))
-        return {"results": [{"id": h.id, "score": h.score, "url": image_url(h.id), "thumbnail": image_url(h.id, True)}
-                            for h in res.hits],
-                "explanation": res.explanation,
-                "reference": {"id": res.reference_id, "excluded": res.excluded,
-                              "url": None if res.reference_id is None else image_url(res.reference_id)},
-                "took_ms": round((time.perf_counter() - t0) * 1000, 2)}
+        # Plain JSON values already: JSONResponse directly skips FastAPI's recursive jsonable_encoder pass.
+        return JSONResponse({
+            "results": [{"id": h.id, "score": h.score, "url": image_url(h.id), "thumbnail": image_url(h.id, True)}
+                        for h in res.hits],
+            "explanation": res.explanation,
+            "reference": {"id": res.reference_id, "excluded": res.excluded,
+                          "url": None if res.reference_id is None else image_url(res.reference_id)},
+            "took_ms": round((time.perf_counter() - t0) * 1000, 2)})
 
     @app.post("/api/images", summary="add images to the gallery without a rebuild (bearer token when set)",
               openapi_extra=_ADD_DOC)
