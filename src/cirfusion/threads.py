@@ -3,8 +3,10 @@
 On 2 *shared* cores a second torch thread often waits for a core another process holds, and every small operator of a
 training step then waits for it: ``benchmarks/threads.py`` measured training a pool head (CLIP4CIR at the embedded
 backbone's sizes) 6.7x slower on 2 threads than on 1 while the machine was busy, and DAFM's fused query 1.7x slower.
-The heads are small (a few hundred thousand parameters, batches of 64): one thread is never far from two even on idle
-cores, and it cannot collapse. The backbone's convolutions are large enough to gain from every core. Hence:
+The heads are small (a few hundred thousand parameters, batches of 64): on the same 2 cores with nothing else running,
+2 threads train them only 1.2-1.6x faster (clip4cir 0.81x the time, blip4cir-bi 0.70x, tg-cir 0.64x, sprc 0.71x;
+the fused query 1.11x *slower*), while on a busy machine they were 6.7x slower: one thread gives up at most a third of
+the time and cannot collapse. The backbone's convolutions are large enough to gain from every core. Hence:
 
 =========== ========= =============================================================================================
 workload    threads   where
