@@ -167,3 +167,19 @@ def test_quickstart_detailfusion_on_a_small_synthetic_benchmark(tmp_path):
     assert 0 < run.alpha["alpha_gm_mean"] < 1
     rows = run.alpha_of([0, 1, 2])
     assert len(rows) == 3 and all(abs(r["gm"] + r["di"] - 1) < 1e-5 for r in rows)
+    # DAFM accepts DetailFusion in its pool (issue 12): fused with a CLIP4CIR on the same benchmark and backbone
+    import json
+
+    import cirfusion
+    from cirfusion.cli import main
+
+    common = ["--dataset", "synthetic", "--root", str(root), "--cache-dir", str(tmp_path / "cache"), "--no-progress"]
+    assert main(["train", "clip4cir", *common, "--backbone", "tiny", "--out", str(tmp_path / "c"), "--epochs", "1",
+                 "--batch-size", "32", "--hparam", "embed_dim=16", "--hparam", "hidden_dim=32"]) == 0
+    out = tmp_path / "fused"
+    assert main(["fuse", str(run.checkpoint), str(tmp_path / "c" / "best"), *common, "--out", str(out), "--epochs", "1",
+                 "--min-steps", "10", "--split-test", "val"]) == 0
+    rep = json.loads((out / "metrics.json").read_text())
+    assert "fused" in json.dumps(rep)
+    fused = cirfusion.load(out / "best")
+    assert [b.method_name for b in fused.method.bases] == ["detailfusion", "clip4cir"]
