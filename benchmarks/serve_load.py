@@ -15,8 +15,9 @@ What it builds (cached under ``--work``, default /tmp/cirfusion-serve-load, so a
   EfficientNet-Lite0 at 128 px (~10-20 ms more per upload on one core); gallery-id references never run the backbone
   (their cached features are reused), so that figure is the same for every backbone.
 
-What it measures: the server (``cirfusion serve``, a separate process: one model thread with every core's torch
-threads, concurrent searches answered in batches of up to ``--max-batch``; ``--workers`` request threads)
+What it measures: the server (``cirfusion serve``, a separate process, its defaults: one model thread with 1 torch
+thread, concurrent searches answered in batches of up to ``--max-batch``, the fused model's 4 base models side by side
+on 2 base threads; ``--workers`` request threads)
 answers ``POST /api/search`` with a gallery-id reference, a text drawn from 24 modifications and k = 10, explanation
 included (exact Shapley contributions of the 4 models for the top 10 results) - what the page asks for. Each level
 runs ``--seconds`` with that many client threads, each on its own keep-alive connection, one request after another.

@@ -466,3 +466,38 @@ def test_a_fused_models_bases_side_by_side_score_exactly_as_in_turn(world):
     for a, b in zip(side_by_side, in_turn, strict=True):
         assert [(h.id, h.score) for h in a.hits] == [(h.id, h.score) for h in b.hits]  # bitwise: the same computation
         assert a.explanation == b.explanation
+
+
+def test_one_failing_query_fails_alone_in_its_batch(world):
+    cat = client(world, "dafm").app.state.catalog  # type: ignore[attr-defined]
+    qs = [cat.check(t, 4, reference=r) for r, t in [("warm/c0_p0", "red"), ("cool/c1_p1", "boom"), ("warm/c2_p2", TEXT)]]
+    want = [cat.search_batch([q])[0] for q in (qs[0], qs[2])]
+    real = cat._answer
+
+    def answer(g, batch, feats, tf):
+        if any(c.text == "boom" for c in batch):
+            raise RuntimeError("boom")
+        return real(g, batch, feats, tf)
+
+    cat._answer = answer
+    got = cat.search_batch(qs)
+    assert isinstance(got[1], RuntimeError)
+    assert [h.id for h in got[0].hits] == [h.id for h in want[0].hits]
+    assert [h.id for h in got[2].hits] == [h.id for h in want[1].hits]
+
+
+def test_the_model_thread_refuses_work_once_stopped():
+    b = Batcher(lambda items: list(items))
+    assert b.submit(1).result(5) == 1
+    b.close()
+    with pytest.raises(RuntimeError, match="stopped"):
+        b.submit(2).result(5)
+    with pytest.raises(RuntimeError, match="stopped"):
+        b.call(lambda: 3).result(5)
+
+    def broken_setup():
+        raise OSError("no threads here")
+
+    bad = Batcher(lambda items: list(items), setup=broken_setup)
+    with pytest.raises(RuntimeError, match="set-up failed"):
+        bad.submit(1).result(5)

@@ -22,6 +22,7 @@ The fast paths (float16 / int8 products, fixed-point sums) each have a plain flo
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -160,6 +161,7 @@ class _Int8Copy:
 
 
 _INT8_CACHE: dict[int, _Int8Copy] = {}
+_INT8_LOCK = threading.Lock()
 
 
 def int8_copy(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,12 +169,13 @@ def int8_copy(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     ``R = N * M`` vectors), with ``g ~ values * scale``;
     computed once per tensor (cached while ``g`` lives and is not modified in place)."""
     key = id(g)
-    hit = _INT8_CACHE.get(key)
-    if hit is None or hit.ref() is not g or hit.version != g._version:
-        for k in [k for k, v in _INT8_CACHE.items() if v.ref() is None]:
-            del _INT8_CACHE[k]
-        hit = _INT8_CACHE[key] = _Int8Copy(g)
-    return hit.values, hit.scale
+    with _INT8_LOCK:  # a fused model may score its bases side by side on several threads (DAFM.base_map)
+        hit = _INT8_CACHE.get(key)
+        if hit is None or hit.ref() is not g or hit.version != g._version:
+            for k in [k for k, v in list(_INT8_CACHE.items()) if v.ref() is None]:
+                del _INT8_CACHE[k]
+            hit = _INT8_CACHE[key] = _Int8Copy(g)
+        return hit.values, hit.scale
 
 
 def _int8_products(qf: torch.Tensor, values: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:

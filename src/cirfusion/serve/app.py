@@ -15,14 +15,16 @@ Errors are ``{"detail": "<one sentence>"}`` with 400 (bad image or parameters), 
 (unknown id), 413 (too large). No path a client sends is ever joined onto the filesystem: images are found by id in
 the catalog's own table.
 
-Nothing heavy runs on the event loop. Checking a request (decoding an upload through the safe loader) and drawing
-thumbnails go to a fixed-size pool of ``workers`` threads; all model work (encoding, scoring, explanations, adding
-images) goes to ONE model thread (:class:`~cirfusion.serve.batcher.Batcher`) with ``torch_threads`` intra-op threads
-(default 1: on shared cores a second torch thread waits for a core another process holds, and a lone query's small
-operators gain little from it; measured 4-5x more CPU per request at 2 threads on a busy 2-core machine). Searches
-that arrive while it is busy are answered together as one batch (at most ``max_batch``), reading each gallery matrix
-once for all of them, so cores are never oversubscribed and throughput grows with concurrency; an answer does not
-depend on its batch beyond float rounding. The other cores serve HTTP, decode uploads and draw thumbnails.
+Nothing heavy runs on the event loop. Checking a request (decoding an upload through the safe loader; at most
+``max(2, workers)`` uploads are decoded and waiting at once) and drawing thumbnails go to a fixed-size pool of
+``workers`` threads; all model work (encoding, scoring, explanations, the model side of adding images) goes to ONE
+model thread (:class:`~cirfusion.serve.batcher.Batcher`) with ``torch_threads`` intra-op threads (default 1: on
+shared cores a second torch thread waits for a core another process holds, and a lone query's small operators gain
+little from it; measured 4-5x more CPU per request at 2 threads on a busy 2-core machine). Searches that arrive while
+it is busy are answered together as one batch (at most ``max_batch``): the query encoders run once for the batch and
+an exactly scored gallery is read once per tile of queries. A fused model's base models run side by side on
+``base_threads`` threads (each with ``torch_threads`` torch threads). An answer does not depend on its batch beyond
+float rounding.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import hmac
 import io
 import json
 import logging
-import os
 import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -54,6 +55,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..data.images import ImageLoadError, load_image
+from ..threads import usable_cores
 from .batcher import Batcher
 from .catalog import LRU, Catalog, CheckedQuery, SearchResult, ServeError
 from .explain import is_fused
@@ -156,7 +158,7 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
     base_pool: ThreadPoolExecutor | None = None
     fused: Any = catalog.method if is_fused(catalog.method) else None  # a DAFM (duck-typed: see explain.is_fused)
     if fused is not None:
-        n_base = min(len(fused.base_names), base_threads or len(os.sched_getaffinity(0)))
+        n_base = min(len(fused.base_names), base_threads or usable_cores())
         if n_base > 1:
             # Python threads, each with its own torch threads: no per-operator barrier between them (what makes two
             # torch threads collapse on shared cores), one join per query; each base computes exactly as alone.
@@ -168,6 +170,7 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
     model_thread: Batcher[CheckedQuery, SearchResult] = Batcher(catalog.search_batch, max_batch=max_batch,
                                                                 setup=lambda: torch.set_num_threads(threads))
     thumbs = LRU(4096)
+    uploads_in_flight = asyncio.Semaphore(max(2, workers))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -258,9 +261,14 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
         args = (fields.get("text"), fields.get("k", min(10, lim.max_k)))
         if upload is None:  # a gallery id: checking it is a few dict look-ups, no hop to a worker thread
             checked = catalog.check(*args, reference=ref or None, keep_reference=keep)
-        else:  # decoding an upload is real work: off the event loop
-            checked = await work(catalog.check, *args, upload=upload, keep_reference=keep)
-        res = await asyncio.wrap_future(model_thread.submit(checked))
+            res = await asyncio.wrap_future(model_thread.submit(checked))
+        else:
+            # Decoding an upload is real work: off the event loop. A decoded photo waits for the model thread at full
+            # resolution (up to max_pixels x 3 bytes), so only so many uploads are in flight at once; the others wait
+            # here as bytes.
+            async with uploads_in_flight:
+                checked = await work(catalog.check, *args, upload=upload, keep_reference=keep)
+                res = await asyncio.wrap_future(model_thread.submit(checked))
         # Plain JSON values already: JSONResponse directly skips FastAPI's recursive jsonable_encoder pass.
         return JSONResponse({
             "results": [{"id": h.id, "score": h.score, "url": image_url(h.id), "thumbnail": image_url(h.id, True)}
@@ -282,7 +290,8 @@ def create_app(catalog: Catalog, *, token: str | None = None, workers: int = 2, 
         if extra:
             raise ServeError(f"unknown form field(s) {extra}; send the files in 'images'")
         blobs = [(await _read_capped(f, lim.max_upload_bytes), f.filename or "") for f in files]
-        added = await asyncio.wrap_future(model_thread.call(catalog.add_images, blobs))
+        decoded = await work(catalog.decode_additions, blobs)  # decoding off the model thread
+        added = await asyncio.wrap_future(model_thread.call(catalog.commit_additions, decoded))
         return {"added": [{**a, "url": image_url(a["id"]), "thumbnail": image_url(a["id"], True)} for a in added],
                 "gallery_size": catalog.size}
 

@@ -4,9 +4,9 @@ answered together as one batch.
 Why one thread and batches: a fused query streams every base model's gallery matrix from memory (its floor is memory
 bandwidth, see :mod:`cirfusion.fusion.score_paths`), and a lone query's small tensor operations cost more in
 per-operation overhead than in arithmetic. Several worker threads each running one query would read the galleries
-once per query and fight over the cores. One thread with all the cores' torch threads answers a lone query as fast
-as the machine can (both cores on its products), and under load reads each gallery once for a whole batch of up to
-``max_batch`` queries, so throughput grows with concurrency instead of collapsing. Answers do not depend on the batch
+once per query and fight over the cores. One thread answers a lone query at once, and under load encodes a whole
+batch of up to ``max_batch`` queries in one pass and reads each gallery tile once for all of them, so throughput grows
+with concurrency instead of collapsing. Answers do not depend on the batch beyond float rounding
 (:meth:`cirfusion.serve.catalog.Catalog.search_batch`).
 """
 
@@ -41,30 +41,60 @@ class Batcher(Generic[Q, R]):
         self._q: queue.SimpleQueue[Any] = queue.SimpleQueue()
         self.batches = 0  # how many batches were answered, and how many searches in them (for /api/info)
         self.answered = 0
+        self._lock = threading.Lock()
+        self._dead: str | None = None  # why the thread takes no more jobs (closed, or its set-up failed)
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
 
     def submit(self, item: Q) -> Future[R]:
         fut: Future[R] = Future()
-        self._q.put((item, fut))
+        self._put((item, fut), fut)
         return fut
 
     def call(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Future[Any]:
         fut: Future[Any] = Future()
-        self._q.put(((fn, args, kwargs), fut, "call"))
+        self._put(((fn, args, kwargs), fut, "call"), fut)
         return fut
 
+    def _put(self, job: Any, fut: Future[Any]) -> None:
+        with self._lock:  # never queued behind the stop: a job after close() is refused, not left unanswered
+            if self._dead is not None:
+                fut.set_exception(RuntimeError(f"the model thread has stopped ({self._dead})"))
+                return
+            self._q.put(job)
+
     def close(self) -> None:
-        self._q.put(_STOP)
+        """Stop the thread once the jobs queued so far are answered; later jobs are refused."""
+        with self._lock:
+            if self._dead is None:
+                self._dead = "closed"
+                self._q.put(_STOP)
         self._thread.join(timeout=10)
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                job = self._q.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP and job[1].set_running_or_notify_cancel():
+                job[1].set_exception(RuntimeError(f"the model thread has stopped ({self._dead})"))
 
     def _loop(self) -> None:
         if self._setup is not None:
-            self._setup()  # per-thread settings (torch's intra-op threads are set by the thread that runs the ops)
+            try:
+                self._setup()  # per-thread settings (torch's intra-op threads are set by the thread that runs the ops)
+            except BaseException as exc:  # fail what waits, and every later job, instead of leaving them unanswered
+                log.exception("the model thread could not start")
+                with self._lock:
+                    self._dead = f"set-up failed: {exc}"
+                self._fail_queued()
+                return
         pending: list[Any] = []
         while True:
             job = pending.pop(0) if pending else self._q.get()
             if job is _STOP:
+                self._fail_queued()
                 return
             if len(job) == 3:
                 self._call(job)

@@ -96,8 +96,8 @@ class _Gallery:
 @dataclass
 class CheckedQuery:
     """A search request after :meth:`Catalog.check`: ``row`` is the gallery row the reference is (by id or by
-    content), ``upload_key`` the sha256 of an uploaded reference (None for a gallery id) and ``image`` its decoded
-    pixels (None when its features are already cached)."""
+    content), ``upload_key`` the sha256 of an uploaded reference (None for a gallery id), ``image`` its decoded pixels
+    and ``features`` its cached features (one of the two)."""
 
     text: str
     k: int
@@ -106,6 +106,8 @@ class CheckedQuery:
     upload_key: str | None
     image: Image.Image | None
     with_explanation: bool
+    keep_reference: bool = False
+    features: ImageFeatures | None = None  # an upload's features, when they were cached at check time
 
 
 @dataclass
@@ -157,8 +159,8 @@ def file_sha256(path: Path) -> str | None:
 
 
 class Catalog:
-    """A model and its gallery, ready to search (see the module docstring). Thread-safe: searches run concurrently
-    in a server's worker threads; additions are serialised."""
+    """A model and its gallery, ready to search (see the module docstring). Thread-safe: the service checks requests
+    in worker threads and runs searches and additions on its one model thread; additions are serialised."""
 
     def __init__(self, model: CIRModel, gallery: _Gallery, source: dict[str, Any], *, limits: Limits | None = None,
                  feature_table: ImageFeatureTable | None = None, upload_dir: Path | None = None,
@@ -296,6 +298,7 @@ class Catalog:
         text, k = self.check_text(text), self.check_k(k)
         g = self._g
         image: Image.Image | None = None
+        feats: ImageFeatures | None = None
         if reference is not None:
             row = g.row_of.get(reference)
             if row is None:
@@ -306,26 +309,37 @@ class Catalog:
             assert upload is not None
             key = hashlib.sha256(upload).hexdigest()
             ref = g.row_of_hash.get(key)
-            if self._ref_cache.get(key) is None:
+            feats = self._ref_cache.get(key)  # held here: the cache may evict it before the model thread gets to it
+            if feats is None:
                 image = self.decode_upload(upload)
         exclude = ref is not None and not keep_reference
         k = min(k, len(g) - int(exclude))
         if k < 1:
             raise ServeError("nothing to return: the gallery holds only the reference image (set keep_reference)")
-        return CheckedQuery(text, k, ref, exclude, key, image, with_explanation)
+        return CheckedQuery(text, k, ref, exclude, key, image, with_explanation, keep_reference,
+                            feats if reference is None else None)
 
     def _reference_features(self, g: _Gallery, c: CheckedQuery) -> ImageFeatures:
         if c.upload_key is None:
             assert c.row is not None
             return self._row_features(g, c.row)
-        f = self._ref_cache.get(c.upload_key)
+        f = c.features if c.features is not None else self._ref_cache.get(c.upload_key)
         if f is None:
-            image = c.image if c.image is not None else None
-            if image is None:  # evicted from the cache between check and search: checked again by the safe loader
+            if c.image is None:
                 raise ServeError("the uploaded image is no longer held by the server: send it again", 400)
-            f = self.model.image_features([image])
+            f = self.model.image_features([c.image])
             self._ref_cache.put(c.upload_key, f)
         return f
+
+    @staticmethod
+    def _now(g: _Gallery, c: CheckedQuery) -> CheckedQuery:
+        """``c`` against the gallery as it is now: an upload whose bytes were added to the gallery after it was
+        checked (a ``POST /api/images`` queued before it) is that gallery image, and left out unless kept."""
+        if c.upload_key is None or c.row is not None or c.upload_key not in g.row_of_hash:
+            return c
+        row = g.row_of_hash[c.upload_key]
+        exclude = not c.keep_reference
+        return replace(c, row=row, exclude=exclude, k=max(1, min(c.k, len(g) - int(exclude))))
 
     def search_batch(self, queries: Sequence[CheckedQuery]) -> list[SearchResult | BaseException]:
         """Answer several checked queries together (what the service's model thread does with the requests that
@@ -340,12 +354,13 @@ class Catalog:
         live: list[int] = []
         refs: list[ImageFeatures] = []
         texts: list[TextFeatures] = []
+        queries = [self._now(g, c) for c in queries]
         for i, c in enumerate(queries):
             try:
                 refs.append(self._reference_features(g, c))
                 texts.append(self._text_features(c.text))
                 live.append(i)
-            except ServeError as exc:
+            except Exception as exc:  # this query's own failure (its image, its text): the others go on
                 out[i] = exc
         for s in range(0, len(live), SCORE_BATCH):
             part = live[s : s + SCORE_BATCH]
@@ -353,9 +368,18 @@ class Catalog:
             try:
                 answers = self._answer(g, [queries[i] for i in part], _cat_images([refs[s + j] for j in range(len(part))]),
                                        _cat_texts([texts[s + j] for j in range(len(part))]))
-            except Exception as exc:  # a failure of the batch fails each of its queries, not the model thread
-                log.exception("search batch of %d failed", len(part))
-                answers = [exc] * len(part)
+            except Exception as exc:
+                if len(part) == 1:
+                    log.exception("search failed")
+                    answers = [exc]
+                else:  # one query's failure must not fail the batch: answer each alone, so only it fails
+                    answers = []
+                    for j, i in enumerate(part):
+                        try:
+                            answers.extend(self._answer(g, [queries[i]], refs[s + j], texts[s + j]))
+                        except Exception as one_exc:
+                            log.exception("search failed")
+                            answers.append(one_exc)
             for i, a in zip(part, answers, strict=True):
                 out[i] = a
         return [o if o is not None else ServeError("not answered", 500) for o in out]
@@ -417,17 +441,27 @@ class Catalog:
         """Add uploaded images (bytes, and the name a client gave, used only in messages) to the gallery without
         a rebuild. Each gets the id ``added/<first 16 hex digits of its sha256>``; an image already in the gallery
         (same bytes) is not added twice and its existing id is returned. The bytes are kept under the server's
-        upload folder, named by their hash (never by a client's name)."""
+        upload folder, named by their hash (never by a client's name). The service runs :meth:`decode_additions`
+        in a worker thread and :meth:`commit_additions` on the model thread."""
+        return self.commit_additions(self.decode_additions(files))
+
+    def decode_additions(self, files: Sequence[tuple[bytes, str]]) -> list[tuple[bytes, str, Image.Image]]:
+        """The checks and decoding of :meth:`add_images` (no model work): ``(bytes, sha256, image)`` per file."""
         if not files:
             raise ServeError("no images given: send one or more files in the form field 'images'")
         if len(files) > self.limits.max_add_files:
             raise ServeError(f"{len(files)} files in one request, above the limit of {self.limits.max_add_files}")
+        if self._upload_dir is None:
+            raise ServeError("this server keeps no upload folder: adding images is switched off", 400)
         decoded = []
         for i, (data, name) in enumerate(files):
             label = f"image {i + 1} ({name[:60]})" if name else f"image {i + 1}"
             decoded.append((data, hashlib.sha256(data).hexdigest(), self.decode_upload(data, label)))
-        if self._upload_dir is None:
-            raise ServeError("this server keeps no upload folder: adding images is switched off", 400)
+        return decoded
+
+    def commit_additions(self, decoded: Sequence[tuple[bytes, str, Image.Image]]) -> list[dict[str, Any]]:
+        """The model work of :meth:`add_images`: the new images' features and embeddings, then the swap."""
+        assert self._upload_dir is not None
         with self._add_lock:
             g = self._g
             out: list[dict[str, Any]] = []
