@@ -68,7 +68,7 @@ def test_writes_results_report_and_manifest(quickstart_run):
     samples = 3 * 2  # 3 sample queries on each benchmark
     assert html.count("DetailFusion branch weights α for this query: global (GM) ") == samples
     assert html.count('<div class="graph"><h4>parsed scene graph</h4>') == samples
-    assert "DetailFusion's per-query weight of its global branch, alpha_GM, on test" in html
+    assert "per-query weight of its global branch, alpha_GM, on test" in html
     assert "finecir (fine text) on tiny" in html and "not part of the DAFM pool" in html
     thumbs = list((out / "thumbs").glob("*.jpg"))
     assert thumbs, "sample queries need thumbnails"
