@@ -541,8 +541,10 @@ def extra_notes(name: str, run: BenchmarkRun) -> list[str]:
         text = (" It reads the queries' fine text (every edit spelled out); the pool's rows read the coarse text of the"
                 " same queries, so the two are not a like-for-like comparison." if rec["row"].endswith("(fine text)")
                 else "")
-        notes.append(f"{name}: {rec['row']} on {rec['backbone']}, epoch {rec['best_epoch']} kept on val/select; "
-                     f"not part of the DAFM pool.{text}")
+        kept = (f"epoch {rec['best_epoch']} (0-based) of its last stage kept on val/select, the earlier stages' epochs "
+                f"fixed ({', '.join(f'{k} {v}' for k, v in rec['stage_epochs'].items())})" if m == "detailfusion"
+                else f"epoch {rec['best_epoch']} (0-based) of {rec['epochs']} kept on val/select")
+        notes.append(f"{name}: {rec['row']} on {rec['backbone']}, {kept}; not part of the DAFM pool.{text}")
         if m == "detailfusion" and rec.get("alpha_test"):
             a, t = rec["alpha_test"], rec["test_outputs"]
             metric = headline_metric(name, t["fused"])
