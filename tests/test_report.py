@@ -55,3 +55,28 @@ def test_results_json_roundtrip_and_atomic_dir(tmp_path):
         pass
     assert sorted(p.name for p in target.iterdir()) == ["config.json"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt")]
+
+
+def test_report_shows_detailfusion_alpha_and_finecir_graph(tmp_path):
+    """DetailFusion's per-query branch weights and FineCIR's parsed graph, next to the query's results."""
+    Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "ref.png")
+    res = [ResultItem("ref", tmp_path / "ref.png", 0.5, True)]
+    graph = {"text": "t", "entities": [{"name": "floor lamp", "attributes": ["red", "tall"], "implicit": False},
+                                       {"name": "garment", "attributes": [], "implicit": True}],
+             "relations": [{"subject": "lamp", "predicate": "left of", "object": "<table>"}],
+             "edits": [{"op": "replace", "entity": "carpet", "attributes": ["gray"], "from": "red carpet"},
+                       {"op": "remove", "entity": "cat", "attributes": []}]}
+    samples = [SampleQuery("synthetic", "detailfusion", "q1", "t", "ref", tmp_path / "ref.png", res,
+                           branch_weights={"gm": 0.625, "di": 0.375}),
+               SampleQuery("synthetic", "finecir", "q1", "t", "ref", tmp_path / "ref.png", res, graph=graph),
+               SampleQuery("synthetic", "finecir", "q2", "u", "ref", tmp_path / "ref.png", res,
+                           graph={"entities": [], "relations": [], "edits": []})]
+    html = write_report(tmp_path / "out", {"synthetic": {"finecir": {"R@1": 1.0}}}, samples).read_text()
+    assert "DetailFusion branch weights α for this query: global (GM) 0.625 · detail (DI) 0.375" in html
+    assert html.count("parsed scene graph") == 2
+    for line in ("<li>floor lamp: red, tall</li>", "<li>garment (implicit)</li>", "<li>lamp -left of-&gt; &lt;table&gt;</li>",
+                 "<li>replace carpet [gray] (from red carpet)</li>", "<li>remove cat</li>", "entities: none"):
+        assert line in html, line
+    # the graph sits in the results row, after the last result
+    row = html.split('<div class="row">')[2]
+    assert row.index("result 1") < row.index("parsed scene graph")

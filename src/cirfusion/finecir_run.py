@@ -37,6 +37,7 @@ class FineCIRRun:
     best_epoch: int | None
     seconds: float
     graphs: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float | None = None  # val_metric's value at best_epoch (the loop's choice on val)
 
 
 def parsed_graphs(method: FineCIR, data: SplitData, rows: Sequence[int]) -> list[dict[str, Any]]:
@@ -64,4 +65,5 @@ def run_finecir(data: Mapping[str, SplitData], backbone: Any, run_dir: str | Pat
     assert isinstance(best, FineCIR)
     metrics = evaluate(best, data["test"])
     graphs = parsed_graphs(best, data["test"], sample_rows) if sample_rows else []
-    return FineCIRRun(res.best_dir, metrics, res.val_metric, res.best_epoch, time.perf_counter() - t0, graphs)
+    return FineCIRRun(res.best_dir, metrics, res.val_metric, res.best_epoch, time.perf_counter() - t0, graphs,
+                      res.best_metric)

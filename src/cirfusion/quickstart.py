@@ -15,10 +15,13 @@ Steps, top to bottom (``cirfusion quickstart`` is this function):
 4. fit the DAFM fusion of the trained pool on ``val`` (queries the base models never trained on; it reads the
    pool's backbones side by side) and evaluate every model, the mean of normalised scores and the fusion on
    ``test``;
-5. write ``results.json`` (benchmark -> method -> metric -> value), ``report.html`` (metrics tables, sample queries
+5. train DetailFusion and FineCIR next to the pool, not in it (:mod:`cirfusion.quickstart_extra`: epochs chosen on
+   val/select, one test row each; on the synthetic benchmark they read the fine text by default, and their rows say
+   so); ``detailfusion=False`` / ``finecir=False`` skip them;
+6. write ``results.json`` (benchmark -> method -> metric -> value), ``report.html`` (metrics tables, sample queries
    with their top-5, the fusion's per-query gate weights and each base model's exact Shapley contribution to the
-   target's fused score) and ``manifest.json`` (backbone, weights hash, data
-   hashes, seed, timings).
+   target's fused score, DetailFusion's per-query branch weights alpha, FineCIR's parsed scene graph) and
+   ``manifest.json`` (backbone, weights hash, data hashes, seed, timings, wall and CPU seconds per part).
 
 Everything is deterministic given ``seed``. Checkpoints land in ``out/runs/BENCHMARK/METHOD/best``; the fused one in
 ``out/runs/BENCHMARK/dafm/best`` (``cirfusion eval``, ``search`` and ``cirfusion.load`` work on all of them).
@@ -53,6 +56,7 @@ from .io import atomic_write_json
 from .manifest import code_version, dataset_record, environment
 from .methods.base import CIRMethod
 from .methods.registry import create_method, get_method_class
+from .quickstart_extra import EXTRA_METHODS, TEXTS, ExtraResult, load_splits, train_detailfusion_part, train_finecir_part
 from .report import ResultItem, SampleQuery, write_report, write_results_json
 from .seeding import seed_everything
 from .selection import SelectionRecord, data_part, describe_split
@@ -101,6 +105,12 @@ class QuickstartConfig:
     catalog_limit: int | None = None  # keep at most this many photos (seeded sample); None = all
     samples: int = 3  # sample queries per benchmark and method in the report
     fuse: bool = True
+    # DetailFusion and FineCIR (quickstart_extra), trained and reported next to the pool, never fused with it.
+    detailfusion: bool = True
+    finecir: bool = True
+    detailfusion_stage_epochs: dict[str, int] | None = None  # None: QUICKSTART_STAGE_EPOCHS (catalog: 1 per stage)
+    finecir_epochs: int | None = None  # None: quickstart_extra.FINECIR_EPOCHS (catalog: FINECIR_CATALOG_EPOCHS)
+    extra_text: str = "fine"  # the synthetic benchmark's text DetailFusion and FineCIR read: fine | coarse
     progress: bool = True
     threads: int | None = None
 
@@ -137,6 +147,7 @@ class BenchmarkRun:
     checkpoints: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
     fusion: dict[str, Any] = field(default_factory=dict)
+    extras: dict[str, dict[str, Any]] = field(default_factory=dict)  # DetailFusion / FineCIR: manifest records
     datasets: dict[str, Any] = field(default_factory=dict)  # split -> manifest record (sizes, file hashes)
 
 
@@ -205,19 +216,22 @@ def top_results(method: CIRMethod, data: SplitData, rows: Sequence[int], k: int 
 
 def _samples(bench: str, method_name: str, method: CIRMethod, data: SplitData, rows: Sequence[int],
              weights_of: Callable[[Sequence[int]], list[dict[str, float]]] | None = None,
-             contributions_of: Callable[[Sequence[int]], list[dict[str, float] | None]] | None = None
+             contributions_of: Callable[[Sequence[int]], list[dict[str, float] | None]] | None = None,
+             fields_of: Callable[[Sequence[int]], list[dict[str, Any]]] | None = None,
              ) -> list[SampleQuery]:
+    """``fields_of``: further :class:`SampleQuery` fields per row (a method's own explanation)."""
     ds = data.dataset
     out = []
     weights: Sequence[dict[str, float] | None] = weights_of(rows) if weights_of else [None] * len(rows)
     contrib: Sequence[dict[str, float] | None] = contributions_of(rows) if contributions_of else [None] * len(rows)
-    for r, res, w, c in zip(rows, top_results(method, data, rows), weights, contrib, strict=True):
+    extra: Sequence[dict[str, Any]] = fields_of(rows) if fields_of else [{}] * len(rows)
+    for r, res, w, c, x in zip(rows, top_results(method, data, rows), weights, contrib, extra, strict=True):
         q = ds.queries[r]
         targets = set(q.targets)
         items = [ResultItem(ds.gallery.ids[c], Path(ds.gallery.paths[c]), v, ds.gallery.ids[c] in targets) for c, v in res]
         out.append(SampleQuery(bench, method_name, q.qid, q.text, q.reference, ds.gallery.path(q.reference)
                                if q.reference in ds.gallery else Path(""), items, weights=w,
-                               contributions=c))
+                               contributions=c, **x))
     return out
 
 
@@ -350,8 +364,53 @@ def run_benchmark(name: str, root: Path, cfg: QuickstartConfig, backbones: Backb
 
         samples += _samples(name, FUSED_NAME, model, fr.data["test"], sample_rows, weights_of=weights,
                             contributions_of=contributions)
+    run_extras(name, root, cfg, backbones, out, run, samples, sample_rows, sel, data_for)
     run.timings["total_s"] = time.perf_counter() - t0
     return run
+
+
+def run_extras(name: str, root: Path, cfg: QuickstartConfig, backbones: Backbones, out: Path, run: BenchmarkRun,
+               samples: list[Any], sample_rows: Sequence[int], sel: SelectionRecord | None,
+               data_for: Callable[[str], dict[str, SplitData]]) -> None:
+    """DetailFusion and FineCIR on one benchmark, after the fusion (which never sees them): a row each in
+    ``run.metrics``, their checkpoints, epoch choices, manifest records, sample queries with their explanations, and
+    wall and CPU seconds per part in ``run.timings`` (``METHOD_s``, ``METHOD_cpu_s``; ``extra_features_s`` for the
+    fine texts' features, which both share)."""
+    extras = [m for m in EXTRA_METHODS if getattr(cfg, m)]
+    if not extras:
+        return
+    bname = cfg.backbone
+    cache = backbones.cache(bname)
+    if name == "synthetic" and cfg.extra_text == "fine":  # the pool's split data hold the coarse text
+        w0, c0 = time.perf_counter(), time.process_time()
+        data = load_splits(name, root, cache, "fine", cfg.progress)
+        run.timings["extra_features_s"] = time.perf_counter() - w0
+        run.timings["extra_features_cpu_s"] = time.process_time() - c0
+    else:
+        data = data_for(bname)
+    info = {**backbones.info(bname), "cache_dir": str(backbones.cache_dir)}
+    for m in extras:
+        w0, c0 = time.perf_counter(), time.process_time()
+        x: ExtraResult
+        if m == "detailfusion":
+            x = train_detailfusion_part(name, root, cache, data, out / "runs" / name / m, text=cfg.extra_text,
+                                        seed=cfg.seed, stage_epochs=cfg.detailfusion_stage_epochs,
+                                        progress=cfg.progress, backbone_info=info)
+        else:
+            x = train_finecir_part(name, root, cache, data, out / "runs" / name / m, text=cfg.extra_text,
+                                   seed=cfg.seed, epochs=cfg.finecir_epochs, progress=cfg.progress, backbone_info=info)
+        run.metrics[x.row] = x.metrics
+        run.checkpoints[m] = str(x.checkpoint)
+        run.extras[m] = {"row": x.row, **x.record}
+        if sel is not None:
+            sel.choose(**x.choice)
+        samples += _samples(name, x.row, x.model, x.test_data, sample_rows, fields_of=x.explain)
+        run.timings.update(x.timings)
+        # the part's whole cost: training, its val and test scoring and its report samples
+        run.timings[f"{m}_s"] = time.perf_counter() - w0
+        run.timings[f"{m}_cpu_s"] = time.process_time() - c0
+        _say(f"{name}: {x.row} trained and evaluated ({run.timings[f'{m}_s']:.1f} s, "
+             f"{run.timings[f'{m}_cpu_s']:.1f} s CPU): " + _brief(x.metrics))
 
 
 def pool_tables(out: str | Path, splits: Sequence[str] = ("val", "test")) -> dict[str, tuple[list[Any], dict[str, Any]]]:
@@ -410,6 +469,8 @@ def _run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
     for m in cfg.methods:
         get_method_class(m)  # an unknown name fails now, not after the benchmarks are built
+    if cfg.extra_text not in TEXTS:
+        raise ValueError(f"extra_text must be one of {', '.join(TEXTS)}, got {cfg.extra_text!r}")
 
     if cfg.photos is not None and not Path(cfg.photos).is_dir():
         raise FileNotFoundError(f"photo folder {cfg.photos}: no such directory")
@@ -443,6 +504,7 @@ def _run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
                          f"final tau {r.fusion['tau_final']:.4f}"
                          + ("; the held-out fifth of val kept the untrained mean of normalised scores."
                             if r.fusion["best_epoch"] == -1 else f"; epoch {r.fusion['best_epoch']} kept."))
+        notes += extra_notes(name, r)
     write_results_json(out / "results.json", results)
     report = write_report(out, results, samples, title="cirfusion quickstart", wall_time=wall, notes=notes)
     summary = {
@@ -455,6 +517,7 @@ def _run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
         "checkpoints": {name: r.checkpoints for name, r in runs.items()},
         "timings": {name: r.timings for name, r in runs.items()},
         "fusion": {name: r.fusion for name, r in runs.items()},
+        "extra_methods": {name: r.extras for name, r in runs.items()},
         "code": code_version(),
         "environment": environment(),
         "report": str(report),
@@ -465,6 +528,31 @@ def _run_quickstart(cfg: QuickstartConfig) -> dict[str, Any]:
     _say(f"search it in a browser: cirfusion serve {ck.get(FUSED_NAME) or next(iter(ck.values()))} --images {photos} "
          f"--cache-dir {backbones.cache_dir}")
     return summary
+
+
+_DF_OUTPUTS = (("fused", "adaptive"), ("static", "static (alpha 0.5)"), ("gm", "GM alone"), ("di", "DI alone"))
+
+
+def extra_notes(name: str, run: BenchmarkRun) -> list[str]:
+    """The report's notes on DetailFusion and FineCIR of one benchmark (what they read, what they are not part of,
+    DetailFusion's alpha and branch rows)."""
+    notes = []
+    for m, rec in run.extras.items():
+        text = (" It reads the queries' fine text (every edit spelled out); the pool's rows read the coarse text of the"
+                " same queries, so the two are not a like-for-like comparison." if rec["row"].endswith("(fine text)")
+                else "")
+        kept = (f"epoch {rec['best_epoch']} (0-based) of its last stage kept on val/select, the earlier stages' epochs "
+                f"fixed ({', '.join(f'{k} {v}' for k, v in rec['stage_epochs'].items())})" if m == "detailfusion"
+                else f"epoch {rec['best_epoch']} (0-based) of {rec['epochs']} kept on val/select")
+        notes.append(f"{name}: {rec['row']} on {rec['backbone']}, {kept}; not part of the DAFM pool.{text}")
+        if m == "detailfusion" and rec.get("alpha_test"):
+            a, t = rec["alpha_test"], rec["test_outputs"]
+            metric = headline_metric(name, t["fused"])
+            notes.append(f"{name}: DetailFusion's per-query weight of its global branch, alpha_GM, on test: mean "
+                         f"{a['alpha_gm_mean']:.3f} (sd {a['alpha_gm_std']:.3f}, {a['alpha_gm_min']:.3f}-"
+                         f"{a['alpha_gm_max']:.3f}); the detail branch gets 1 - alpha_GM. {metric} on test: "
+                         + ", ".join(f"{label} {t[o][metric]:.2f}" for o, label in _DF_OUTPUTS if o in t) + ".")
+    return notes
 
 
 def format_results(results: dict[str, dict[str, dict[str, float]]]) -> str:

@@ -8,6 +8,7 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 
@@ -38,6 +39,10 @@ class SampleQuery:
     weights: dict[str, float] | None = None  # a fused model's per-query weight of each base model (explanation)
     # a fused model's per-query exact Shapley contribution of each base model to the target's fused score
     contributions: dict[str, float] | None = None
+    # DetailFusion's per-query branch weights alpha ({"gm": a, "di": 1 - a}: global vs detail branch)
+    branch_weights: dict[str, float] | None = None
+    # FineCIR's parsed scene graph of the query text ({"entities", "relations", "edits"}, cirfusion.parsing's schema)
+    graph: dict[str, Any] | None = None
 
 
 def write_results_json(path: str | Path, results: dict[str, dict[str, dict[str, float]]]) -> None:
@@ -59,6 +64,24 @@ def _thumb(src: Path, thumbs_dir: Path) -> str:
         im.save(buf, "JPEG", quality=85)
         atomic_write_bytes(dst, buf.getvalue())
     return f"{thumbs_dir.name}/{dst.name}"
+
+
+def graph_lines(graph: dict[str, Any]) -> dict[str, list[str]]:
+    """A parsed scene graph as short lines for the report: ``entity: attr, attr`` (``(implicit)`` for an entity the
+    text only implies), ``subject -predicate-> object`` and ``op entity [attrs] (from X)``."""
+    def entity(e: dict[str, Any]) -> str:
+        attrs = ", ".join(str(a) for a in e.get("attributes", []))
+        return f"{e.get('name', '?')}{' (implicit)' if e.get('implicit') else ''}{': ' + attrs if attrs else ''}"
+
+    def edit(e: dict[str, Any]) -> str:
+        attrs = ", ".join(str(a) for a in e.get("attributes", []))
+        src = f" (from {e['from']})" if e.get("from") else ""
+        return f"{e.get('op', '?')} {e.get('entity', '?')}{' [' + attrs + ']' if attrs else ''}{src}"
+
+    return {"entities": [entity(e) for e in graph.get("entities", [])],
+            "relations": [f"{r.get('subject', '?')} -{r.get('predicate', '?')}-> {r.get('object', '?')}"
+                          for r in graph.get("relations", [])],
+            "edits": [edit(e) for e in graph.get("edits", [])]}
 
 
 def _best_per_metric(methods: dict[str, dict[str, float]]) -> dict[str, float]:
@@ -94,6 +117,8 @@ def write_report(
                 "reference_thumb": _thumb(s.reference_path, thumbs),
                 "weights": s.weights,
                 "contributions": s.contributions,
+                "branch_weights": s.branch_weights,
+                "graph": None if s.graph is None else graph_lines(s.graph),
                 "results": [
                     {"id": r.id, "thumb": _thumb(r.path, thumbs), "score": float(r.score), "is_target": r.is_target}
                     for r in s.results

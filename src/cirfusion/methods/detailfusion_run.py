@@ -61,6 +61,10 @@ class DetailFusionRun:
     seconds: float
     test_data: SplitData | None = None
     timings: dict[str, float] = field(default_factory=dict)
+    # the training loop's choice on val: the kept epoch, the metric it was judged on and its value
+    best_epoch: int | None = None
+    val_metric: str | None = None
+    best_metric: float | None = None
 
     def alpha_of(self, rows: Sequence[int]) -> list[dict[str, float]]:
         """``{"gm": alpha_GM, "di": alpha_DI}`` of the given test query rows (the fused output's explanation)."""
@@ -155,16 +159,19 @@ def train_detailfusion(
     test_metrics = score_outputs(best, data["test"], outs) if test else {}
     alpha = describe_alpha(query_alphas(best, data["test"])) if test and "fused" in outs else {}
     return DetailFusionRun(best, Path(res.best_dir), val, test_metrics, alpha, time.perf_counter() - t0,
-                           data.get("test"), timings)
+                           data.get("test"), timings, res.best_epoch, res.val_metric, res.best_metric)
 
 
 def quickstart_detailfusion(benchmark: str, root: str | Path, cache: Any, run_dir: str | Path, seed: int = 0,
                             progress: bool = False, backbone_info: Mapping[str, Any] | None = None,
-                            stage_epochs: Mapping[str, int] | None = None) -> DetailFusionRun:
+                            stage_epochs: Mapping[str, int] | None = None,
+                            splits: Mapping[str, SplitData] | None = None) -> DetailFusionRun:
     """DetailFusion as the quickstart trains it: the default hyper-parameters, :data:`QUICKSTART_STAGE_EPOCHS`, the
-    benchmark's stage-1 edit pairs; every output scored on val and test (``run.test["fused"]`` is the table row)."""
+    benchmark's stage-1 edit pairs; every output scored on val and test (``run.test["fused"]`` is the table row).
+    ``splits``: already loaded data, as :func:`train_detailfusion` takes it."""
     cfg = TrainConfig(epochs=1, seed=seed, progress=progress, stage_epochs=dict(stage_epochs or QUICKSTART_STAGE_EPOCHS))
-    return train_detailfusion(benchmark, root, cache, run_dir, config=cfg, progress=progress, backbone_info=backbone_info)
+    return train_detailfusion(benchmark, root, cache, run_dir, config=cfg, splits=splits, progress=progress,
+                              backbone_info=backbone_info)
 
 
 __all__ = ["QUICKSTART_STAGE_EPOCHS", "DetailFusionRun", "edit_pair_dataset", "outputs_of", "query_alphas",
