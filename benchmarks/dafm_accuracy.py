@@ -3,8 +3,9 @@ re-runnable:
 
     python benchmarks/dafm_accuracy.py --dir bench-dafm --photos ../shared/data/clothing-small
     python benchmarks/dafm_accuracy.py --dir bench-dafm --no-photos --data-from /work/cache/qs   # reuse data + cache
+    python benchmarks/dafm_accuracy.py --dir bench-dafm --benchmarks catalog --photos ../shared/data/clothing-small
 
-Steps, per benchmark (synthetic; catalog with --photos):
+Steps, per benchmark (``--benchmarks``, default both; ``--no-photos`` = ``--benchmarks synthetic``):
 
 1. base models: every pool method (CLIP4CIR, BLIP4CIR+Bi, TG-CIR, SPRC) on each backbone of ``--backbones``
    (``embedded`` and ``colour``), trained on train, best epoch chosen on **val/select**; a finished run in
@@ -40,6 +41,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("embedded", "colour")
+BENCHMARKS = ("synthetic", "catalog")
 # Fusion settings tried on val/fuse (cross-fitted); the first is FusionConfig's default.
 FUSION_CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -55,7 +57,10 @@ def main() -> int:
     p.add_argument("--data-from", type=Path, default=None,
                    help="a quickstart directory whose data/ and cache/ are copied into --dir when it has none")
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "clothing-small")
-    p.add_argument("--no-photos", action="store_true", help="synthetic benchmark only")
+    p.add_argument("--no-photos", action="store_true", help="synthetic benchmark only (= --benchmarks synthetic)")
+    p.add_argument("--benchmarks", nargs="+", choices=list(BENCHMARKS), default=None,
+                   help="which benchmarks to run, in this order (default: both; synthetic only with --no-photos); "
+                        "a benchmark not named is neither built nor trained, so one half re-runs alone")
     p.add_argument("--n-images", type=int, default=2500)
     p.add_argument("--eval-queries-per-image", type=float, default=3.0)
     p.add_argument("--epochs", type=int, default=4, help="base-model epochs (synthetic)")
@@ -64,6 +69,13 @@ def main() -> int:
     p.add_argument("--order-seeds", type=int, default=3, help="seeds of the order-of-addition fits")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.benchmarks is None:
+        args.benchmarks = ["synthetic"] if args.no_photos else list(BENCHMARKS)
+    elif args.no_photos and "catalog" in args.benchmarks:
+        p.error("--no-photos contradicts --benchmarks catalog: the catalog benchmark is built from --photos")
+    args.benchmarks = list(dict.fromkeys(args.benchmarks))  # a name given twice runs once
+    if "catalog" in args.benchmarks and not args.photos.is_dir():
+        p.error(f"--photos {args.photos} is not a folder; the catalog benchmark is built from it")
 
     import numpy as np
     import torch
@@ -101,11 +113,11 @@ def main() -> int:
         for sub in ("data", "cache"):
             if not (out / sub).exists() and (args.data_from / sub).is_dir():
                 shutil.copytree(args.data_from / sub, out / sub)
-    qcfg = QuickstartConfig(out=out, photos=None if args.no_photos else args.photos, seed=args.seed,
+    qcfg = QuickstartConfig(out=out, photos=args.photos if "catalog" in args.benchmarks else None, seed=args.seed,
                             n_images=args.n_images, eval_queries_per_image=args.eval_queries_per_image, progress=False)
-    benches = {"synthetic": make_synthetic(out, qcfg)}
-    if not args.no_photos:
-        benches["catalog"] = make_catalog(out, qcfg)
+    # Only the named benchmarks are built: the catalog half must not rebuild (or retrain on) the synthetic one.
+    makers = {"synthetic": make_synthetic, "catalog": make_catalog}
+    benches = {b: makers[b](out, qcfg) for b in args.benchmarks}
     cache_dir = out / "cache"
     caches: dict[str, FeatureCache] = {}
 
@@ -117,7 +129,16 @@ def main() -> int:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    results: dict[str, Any] = {"dir": str(out), "protocol": "docs/protocol.md"}
+    results: dict[str, Any] = {"dir": str(out), "protocol": "docs/protocol.md", "benchmarks_run": args.benchmarks}
+    # A run of some benchmarks keeps the others' results from an earlier run in the same --dir (named as such).
+    prev_path = out / "dafm_accuracy.json"
+    if prev_path.is_file():
+        prev = json.loads(prev_path.read_text(encoding="utf-8"))
+        kept = [b for b in BENCHMARKS if b not in args.benchmarks and b in prev]
+        for b in kept:
+            results[b] = prev[b]
+        if kept:
+            results["kept_from_earlier_run"] = kept
     for bench, root in benches.items():
         sel = SelectionRecord({"benchmark": bench})
         epochs = args.catalog_epochs if bench == "catalog" else args.epochs
