@@ -67,6 +67,9 @@ def main() -> int:
     p.add_argument("--catalog-epochs", type=int, default=2)
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     p.add_argument("--order-seeds", type=int, default=3, help="seeds of the order-of-addition fits")
+    p.add_argument("--orders-on", nargs="*", choices=["chosen", "all-embedded"], default=["chosen"],
+                   help="pools whose every order of addition is fitted (the all-embedded pool always has 4 models, "
+                        "24 orders; the chosen one may have fewer)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     if args.benchmarks is None:
@@ -293,6 +296,14 @@ def main() -> int:
             return out_t
 
         bench_out: dict[str, Any] = {"metric": metric, "choices": sel.to_dict()["choices"]}
+        # every base model alone (each method on each backbone), beside its val/fuse figure: what the pool chose from
+        singles_all = {k: evaluate_base(test, i)[metric] for i, k in enumerate(keys)}
+        singles_vfuse = {k: evaluate_base(vfuse, i)[metric] for i, k in enumerate(keys)}
+        sel.report("every single base model", f"{bench}/test")
+        say(f"\n{bench}, every base model alone ({metric}; epoch chosen on val/select): val/fuse | test")
+        for k in keys:
+            say(f"  {k:<28}{singles_vfuse[k]:>8.2f}{singles_all[k]:>8.2f}")
+        bench_out["singles"] = {"test": singles_all, "val/fuse": singles_vfuse}
         bench_out["chosen"] = pool_table(pool, f"chosen pool {' + '.join(pool)}")
         results[bench] = bench_out
         atomic_write_json(out / "dafm_accuracy.partial.json", results)
@@ -309,22 +320,33 @@ def main() -> int:
                 bench_out["all_embedded"] = pool_table(emb, "all-embedded pool (not chosen; shown beside)",
                                                       learned_subsets=False)
                 atomic_write_json(out / "dafm_accuracy.partial.json", results)
-        if len(pool) >= 2:
+        def orders_of(pkeys: list[str], label: str) -> dict[str, Any]:
             t0 = time.perf_counter()
-            say(f"\n{bench}: every order of adding the models, seeds 0..{args.order_seeds - 1} (fitted on val/fuse, test):")
-            figs = order_of_addition(vfuse.select(members), None, test.select(members), cfg,
+            idx = [keys.index(k) for k in pkeys]
+            say(f"\n{bench}, {label}: every order of adding the models, seeds 0..{args.order_seeds - 1} "
+                f"(fitted on val/fuse with '{best_f}', test):")
+            figs = order_of_addition(vfuse.select(idx), None, test.select(idx), cfg,
                                      tuple(range(args.order_seeds)), metric=metric, report=say)
-            sel.report("order of addition", f"{bench}/test")
-            atomic_write_json(out / f"incremental-{bench}.json", figs)
-            plot_incremental(figs, out / f"incremental-{bench}.png")
-            say(f"  every order of adding the models ({len(figs['orders'])} orders x {len(figs['seeds'])} seeds, "
-                f"{figs['fits']} fits, {time.perf_counter() - t0:.0f} s; test):")
+            sel.report(f"order of addition, {label}", f"{bench}/test")
+            suffix = "" if label == "chosen pool" else "-" + label.replace(" ", "-")
+            atomic_write_json(out / f"incremental-{bench}{suffix}.json", figs)
+            plot_incremental(figs, out / f"incremental-{bench}{suffix}.png")
+            say(f"  every order of adding the models, {label} ({len(figs['orders'])} orders x {len(figs['seeds'])} "
+                f"seeds, {figs['fits']} fits, {time.perf_counter() - t0:.0f} s; test):")
             for pos in figs["positions"]:
                 say(f"    {pos['models']} model(s): min {pos['min']:.2f}, median {pos['median']:.2f}, max {pos['max']:.2f}, "
                     f"std {pos['std']:.2f} (n {pos['n']})")
             fin = figs["final"]
             say(f"    final: std over orders {fin['std_over_orders']:.2f}, over seeds {fin['std_over_seeds']:.2f}")
-            bench_out["orders"] = figs
+            return figs
+
+        emb_pool = [f"{m}@embedded" for m in POOL]
+        if "chosen" in args.orders_on and len(pool) >= 2:
+            bench_out["orders"] = orders_of(pool, "chosen pool")
+            atomic_write_json(out / "dafm_accuracy.partial.json", results)
+        # The chosen pool may have fewer than four models (3! = 6 orders); the all-embedded pool always has four.
+        if "all-embedded" in args.orders_on and "embedded" in args.backbones and emb_pool != pool:
+            bench_out.setdefault("all_embedded", {})["orders"] = orders_of(emb_pool, "all-embedded pool")
         sel.write(out / f"selection-{bench}.json")
         results[bench] = bench_out
     results["wall_s"] = time.perf_counter() - t_start
