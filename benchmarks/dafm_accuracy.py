@@ -17,10 +17,12 @@ Steps, per benchmark (``--benchmarks``, default both; ``--no-photos`` = ``--benc
    of val/fuse (fit on one, score the other, both ways; each fit picks its epoch on its own held-out fifth, where the
    untrained network -- the mean of normalised scores -- competes), and whether the learned fusion beats the mean
    there at all;
-4. **test, read once** for the reported tables: every single model, pair, triple and the full pool (learned and mean
-   of normalised scores), every order of adding the models over ``--order-seeds`` seeds with the spread of every
-   figure, the learned-vs-static diagnostics (gate-weight variance across queries, per-query oracle model and
-   weighting, best static weighting), and beside it the all-``embedded`` pool's table.
+4. **test, read once** for the reported tables: every base model alone (beside its val/fuse figure), every single
+   model, pair, triple and the full pool (learned and mean of normalised scores), every order of adding the models
+   over ``--order-seeds`` seeds with the spread of every figure (``--orders-on``: the chosen pool, and/or the
+   all-``embedded`` pool, which always has four models and so 24 orders), the learned-vs-static diagnostics
+   (gate-weight variance across queries, per-query oracle model and weighting, best static weighting), and beside it
+   the all-``embedded`` pool's table with its own learned-vs-mean cross-fit on val/fuse.
 
 Every figure is printed with the split it came from; every choice goes to ``DIR/selection-BENCH.json``; the whole
 result to ``DIR/dafm_accuracy.json`` and, last, one JSON line. Headline metric: Rmean on synthetic, mAP@10 on the
@@ -113,9 +115,9 @@ def main() -> int:
     out: Path = args.dir
     out.mkdir(parents=True, exist_ok=True)
     if args.data_from is not None:
-        for sub in ("data", "cache"):
-            if not (out / sub).exists() and (args.data_from / sub).is_dir():
-                shutil.copytree(args.data_from / sub, out / sub)
+        for part in ("data", "cache"):
+            if not (out / part).exists() and (args.data_from / part).is_dir():
+                shutil.copytree(args.data_from / part, out / part)
     qcfg = QuickstartConfig(out=out, photos=args.photos if "catalog" in args.benchmarks else None, seed=args.seed,
                             n_images=args.n_images, eval_queries_per_image=args.eval_queries_per_image, progress=False)
     # Only the named benchmarks are built: the catalog half must not rebuild (or retrain on) the synthetic one.
