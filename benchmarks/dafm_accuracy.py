@@ -3,8 +3,9 @@ re-runnable:
 
     python benchmarks/dafm_accuracy.py --dir bench-dafm --photos ../shared/data/clothing-small
     python benchmarks/dafm_accuracy.py --dir bench-dafm --no-photos --data-from /work/cache/qs   # reuse data + cache
+    python benchmarks/dafm_accuracy.py --dir bench-dafm --benchmarks catalog --photos ../shared/data/clothing-small
 
-Steps, per benchmark (synthetic; catalog with --photos):
+Steps, per benchmark (``--benchmarks``, default both; ``--no-photos`` = ``--benchmarks synthetic``):
 
 1. base models: every pool method (CLIP4CIR, BLIP4CIR+Bi, TG-CIR, SPRC) on each backbone of ``--backbones``
    (``embedded`` and ``colour``), trained on train, best epoch chosen on **val/select**; a finished run in
@@ -16,10 +17,12 @@ Steps, per benchmark (synthetic; catalog with --photos):
    of val/fuse (fit on one, score the other, both ways; each fit picks its epoch on its own held-out fifth, where the
    untrained network -- the mean of normalised scores -- competes), and whether the learned fusion beats the mean
    there at all;
-4. **test, read once** for the reported tables: every single model, pair, triple and the full pool (learned and mean
-   of normalised scores), every order of adding the models over ``--order-seeds`` seeds with the spread of every
-   figure, the learned-vs-static diagnostics (gate-weight variance across queries, per-query oracle model and
-   weighting, best static weighting), and beside it the all-``embedded`` pool's table.
+4. **test, read once** for the reported tables: every base model alone (beside its val/fuse figure), every single
+   model, pair, triple and the full pool (learned and mean of normalised scores), every order of adding the models
+   over ``--order-seeds`` seeds with the spread of every figure (``--orders-on``: the chosen pool, and/or the
+   all-``embedded`` pool, which always has four models and so 24 orders), the learned-vs-static diagnostics
+   (gate-weight variance across queries, per-query oracle model and weighting, best static weighting), and beside it
+   the all-``embedded`` pool's table with its own learned-vs-mean cross-fit on val/fuse.
 
 Every figure is printed with the split it came from; every choice goes to ``DIR/selection-BENCH.json``; the whole
 result to ``DIR/dafm_accuracy.json`` and, last, one JSON line. Headline metric: Rmean on synthetic, mAP@10 on the
@@ -40,6 +43,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 BACKBONES = ("embedded", "colour")
+BENCHMARKS = ("synthetic", "catalog")
 # Fusion settings tried on val/fuse (cross-fitted); the first is FusionConfig's default.
 FUSION_CANDIDATES: dict[str, dict[str, Any]] = {
     "default": {},
@@ -55,15 +59,28 @@ def main() -> int:
     p.add_argument("--data-from", type=Path, default=None,
                    help="a quickstart directory whose data/ and cache/ are copied into --dir when it has none")
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "clothing-small")
-    p.add_argument("--no-photos", action="store_true", help="synthetic benchmark only")
+    p.add_argument("--no-photos", action="store_true", help="synthetic benchmark only (= --benchmarks synthetic)")
+    p.add_argument("--benchmarks", nargs="+", choices=list(BENCHMARKS), default=None,
+                   help="which benchmarks to run, in this order (default: both; synthetic only with --no-photos); "
+                        "a benchmark not named is neither built nor trained, so one half re-runs alone")
     p.add_argument("--n-images", type=int, default=2500)
     p.add_argument("--eval-queries-per-image", type=float, default=3.0)
     p.add_argument("--epochs", type=int, default=4, help="base-model epochs (synthetic)")
     p.add_argument("--catalog-epochs", type=int, default=2)
     p.add_argument("--backbones", nargs="+", default=list(BACKBONES))
     p.add_argument("--order-seeds", type=int, default=3, help="seeds of the order-of-addition fits")
+    p.add_argument("--orders-on", nargs="*", choices=["chosen", "all-embedded"], default=["chosen"],
+                   help="pools whose every order of addition is fitted (the all-embedded pool always has 4 models, "
+                        "24 orders; the chosen one may have fewer)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
+    if args.benchmarks is None:
+        args.benchmarks = ["synthetic"] if args.no_photos else list(BENCHMARKS)
+    elif args.no_photos and "catalog" in args.benchmarks:
+        p.error("--no-photos contradicts --benchmarks catalog: the catalog benchmark is built from --photos")
+    args.benchmarks = list(dict.fromkeys(args.benchmarks))  # a name given twice runs once
+    if "catalog" in args.benchmarks and not args.photos.is_dir():
+        p.error(f"--photos {args.photos} is not a folder; the catalog benchmark is built from it")
 
     import numpy as np
     import torch
@@ -98,14 +115,14 @@ def main() -> int:
     out: Path = args.dir
     out.mkdir(parents=True, exist_ok=True)
     if args.data_from is not None:
-        for sub in ("data", "cache"):
-            if not (out / sub).exists() and (args.data_from / sub).is_dir():
-                shutil.copytree(args.data_from / sub, out / sub)
-    qcfg = QuickstartConfig(out=out, photos=None if args.no_photos else args.photos, seed=args.seed,
+        for part in ("data", "cache"):
+            if not (out / part).exists() and (args.data_from / part).is_dir():
+                shutil.copytree(args.data_from / part, out / part)
+    qcfg = QuickstartConfig(out=out, photos=args.photos if "catalog" in args.benchmarks else None, seed=args.seed,
                             n_images=args.n_images, eval_queries_per_image=args.eval_queries_per_image, progress=False)
-    benches = {"synthetic": make_synthetic(out, qcfg)}
-    if not args.no_photos:
-        benches["catalog"] = make_catalog(out, qcfg)
+    # Only the named benchmarks are built: the catalog half must not rebuild (or retrain on) the synthetic one.
+    makers = {"synthetic": make_synthetic, "catalog": make_catalog}
+    benches = {b: makers[b](out, qcfg) for b in args.benchmarks}
     cache_dir = out / "cache"
     caches: dict[str, FeatureCache] = {}
 
@@ -117,7 +134,16 @@ def main() -> int:
     def say(msg: str) -> None:
         print(msg, flush=True)
 
-    results: dict[str, Any] = {"dir": str(out), "protocol": "docs/protocol.md"}
+    results: dict[str, Any] = {"dir": str(out), "protocol": "docs/protocol.md", "benchmarks_run": args.benchmarks}
+    # A run of some benchmarks keeps the others' results from an earlier run in the same --dir (named as such).
+    prev_path = out / "dafm_accuracy.json"
+    if prev_path.is_file():
+        prev = json.loads(prev_path.read_text(encoding="utf-8"))
+        kept = [b for b in BENCHMARKS if b not in args.benchmarks and b in prev]
+        for b in kept:
+            results[b] = prev[b]
+        if kept:
+            results["kept_from_earlier_run"] = kept
     for bench, root in benches.items():
         sel = SelectionRecord({"benchmark": bench})
         epochs = args.catalog_epochs if bench == "catalog" else args.epochs
@@ -272,6 +298,14 @@ def main() -> int:
             return out_t
 
         bench_out: dict[str, Any] = {"metric": metric, "choices": sel.to_dict()["choices"]}
+        # every base model alone (each method on each backbone), beside its val/fuse figure: what the pool chose from
+        singles_all = {k: evaluate_base(test, i)[metric] for i, k in enumerate(keys)}
+        singles_vfuse = {k: evaluate_base(vfuse, i)[metric] for i, k in enumerate(keys)}
+        sel.report("every single base model", f"{bench}/test")
+        say(f"\n{bench}, every base model alone ({metric}; epoch chosen on val/select): val/fuse | test")
+        for k in keys:
+            say(f"  {k:<28}{singles_vfuse[k]:>8.2f}{singles_all[k]:>8.2f}")
+        bench_out["singles"] = {"test": singles_all, "val/fuse": singles_vfuse}
         bench_out["chosen"] = pool_table(pool, f"chosen pool {' + '.join(pool)}")
         results[bench] = bench_out
         atomic_write_json(out / "dafm_accuracy.partial.json", results)
@@ -285,25 +319,47 @@ def main() -> int:
         if "embedded" in args.backbones:
             emb = [f"{m}@embedded" for m in POOL]
             if emb != pool:
+                # learned vs mean for this pool too, on validation (same cross-fit and settings as the chosen pool),
+                # so its test gain can be read against what the protocol would have decided for it
+                emb_idx = [keys.index(k) for k in emb]
+                emb_learned, emb_mean = crossfit(emb_idx, cfg)
+                sel.choose("all-embedded pool: learned fusion or the mean", "learned" if emb_learned > emb_mean
+                           else "mean", cv_split, metric, max(emb_learned, emb_mean),
+                           {"learned": emb_learned, "mean": emb_mean}, note=f"settings '{best_f}' (chosen pool's)")
+                say(f"\n{bench}: all-embedded pool on {cv_split} with '{best_f}': learned {emb_learned:.2f}, "
+                    f"mean {emb_mean:.2f} ({emb_learned - emb_mean:+.2f})")
                 bench_out["all_embedded"] = pool_table(emb, "all-embedded pool (not chosen; shown beside)",
                                                       learned_subsets=False)
+                bench_out["all_embedded"]["crossfit"] = {"split": cv_split, "learned": emb_learned, "mean": emb_mean}
                 atomic_write_json(out / "dafm_accuracy.partial.json", results)
-        if len(pool) >= 2:
+
+        def orders_of(pkeys: list[str], label: str) -> dict[str, Any]:
             t0 = time.perf_counter()
-            say(f"\n{bench}: every order of adding the models, seeds 0..{args.order_seeds - 1} (fitted on val/fuse, test):")
-            figs = order_of_addition(vfuse.select(members), None, test.select(members), cfg,
+            idx = [keys.index(k) for k in pkeys]
+            say(f"\n{bench}, {label}: every order of adding the models, seeds 0..{args.order_seeds - 1} "
+                f"(fitted on val/fuse with '{best_f}', test):")
+            figs = order_of_addition(vfuse.select(idx), None, test.select(idx), cfg,
                                      tuple(range(args.order_seeds)), metric=metric, report=say)
-            sel.report("order of addition", f"{bench}/test")
-            atomic_write_json(out / f"incremental-{bench}.json", figs)
-            plot_incremental(figs, out / f"incremental-{bench}.png")
-            say(f"  every order of adding the models ({len(figs['orders'])} orders x {len(figs['seeds'])} seeds, "
-                f"{figs['fits']} fits, {time.perf_counter() - t0:.0f} s; test):")
+            sel.report(f"order of addition, {label}", f"{bench}/test")
+            suffix = "" if label == "chosen pool" else "-" + label.replace(" ", "-")
+            atomic_write_json(out / f"incremental-{bench}{suffix}.json", figs)
+            plot_incremental(figs, out / f"incremental-{bench}{suffix}.png")
+            say(f"  every order of adding the models, {label} ({len(figs['orders'])} orders x {len(figs['seeds'])} "
+                f"seeds, {figs['fits']} fits, {time.perf_counter() - t0:.0f} s; test):")
             for pos in figs["positions"]:
                 say(f"    {pos['models']} model(s): min {pos['min']:.2f}, median {pos['median']:.2f}, max {pos['max']:.2f}, "
                     f"std {pos['std']:.2f} (n {pos['n']})")
             fin = figs["final"]
             say(f"    final: std over orders {fin['std_over_orders']:.2f}, over seeds {fin['std_over_seeds']:.2f}")
-            bench_out["orders"] = figs
+            return figs
+
+        emb_pool = [f"{m}@embedded" for m in POOL]
+        if "chosen" in args.orders_on and len(pool) >= 2:
+            bench_out["orders"] = orders_of(pool, "chosen pool")
+            atomic_write_json(out / "dafm_accuracy.partial.json", results)
+        # The chosen pool may have fewer than four models (3! = 6 orders); the all-embedded pool always has four.
+        if "all-embedded" in args.orders_on and "embedded" in args.backbones and emb_pool != pool:
+            bench_out.setdefault("all_embedded", {})["orders"] = orders_of(emb_pool, "all-embedded pool")
         sel.write(out / f"selection-{bench}.json")
         results[bench] = bench_out
     results["wall_s"] = time.perf_counter() - t_start
