@@ -136,13 +136,17 @@ def test_backbone_id_round_trips_with_same_weights(family: str, hf_dirs: dict[st
 
 
 def test_embedded_dims_options_and_id(embedded: Backbone) -> None:
-    b = embedded
-    assert b.backbone_id == "embedded"
+    from cirfusion.backbones.embedded import bf16_is_fast
+
+    b = create_backbone("embedded:precision=fp32")
+    assert b.backbone_id == "embedded:precision=fp32"
+    # The default is precision=auto, and the id names what it resolved to on this machine.
+    assert embedded.backbone_id == f"embedded:precision={'bf16' if bf16_is_fast() else 'fp32'}"
     assert (b.image_dim, b.num_image_tokens, b.image_token_dim) == (1280, 64, 112)  # 128 px, stride-16 map
     assert (b.text_dim, b.text_token_dim, b.max_text_tokens) == (384, 384, 48)
     assert b.preprocess(images(1)[0]).shape == (3, 128, 128)
-    alt = create_backbone("embedded:tokens=stride32", resolution=160)
-    assert alt.backbone_id == "embedded:resolution=160,tokens=stride32"
+    alt = create_backbone("embedded:tokens=stride32", resolution=160, precision="fp32")
+    assert alt.backbone_id == "embedded:precision=fp32,resolution=160,tokens=stride32"
     assert (alt.num_image_tokens, alt.image_token_dim) == (25, 320)
     assert alt.weights_hash() == b.weights_hash() and alt.preprocess_id() != b.preprocess_id()
     half = create_backbone("embedded:precision=bf16")
@@ -163,6 +167,71 @@ def test_embedded_dims_options_and_id(embedded: Backbone) -> None:
     # bf16 autocast: close to fp32, not equal (hence its own cache key).
     cos = torch.nn.functional.cosine_similarity(half.encode_image(pix).global_, expect)
     assert (cos > 0.98).all() and half.encode_image(pix).global_.dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_embedded_auto_precision_resolves_to_a_native_path(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cirfusion.backbones.embedded as emb
+
+    # auto is bf16 only where bf16 runs on native kernels (emulated bf16 is slower than fp32), and the id says which.
+    monkeypatch.setattr(emb, "bf16_is_fast", lambda: native)
+    want = "bf16" if native else "fp32"
+    assert emb.resolve_precision("auto") == want
+    b = create_backbone("embedded")
+    assert b.precision == want and b.backbone_id == f"embedded:precision={want}"
+    assert ("compute:bf16" in b.preprocess_id()) == native and ("compute:bf16" in b.text_preprocess_id()) == native
+    # An explicit precision wins over the machine's choice.
+    for p in ("fp32", "bf16"):
+        e = create_backbone(f"embedded:precision={p}")
+        assert e.precision == p and e.backbone_id == f"embedded:precision={p}"
+    with pytest.raises(ValueError, match="precision"):
+        emb.resolve_precision("fp16")
+
+
+def test_embedded_auto_on_this_machine_is_the_native_choice(embedded: Backbone) -> None:
+    from cirfusion.backbones.embedded import bf16_is_fast
+
+    assert embedded.precision == ("bf16" if bf16_is_fast() else "fp32")
+    # Native bf16 means autocast actually computes in bf16 here (not a silent fp32 fallback).
+    if embedded.precision == "bf16":
+        with embedded._autocast():
+            assert embedded.image_model._conv_stem(torch.zeros(1, 3, 32, 32)).dtype == torch.bfloat16
+
+
+def test_embedded_ids_round_trip_and_stored_ids_without_precision_are_fp32() -> None:
+    from cirfusion.backbones import backbone_from_checkpoint
+
+    for p in ("fp32", "bf16"):
+        a = create_backbone(f"embedded:precision={p}")
+        assert create_backbone(a.backbone_id).backbone_id == a.backbone_id
+        assert backbone_from_checkpoint(a.backbone_id).precision == p
+    # A checkpoint written before precision=auto stores "embedded" for fp32 features: it rebuilds the fp32 backbone
+    # on every machine (also as a part of a multi: composite), while a name typed today means auto.
+    old = backbone_from_checkpoint("embedded:resolution=160")
+    assert old.precision == "fp32" and old.backbone_id == "embedded:precision=fp32,resolution=160"
+    multi = backbone_from_checkpoint("multi:colour|embedded")
+    assert [p.backbone_id for p in multi.parts] == ["colour", "embedded:precision=fp32"]
+
+
+def test_feature_cache_keys_on_the_precision(tmp_path: Path) -> None:
+    from cirfusion.features import FeatureCache
+
+    fp32, bf16 = create_backbone("embedded:precision=fp32"), create_backbone("embedded:precision=bf16")
+    c32, c16 = FeatureCache(fp32, tmp_path), FeatureCache(bf16, tmp_path)
+    assert c32.image_dir != c16.image_dir and c32.text_dir != c16.text_dir
+    # Real rows: the bf16 rows land in their own namespace and the fp32 cache computes its own.
+    files = []
+    for i, im in enumerate(images(2, seed=3)):
+        files.append(tmp_path / f"{i}.png")
+        im.save(files[-1])
+    t16 = c16.image_features(["a", "b"], files, progress=False)
+    t32 = FeatureCache(fp32, tmp_path).image_features(["a", "b"], files, progress=False)
+    assert not np.array_equal(np.asarray(t16.tokens), np.asarray(t32.tokens))  # different precision, different rows
+    again = FeatureCache(fp32, tmp_path).image_features(["a", "b"], files, progress=False)
+    assert np.array_equal(np.asarray(again.tokens), np.asarray(t32.tokens))  # each precision reads back its own rows
+    text16 = FeatureCache(bf16, tmp_path).text_features(["make it red"], progress=False)
+    text32 = FeatureCache(fp32, tmp_path).text_features(["make it red"], progress=False)
+    assert not np.array_equal(np.asarray(text16.tokens), np.asarray(text32.tokens))
 
 
 def test_embedded_text_is_semantic(embedded: Backbone) -> None:

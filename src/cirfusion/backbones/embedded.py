@@ -2,7 +2,8 @@
 
 Both weight sets ship inside pip packages, so this backbone works on a machine with no network. Options (in the name,
 ``embedded:resolution=192,precision=bf16``, or as keyword arguments): ``resolution``, ``tokens``, ``norm``,
-``max_text_tokens``, ``precision``. Defaults are omitted from ``backbone_id``.
+``max_text_tokens``, ``precision``. Defaults are omitted from ``backbone_id``, except the precision, which it always
+names as resolved (below).
 
 Resolution (default 128 px; ImageNet eval transform: shorter side -> resolution, centre crop). Compute grows with
 the pixel count (160: 1.6x, 192: 2.3x, 224: 3.1x the cost of 128). ``benchmarks/feature_throughput.py`` measures
@@ -29,10 +30,17 @@ TF-Lite models were trained on (x - 127) / 128, i.e. mean 0.498 / std 0.502 per 
 (0.699).
 
 Speed: BatchNorm is folded into the convolutions and the network runs channels-last (~1.8x faster on CPU than the
-package's forward; same outputs up to float rounding — a test checks it). ``precision=bf16`` runs under bfloat16
-autocast: on CPUs with native bf16 (AVX512-BF16/AMX) images encode ~2x faster single-threaded, with the same 5-NN
-accuracy (0.747 vs 0.742) but visibly different features (global cosine to fp32 >= 0.996, tokens ~5% relative
-error), so it is opt-in and part of the preprocessing id; ``precision=auto`` picks bf16 only where it is native.
+package's forward; same outputs up to float rounding — a test checks it).
+
+Precision (``precision=``): ``auto`` (the default) runs under bfloat16 autocast where the CPU has native bf16
+kernels (AVX512-BF16/AMX; or on CUDA) and in fp32 elsewhere; ``fp32`` and ``bf16`` force one. bf16 features are
+close to fp32 but not equal (global cosine to fp32 >= 0.996, tokens ~5 % relative error); retrieval trained on them
+is as good within seed noise (``benchmarks/feature_precision.py``: CLIP4CIR on both embedded benchmarks, 3 seeds
+per precision, val) and images encode several times faster on such a CPU (``benchmarks/feature_throughput.py``).
+The resolved precision is always part of ``backbone_id`` (``embedded:precision=bf16`` / ``embedded:precision=fp32``)
+and of the preprocessing ids, so a checkpoint names the features it was trained on on any machine and the feature
+cache never mixes precisions. An id without ``precision`` (written before ``auto`` existed) was computed in fp32;
+read from a checkpoint (:func:`cirfusion.backbones.backbone_from_checkpoint`) it builds the fp32 backbone.
 
 Text: all-MiniLM-L6-v2 loaded with transformers from the package directory (``local_files_only``). Global = mean
 of the last hidden states over real tokens (up to 128 word pieces), L2-normalised, as sentence-transformers does;
@@ -54,7 +62,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..options import format_options
-from . import register_backbone
+from . import reading_stored_id, register_backbone
 from ._hf import quiet_transformers
 from ._util import (
     file_sha256,
@@ -70,7 +78,7 @@ NORMS = {
     "tf": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-DEFAULTS: dict[str, Any] = {"resolution": 128, "tokens": "stride16", "norm": "tf", "max_text_tokens": 48, "precision": "fp32"}
+DEFAULTS: dict[str, Any] = {"resolution": 128, "tokens": "stride16", "norm": "tf", "max_text_tokens": 48, "precision": "auto"}
 PRECISIONS = ("fp32", "bf16", "auto")
 # Word pieces used for the global (mean-pooled) text vector; tokens keep only the first max_text_tokens of them.
 GLOBAL_TEXT_TOKENS = 128
@@ -90,6 +98,16 @@ def bf16_is_fast() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``fp32`` / ``bf16`` as given; ``auto`` -> ``bf16`` where it runs on native kernels (:func:`bf16_is_fast`), else
+    ``fp32`` (emulated bf16 is slower than fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"embedded backbone: precision={precision!r}; expected one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if bf16_is_fast() else "fp32"
+    return precision
 
 
 def minilm_path() -> Path:
@@ -167,7 +185,7 @@ class EmbeddedBackbone(Backbone):
     aligned = False  # ImageNet features and MiniLM sentences live in unrelated spaces
 
     def __init__(
-        self, resolution: int = 128, tokens: str = "stride16", norm: str = "tf", max_text_tokens: int = 48, precision: str = "fp32"
+        self, resolution: int = 128, tokens: str = "stride16", norm: str = "tf", max_text_tokens: int = 48, precision: str = "auto"
     ) -> None:
         super().__init__()
         if tokens not in TOKEN_LAYERS:
@@ -185,12 +203,13 @@ class EmbeddedBackbone(Backbone):
         self.resolution = resolution
         self.token_layer = tokens
         self.norm = norm
-        # "auto": bf16 where the CPU has native bf16 kernels (AVX512-BF16/AMX) or on CUDA; the id records the result.
-        self.precision = precision if precision != "auto" else ("bf16" if bf16_is_fast() else "fp32")
+        self.precision = resolve_precision(precision)
         self.mean, self.std = NORMS[norm]
-        opts = {"resolution": resolution, "tokens": tokens, "norm": norm, "max_text_tokens": max_text_tokens, "precision": self.precision}
+        opts = {"resolution": resolution, "tokens": tokens, "norm": norm, "max_text_tokens": max_text_tokens}
         extra = {k: v for k, v in opts.items() if DEFAULTS[k] != v}
-        self.backbone_id = "embedded" + (":" + format_options(extra) if extra else "")
+        # The resolved precision is always named: "auto" means different features on different CPUs, and the id must
+        # rebuild the same backbone anywhere (a checkpoint stores it; the feature cache keys on it).
+        self.backbone_id = "embedded:" + format_options({**extra, "precision": self.precision})
 
         # Static "same" padding is computed for this input size (cheaper than the dynamic variant).
         net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
@@ -274,4 +293,7 @@ class EmbeddedBackbone(Backbone):
 @register_backbone("embedded", options=EmbeddedBackbone)
 def create_embedded(**kw: Any) -> EmbeddedBackbone:
     """``embedded`` backbone; ``kw`` are :class:`EmbeddedBackbone`'s options (create_backbone checks them)."""
+    if "precision" not in kw and reading_stored_id():
+        # Ids name the precision since it defaults to "auto"; a stored id without one predates that: fp32 features.
+        kw["precision"] = "fp32"
     return EmbeddedBackbone(**kw)
