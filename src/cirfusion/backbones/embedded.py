@@ -32,15 +32,21 @@ TF-Lite models were trained on (x - 127) / 128, i.e. mean 0.498 / std 0.502 per 
 Speed: BatchNorm is folded into the convolutions and the network runs channels-last (~1.8x faster on CPU than the
 package's forward; same outputs up to float rounding — a test checks it).
 
-Precision (``precision=``): ``auto`` (the default) runs under bfloat16 autocast where the CPU has native bf16
-kernels (AVX512-BF16/AMX; or on CUDA) and in fp32 elsewhere; ``fp32`` and ``bf16`` force one. bf16 features are
-close to fp32 but not equal (global cosine to fp32 >= 0.996, tokens ~5 % relative error); retrieval trained on them
-is as good within seed noise (``benchmarks/feature_precision.py``: CLIP4CIR on both embedded benchmarks, 3 seeds
-per precision, val) and images encode several times faster on such a CPU (``benchmarks/feature_throughput.py``).
-The resolved precision is always part of ``backbone_id`` (``embedded:precision=bf16`` / ``embedded:precision=fp32``)
-and of the preprocessing ids, so a checkpoint names the features it was trained on on any machine and the feature
-cache never mixes precisions. An id without ``precision`` (written before ``auto`` existed) was computed in fp32;
-read from a checkpoint (:func:`cirfusion.backbones.backbone_from_checkpoint`) it builds the fp32 backbone.
+Precision (``precision=``): ``auto`` (the default) computes in bfloat16 where the CPU has native bf16 kernels
+(AVX512-BF16/AMX; or on CUDA) and in fp32 elsewhere, where emulated bf16 would be slower; ``fp32`` and ``bf16`` force
+one. It is the image encoder's precision: in bf16 its weights are bf16. Text stays fp32 at every precision, so
+``embedded`` and ``colour`` share one cached text table (the quickstart's pool reads both: one MiniLM pass over its
+texts rather than an fp32 and a bf16 one; bf16 MiniLM is ~1.8x faster, a separate pass costs more than that saves,
+and its text globals differ from fp32's by a cosine of 1e-5 anyway). bf16 image features are close to fp32's, not equal (val images, ``benchmarks/feature_precision.py``: global cosine to fp32 mean 0.9985 / min 0.96
+on the catalog's photos, 0.983 / 0.81 on the synthetic scenes; stride-16 tokens 5 % / 15 % relative error); retrieval
+trained on them is as good within seed noise (CLIP4CIR, 3 seeds per precision, bf16 text then as well, val:
+synthetic Rmean 26.18 +- 1.04 fp32 vs 25.56 +- 0.73 bf16; catalog mAP@10 44.91 +- 0.81 vs 44.81 +- 0.68), and on an
+AMD EPYC with AVX512-BF16 images encode 2.7x faster at 128 px on one thread (``benchmarks/feature_throughput.py``,
+loaded machine). The resolved precision is always part of ``backbone_id`` (``embedded:precision=bf16`` /
+``embedded:precision=fp32``) and of the preprocessing ids, so a checkpoint names the features it was trained on on any
+machine and the feature cache never mixes precisions. An id without ``precision`` (written before ``auto`` existed)
+was computed in fp32; read from a checkpoint (:func:`cirfusion.backbones.backbone_from_checkpoint`) it builds the fp32
+backbone.
 
 Text: all-MiniLM-L6-v2 loaded with transformers from the package directory (``local_files_only``). Global = mean
 of the last hidden states over real tokens (up to 128 word pieces), L2-normalised, as sentence-transformers does;
@@ -50,7 +56,6 @@ three-edit fine instruction of the synthetic benchmark (about 14 word pieces per
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -164,15 +169,14 @@ class MiniLMText(nn.Module):
         return f"minilm-tokenizer:{tok}|global-tokens:{GLOBAL_TEXT_TOKENS}|max_text_tokens:{self.max_text_tokens}"
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], autocast: Any = None) -> TextFeatures:
+    def encode(self, texts: list[str]) -> TextFeatures:
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of strings")
         device = next(self.model.parameters()).device
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=GLOBAL_TEXT_TOKENS, return_tensors="pt"
         ).to(device)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         hidden = hidden.float()
         mask = enc["attention_mask"].bool()
         m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -221,6 +225,10 @@ class EmbeddedBackbone(Backbone):
         _fold_batchnorms(net)
         # channels-last + folded BatchNorm: ~1.8x faster on CPU (oneDNN's depthwise kernels prefer NHWC).
         self.image_model = net.to(memory_format=torch.channels_last)
+        # bf16: the image model's weights are stored in bf16 rather than run under autocast, which re-casts every
+        # weight on every call (its cast cache keeps only tensors that require grad); same features, ~10 % faster.
+        self._image_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.image_model.to(self._image_dtype)
         # Block indices whose outputs are the last of each stride (the tokens may come from one of them).
         stride, self._last_block_at_stride = 2, {}
         for i, block in enumerate(net._blocks):
@@ -253,16 +261,12 @@ class EmbeddedBackbone(Backbone):
         return f"resize-shorter-bicubic-rg3+center-crop:{self.resolution}|norm:{self.norm}{compute}"
 
     def text_preprocess_id(self) -> str:
-        compute = "" if self.precision == "fp32" else f"|compute:{self.precision}"
-        return self.text.preprocess_id() + compute
+        return self.text.preprocess_id()  # text is fp32 at every precision: the colour backbone's cached text
 
     def text_cache_id(self) -> dict[str, str]:
         return self.text.cache_id()
 
     # --- encoding ---
-
-    def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return to_normalised_tensor(resize_center_crop(image.convert("RGB"), self.resolution), self.mean, self.std)
@@ -270,16 +274,15 @@ class EmbeddedBackbone(Backbone):
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
         net = self.image_model
-        x = pixels.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
+        x = pixels.to(self.device, self._image_dtype).contiguous(memory_format=torch.channels_last)
         tok = None
         want = self._last_block_at_stride.get(self._token_stride) if self.token_layer != "head" else None
-        with self._autocast():
-            x = net._swish(net._bn0(net._conv_stem(x)))
-            for i, block in enumerate(net._blocks):
-                x = block(x)  # eval mode: drop-connect is off
-                if i == want:
-                    tok = x
-            x = net._swish(net._bn1(net._conv_head(x)))
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for i, block in enumerate(net._blocks):
+            x = block(x)  # eval mode: drop-connect is off
+            if i == want:
+                tok = x
+        x = net._swish(net._bn1(net._conv_head(x)))
         if tok is None:
             tok = x
         global_ = F.normalize(x.float().mean(dim=(2, 3)), dim=-1)
@@ -287,7 +290,7 @@ class EmbeddedBackbone(Backbone):
         return ImageFeatures(global_=global_, tokens=tokens)
 
     def encode_text(self, texts: list[str]) -> TextFeatures:
-        return self.text.encode(texts, self._autocast())
+        return self.text.encode(texts)
 
 
 @register_backbone("embedded", options=EmbeddedBackbone)
