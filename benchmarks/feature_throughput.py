@@ -3,8 +3,8 @@
 Prints: backbone load time (first, with imports; then warm), image/s per input resolution and precision (model
 only, and decode+preprocess only) with bf16's speed-up over fp32 at each resolution timed in both, what
 ``precision=auto`` (the default) resolves to here, end-to-end FeatureCache image/s of the default backbone, MiniLM
-texts/s (fp32 at every precision), and the time to read thousands of cached rows. Ends with one JSON line of the figures. With ``--token-probe`` it also runs the
-linear probe behind the default token layer (which EfficientNet map keeps "what is where" on synthetic scenes).
+texts/s (fp32 at every precision), and the time to read thousands of cached rows. Ends with one JSON line of the
+figures. With ``--token-probe`` it also runs the linear probe behind the default token layer (which EfficientNet map keeps "what is where" on synthetic scenes).
 
     python benchmarks/feature_throughput.py                      # ~2-4 min on 2 cores
     python benchmarks/feature_throughput.py --resolutions 112,128,160,192,224 --token-probe
