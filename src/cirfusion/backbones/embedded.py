@@ -37,13 +37,14 @@ Precision (``precision=``): ``auto`` (the default) computes in bfloat16 where th
 one. It is the image encoder's precision: in bf16 its weights are bf16. Text stays fp32 at every precision, so
 ``embedded`` and ``colour`` share one cached text table (the quickstart's pool reads both: one MiniLM pass over its
 texts rather than an fp32 and a bf16 one; bf16 MiniLM is ~1.8x faster, a separate pass costs more than that saves,
-and its text globals differ from fp32's by a cosine of 1e-5 anyway). bf16 image features are close to fp32's, not equal (val images, ``benchmarks/feature_precision.py``: global cosine to fp32 mean 0.9985 / min 0.96
-on the catalog's photos, 0.983 / 0.81 on the synthetic scenes; stride-16 tokens 5 % / 15 % relative error); retrieval
+and its text globals differ from fp32's by a cosine of 1e-5 anyway). bf16 image features are close to fp32's, not
+equal (val images, ``benchmarks/feature_precision.py``: global cosine to fp32 mean 0.9985 / min 0.96 on the catalog's
+photos, 0.983 / 0.81 on the synthetic scenes; stride-16 tokens 5 % / 15 % relative error); retrieval
 trained on them is as good within seed noise (CLIP4CIR, the quickstart's epochs, val: synthetic Rmean 26.34 +- 1.19
 fp32 vs 26.12 +- 1.12 bf16 over 6 seeds; catalog mAP@10 44.91 +- 0.81 vs 44.77 +- 0.66 over 3), and on an
 AMD EPYC with AVX512-BF16 images encode 2.7-2.8x faster at 128 px on one thread (``benchmarks/feature_throughput.py``,
 loaded machine). The resolved precision is always part of ``backbone_id`` (``embedded:precision=bf16`` /
-``embedded:precision=fp32``) and of the preprocessing ids, so a checkpoint names the features it was trained on on any
+``embedded:precision=fp32``) and of the image preprocessing id, so a checkpoint names the features it was trained on on any
 machine and the feature cache never mixes precisions. An id without ``precision`` (written before ``auto`` existed)
 was computed in fp32; read from a checkpoint (:func:`cirfusion.backbones.backbone_from_checkpoint`) it builds the fp32
 backbone.
