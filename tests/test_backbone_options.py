@@ -26,11 +26,13 @@ def clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return save_tiny_clip(tmp_path_factory.mktemp("hf") / "clip", "clip")
 
 
-# ids are stored in checkpoints and derive feature-cache keys: they must not change
+# ids are stored in checkpoints and derive feature-cache keys: they must not change (embedded ids name their
+# precision since it defaults to auto; the older ids without it still build their fp32 backbone from a checkpoint:
+# test_backbones.py)
 @pytest.mark.parametrize("name, options", [
-    ("embedded", {}),
-    ("embedded:resolution=192", {"resolution": 192}),
-    ("embedded:resolution=160,tokens=stride32", {"resolution": 160, "tokens": "stride32"}),
+    ("embedded:precision=fp32", {"precision": "fp32"}),
+    ("embedded:precision=bf16,resolution=192", {"precision": "bf16", "resolution": 192}),
+    ("embedded:precision=fp32,resolution=160,tokens=stride32", {"precision": "fp32", "resolution": 160, "tokens": "stride32"}),
     ("tiny", {}),
     ("tiny:seed=1", {"seed": 1}),
     ("tiny:aligned=true,seed=3", {"aligned": True, "seed": 3}),

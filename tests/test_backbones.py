@@ -136,18 +136,23 @@ def test_backbone_id_round_trips_with_same_weights(family: str, hf_dirs: dict[st
 
 
 def test_embedded_dims_options_and_id(embedded: Backbone) -> None:
-    b = embedded
-    assert b.backbone_id == "embedded"
+    from cirfusion.backbones.embedded import bf16_is_fast
+
+    b = create_backbone("embedded:precision=fp32")
+    assert b.backbone_id == "embedded:precision=fp32"
+    # The default is precision=auto, and the id names what it resolved to on this machine.
+    assert embedded.backbone_id == f"embedded:precision={'bf16' if bf16_is_fast() else 'fp32'}"
     assert (b.image_dim, b.num_image_tokens, b.image_token_dim) == (1280, 64, 112)  # 128 px, stride-16 map
     assert (b.text_dim, b.text_token_dim, b.max_text_tokens) == (384, 384, 48)
     assert b.preprocess(images(1)[0]).shape == (3, 128, 128)
-    alt = create_backbone("embedded:tokens=stride32", resolution=160)
-    assert alt.backbone_id == "embedded:resolution=160,tokens=stride32"
+    alt = create_backbone("embedded:tokens=stride32", resolution=160, precision="fp32")
+    assert alt.backbone_id == "embedded:precision=fp32,resolution=160,tokens=stride32"
     assert (alt.num_image_tokens, alt.image_token_dim) == (25, 320)
     assert alt.weights_hash() == b.weights_hash() and alt.preprocess_id() != b.preprocess_id()
     half = create_backbone("embedded:precision=bf16")
     assert half.backbone_id == "embedded:precision=bf16"
-    assert half.preprocess_id() != b.preprocess_id() and half.text_preprocess_id() != b.text_preprocess_id()
+    # The precision is the image encoder's: text is fp32 at both (one cached text table with the colour backbone).
+    assert half.preprocess_id() != b.preprocess_id() and half.text_preprocess_id() == b.text_preprocess_id()
     # Folded BatchNorm + channels-last change nothing but speed: the pooled head equals the package's own forward.
     from efficientnet_lite_pytorch import EfficientNet
 
@@ -163,6 +168,73 @@ def test_embedded_dims_options_and_id(embedded: Backbone) -> None:
     # bf16 autocast: close to fp32, not equal (hence its own cache key).
     cos = torch.nn.functional.cosine_similarity(half.encode_image(pix).global_, expect)
     assert (cos > 0.98).all() and half.encode_image(pix).global_.dtype == torch.float32
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_embedded_auto_precision_resolves_to_a_native_path(native: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    import cirfusion.backbones.embedded as emb
+
+    # auto is bf16 only where bf16 runs on native kernels (emulated bf16 is slower than fp32), and the id says which.
+    monkeypatch.setattr(emb, "bf16_is_fast", lambda: native)
+    want = "bf16" if native else "fp32"
+    assert emb.resolve_precision("auto") == want
+    b = create_backbone("embedded")
+    assert b.precision == want and b.backbone_id == f"embedded:precision={want}"
+    assert ("compute:bf16" in b.preprocess_id()) == native and "compute" not in b.text_preprocess_id()
+    # An explicit precision wins over the machine's choice.
+    for p in ("fp32", "bf16"):
+        e = create_backbone(f"embedded:precision={p}")
+        assert e.precision == p and e.backbone_id == f"embedded:precision={p}"
+    with pytest.raises(ValueError, match="precision"):
+        emb.resolve_precision("fp16")
+
+
+def test_embedded_auto_on_this_machine_is_the_native_choice(embedded: Backbone) -> None:
+    from cirfusion.backbones.embedded import bf16_is_fast
+
+    assert embedded.precision == ("bf16" if bf16_is_fast() else "fp32")
+    # bf16: the image model's weights are bf16 (not fp32 re-cast under autocast on every call); features stay fp32.
+    weights = {p.dtype for p in embedded.image_model.parameters()}
+    assert weights == {torch.bfloat16 if embedded.precision == "bf16" else torch.float32}
+    f = embedded.encode_image(torch.stack([embedded.preprocess(im) for im in images(2)]))
+    assert f.global_.dtype == f.tokens.dtype == torch.float32
+
+
+def test_embedded_ids_round_trip_and_stored_ids_without_precision_are_fp32() -> None:
+    from cirfusion.backbones import backbone_from_checkpoint
+
+    for p in ("fp32", "bf16"):
+        a = create_backbone(f"embedded:precision={p}")
+        assert create_backbone(a.backbone_id).backbone_id == a.backbone_id
+        assert backbone_from_checkpoint(a.backbone_id).precision == p
+    # A checkpoint written before precision=auto stores "embedded" for fp32 features: it rebuilds the fp32 backbone
+    # on every machine (also as a part of a multi: composite), while a name typed today means auto.
+    old = backbone_from_checkpoint("embedded:resolution=160")
+    assert old.precision == "fp32" and old.backbone_id == "embedded:precision=fp32,resolution=160"
+    multi = backbone_from_checkpoint("multi:colour|embedded")
+    assert [p.backbone_id for p in multi.parts] == ["colour", "embedded:precision=fp32"]
+
+
+def test_feature_cache_keys_on_the_precision(tmp_path: Path) -> None:
+    from cirfusion.features import FeatureCache
+
+    fp32, bf16 = create_backbone("embedded:precision=fp32"), create_backbone("embedded:precision=bf16")
+    c32, c16 = FeatureCache(fp32, tmp_path), FeatureCache(bf16, tmp_path)
+    assert c32.image_dir != c16.image_dir
+    # Real rows: the bf16 rows land in their own namespace and the fp32 cache computes its own.
+    files = []
+    for i, im in enumerate(images(2, seed=3)):
+        files.append(tmp_path / f"{i}.png")
+        im.save(files[-1])
+    t16 = c16.image_features(["a", "b"], files, progress=False)
+    t32 = FeatureCache(fp32, tmp_path).image_features(["a", "b"], files, progress=False)
+    assert not np.array_equal(np.asarray(t16.tokens), np.asarray(t32.tokens))  # different precision, different rows
+    again = FeatureCache(fp32, tmp_path).image_features(["a", "b"], files, progress=False)
+    assert np.array_equal(np.asarray(again.tokens), np.asarray(t32.tokens))  # each precision reads back its own rows
+    # Text is fp32 at every precision: one cached table, and a bf16 backbone's text equals an fp32 one's.
+    assert c32.text_dir == c16.text_dir
+    text16 = bf16.encode_text(["make it red"]).tokens
+    torch.testing.assert_close(text16, fp32.encode_text(["make it red"]).tokens, rtol=0, atol=0)
 
 
 def test_embedded_text_is_semantic(embedded: Backbone) -> None:

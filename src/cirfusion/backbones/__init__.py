@@ -59,6 +59,9 @@ MULTI_SEP = "|"  # separates the parts of a multi: name
 # Whether hub ids may be downloaded, for the backbones being built now (create_backbone sets it, so a composite's
 # parts, built by nested create_backbone calls, inherit it).
 _ALLOW_DOWNLOAD: ContextVar[bool] = ContextVar("cirfusion_allow_download", default=False)
+# Whether the backbone being built comes from an id stored in a checkpoint (backbone_from_checkpoint sets it; a
+# composite's parts inherit it): a family whose option default changed reads an omitted option as the old default.
+_STORED_ID: ContextVar[bool] = ContextVar("cirfusion_stored_id", default=False)
 
 
 class BackboneAccessError(CirfusionError, PermissionError):
@@ -85,6 +88,11 @@ def list_backbones() -> list[str]:
 def downloads_allowed() -> bool:
     """Whether the backbone being built may download hub files (see :func:`create_backbone`)."""
     return _ALLOW_DOWNLOAD.get()
+
+
+def reading_stored_id() -> bool:
+    """Whether the backbone being built is named by an id read from a checkpoint (see :func:`backbone_from_checkpoint`)."""
+    return _STORED_ID.get()
 
 
 def _accepted(family: str) -> dict[str, tuple[Any, Any]] | None:
@@ -197,9 +205,16 @@ def check_backbone_access(backbone_id: str, backbone_dirs: Iterable[str | os.Pat
 
 def backbone_from_checkpoint(backbone_id: str, source: str | os.PathLike[str] | None = None,
                              backbone_dirs: Sequence[str | os.PathLike[str]] = (), allow_download: bool = False) -> Backbone:
-    """:func:`check_backbone_access`, then :func:`create_backbone`: how a backbone id read from a checkpoint is built."""
+    """:func:`check_backbone_access`, then :func:`create_backbone`: how a backbone id read from a checkpoint is built.
+
+    An id stored before a family's option default changed omits that option with the old default in mind: while it
+    is built, :func:`reading_stored_id` is true (``embedded`` then reads a missing ``precision`` as fp32)."""
     check_backbone_access(backbone_id, backbone_dirs, allow_download, source)
-    return create_backbone(backbone_id, allow_download=allow_download)
+    token = _STORED_ID.set(True)
+    try:
+        return create_backbone(backbone_id, allow_download=allow_download)
+    finally:
+        _STORED_ID.reset(token)
 
 
 __all__ = [
@@ -214,5 +229,6 @@ __all__ = [
     "downloads_allowed",
     "list_backbones",
     "parse_backbone_name",
+    "reading_stored_id",
     "register_backbone",
 ]

@@ -49,7 +49,7 @@ class Backbone(nn.Module, ABC):
     ``backbone_id`` is canonical: ``create_backbone(b.backbone_id)`` rebuilds the same backbone.
     """
 
-    backbone_id: str  # e.g. "embedded", "tiny", "hf-clip:/path/to/dir"
+    backbone_id: str  # e.g. "embedded:precision=bf16", "tiny", "hf-clip:/path/to/dir"
     image_dim: int
     image_token_dim: int
     num_image_tokens: int

@@ -2,7 +2,8 @@
 
 Both weight sets ship inside pip packages, so this backbone works on a machine with no network. Options (in the name,
 ``embedded:resolution=192,precision=bf16``, or as keyword arguments): ``resolution``, ``tokens``, ``norm``,
-``max_text_tokens``, ``precision``. Defaults are omitted from ``backbone_id``.
+``max_text_tokens``, ``precision``. Defaults are omitted from ``backbone_id``, except the precision, which it always
+names as resolved (below).
 
 Resolution (default 128 px; ImageNet eval transform: shorter side -> resolution, centre crop). Compute grows with
 the pixel count (160: 1.6x, 192: 2.3x, 224: 3.1x the cost of 128). ``benchmarks/feature_throughput.py`` measures
@@ -29,10 +30,24 @@ TF-Lite models were trained on (x - 127) / 128, i.e. mean 0.498 / std 0.502 per 
 (0.699).
 
 Speed: BatchNorm is folded into the convolutions and the network runs channels-last (~1.8x faster on CPU than the
-package's forward; same outputs up to float rounding — a test checks it). ``precision=bf16`` runs under bfloat16
-autocast: on CPUs with native bf16 (AVX512-BF16/AMX) images encode ~2x faster single-threaded, with the same 5-NN
-accuracy (0.747 vs 0.742) but visibly different features (global cosine to fp32 >= 0.996, tokens ~5% relative
-error), so it is opt-in and part of the preprocessing id; ``precision=auto`` picks bf16 only where it is native.
+package's forward; same outputs up to float rounding — a test checks it).
+
+Precision (``precision=``): ``auto`` (the default) computes in bfloat16 where the CPU has native bf16 kernels
+(AVX512-BF16/AMX; or on CUDA) and in fp32 elsewhere, where emulated bf16 would be slower; ``fp32`` and ``bf16`` force
+one. It is the image encoder's precision: in bf16 its weights are bf16. Text stays fp32 at every precision, so
+``embedded`` and ``colour`` share one cached text table (the quickstart's pool reads both: one MiniLM pass over its
+texts rather than an fp32 and a bf16 one; bf16 MiniLM is ~1.8x faster, a separate pass costs more than that saves,
+and its text globals differ from fp32's by a cosine of 1e-5 anyway). bf16 image features are close to fp32's, not
+equal (val images, ``benchmarks/feature_precision.py``: global cosine to fp32 mean 0.9985 / min 0.96 on the catalog's
+photos, 0.983 / 0.81 on the synthetic scenes; stride-16 tokens 5 % / 15 % relative error); retrieval
+trained on them is as good within seed noise (CLIP4CIR, the quickstart's epochs, val: synthetic Rmean 26.34 +- 1.19
+fp32 vs 26.12 +- 1.12 bf16 over 6 seeds; catalog mAP@10 44.91 +- 0.81 vs 44.77 +- 0.66 over 3), and on an
+AMD EPYC with AVX512-BF16 images encode 2.7-2.8x faster at 128 px on one thread (``benchmarks/feature_throughput.py``,
+loaded machine). The resolved precision is always part of ``backbone_id`` (``embedded:precision=bf16`` /
+``embedded:precision=fp32``) and of the image preprocessing id, so a checkpoint names the features it was trained on on any
+machine and the feature cache never mixes precisions. An id without ``precision`` (written before ``auto`` existed)
+was computed in fp32; read from a checkpoint (:func:`cirfusion.backbones.backbone_from_checkpoint`) it builds the fp32
+backbone.
 
 Text: all-MiniLM-L6-v2 loaded with transformers from the package directory (``local_files_only``). Global = mean
 of the last hidden states over real tokens (up to 128 word pieces), L2-normalised, as sentence-transformers does;
@@ -42,7 +57,6 @@ three-edit fine instruction of the synthetic benchmark (about 14 word pieces per
 
 from __future__ import annotations
 
-import contextlib
 import math
 from pathlib import Path
 from typing import Any
@@ -54,7 +68,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..options import format_options
-from . import register_backbone
+from . import reading_stored_id, register_backbone
 from ._hf import quiet_transformers
 from ._util import (
     file_sha256,
@@ -70,7 +84,7 @@ NORMS = {
     "tf": ((0.498, 0.498, 0.498), (0.502, 0.502, 0.502)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
 }
-DEFAULTS: dict[str, Any] = {"resolution": 128, "tokens": "stride16", "norm": "tf", "max_text_tokens": 48, "precision": "fp32"}
+DEFAULTS: dict[str, Any] = {"resolution": 128, "tokens": "stride16", "norm": "tf", "max_text_tokens": 48, "precision": "auto"}
 PRECISIONS = ("fp32", "bf16", "auto")
 # Word pieces used for the global (mean-pooled) text vector; tokens keep only the first max_text_tokens of them.
 GLOBAL_TEXT_TOKENS = 128
@@ -90,6 +104,16 @@ def bf16_is_fast() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return False
+
+
+def resolve_precision(precision: str) -> str:
+    """``fp32`` / ``bf16`` as given; ``auto`` -> ``bf16`` where it runs on native kernels (:func:`bf16_is_fast`), else
+    ``fp32`` (emulated bf16 is slower than fp32)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"embedded backbone: precision={precision!r}; expected one of {PRECISIONS}")
+    if precision == "auto":
+        return "bf16" if bf16_is_fast() else "fp32"
+    return precision
 
 
 def minilm_path() -> Path:
@@ -146,15 +170,14 @@ class MiniLMText(nn.Module):
         return f"minilm-tokenizer:{tok}|global-tokens:{GLOBAL_TEXT_TOKENS}|max_text_tokens:{self.max_text_tokens}"
 
     @torch.inference_mode()
-    def encode(self, texts: list[str], autocast: Any = None) -> TextFeatures:
+    def encode(self, texts: list[str]) -> TextFeatures:
         if isinstance(texts, str):
             raise TypeError("encode_text takes a list of strings")
         device = next(self.model.parameters()).device
         enc = self.tokenizer(
             list(texts), padding=True, truncation=True, max_length=GLOBAL_TEXT_TOKENS, return_tensors="pt"
         ).to(device)
-        with autocast if autocast is not None else contextlib.nullcontext():
-            hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
+        hidden = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).last_hidden_state
         hidden = hidden.float()
         mask = enc["attention_mask"].bool()
         m = mask.unsqueeze(-1).to(hidden.dtype)
@@ -167,7 +190,7 @@ class EmbeddedBackbone(Backbone):
     aligned = False  # ImageNet features and MiniLM sentences live in unrelated spaces
 
     def __init__(
-        self, resolution: int = 128, tokens: str = "stride16", norm: str = "tf", max_text_tokens: int = 48, precision: str = "fp32"
+        self, resolution: int = 128, tokens: str = "stride16", norm: str = "tf", max_text_tokens: int = 48, precision: str = "auto"
     ) -> None:
         super().__init__()
         if tokens not in TOKEN_LAYERS:
@@ -185,12 +208,13 @@ class EmbeddedBackbone(Backbone):
         self.resolution = resolution
         self.token_layer = tokens
         self.norm = norm
-        # "auto": bf16 where the CPU has native bf16 kernels (AVX512-BF16/AMX) or on CUDA; the id records the result.
-        self.precision = precision if precision != "auto" else ("bf16" if bf16_is_fast() else "fp32")
+        self.precision = resolve_precision(precision)
         self.mean, self.std = NORMS[norm]
-        opts = {"resolution": resolution, "tokens": tokens, "norm": norm, "max_text_tokens": max_text_tokens, "precision": self.precision}
+        opts = {"resolution": resolution, "tokens": tokens, "norm": norm, "max_text_tokens": max_text_tokens}
         extra = {k: v for k, v in opts.items() if DEFAULTS[k] != v}
-        self.backbone_id = "embedded" + (":" + format_options(extra) if extra else "")
+        # The resolved precision is always named: "auto" means different features on different CPUs, and the id must
+        # rebuild the same backbone anywhere (a checkpoint stores it; the feature cache keys on it).
+        self.backbone_id = "embedded:" + format_options({**extra, "precision": self.precision})
 
         # Static "same" padding is computed for this input size (cheaper than the dynamic variant).
         net = EfficientNet.from_name("efficientnet-lite0", image_size=resolution)
@@ -202,6 +226,10 @@ class EmbeddedBackbone(Backbone):
         _fold_batchnorms(net)
         # channels-last + folded BatchNorm: ~1.8x faster on CPU (oneDNN's depthwise kernels prefer NHWC).
         self.image_model = net.to(memory_format=torch.channels_last)
+        # bf16: the image model's weights are stored in bf16 rather than run under autocast, which re-casts every
+        # weight on every call (its cast cache keeps only tensors that require grad); same features, ~10 % faster.
+        self._image_dtype = torch.bfloat16 if self.precision == "bf16" else torch.float32
+        self.image_model.to(self._image_dtype)
         # Block indices whose outputs are the last of each stride (the tokens may come from one of them).
         stride, self._last_block_at_stride = 2, {}
         for i, block in enumerate(net._blocks):
@@ -234,16 +262,12 @@ class EmbeddedBackbone(Backbone):
         return f"resize-shorter-bicubic-rg3+center-crop:{self.resolution}|norm:{self.norm}{compute}"
 
     def text_preprocess_id(self) -> str:
-        compute = "" if self.precision == "fp32" else f"|compute:{self.precision}"
-        return self.text.preprocess_id() + compute
+        return self.text.preprocess_id()  # text is fp32 at every precision: the colour backbone's cached text
 
     def text_cache_id(self) -> dict[str, str]:
         return self.text.cache_id()
 
     # --- encoding ---
-
-    def _autocast(self) -> Any:
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         return to_normalised_tensor(resize_center_crop(image.convert("RGB"), self.resolution), self.mean, self.std)
@@ -251,16 +275,15 @@ class EmbeddedBackbone(Backbone):
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> ImageFeatures:
         net = self.image_model
-        x = pixels.to(self.device, torch.float32).contiguous(memory_format=torch.channels_last)
+        x = pixels.to(self.device, self._image_dtype).contiguous(memory_format=torch.channels_last)
         tok = None
         want = self._last_block_at_stride.get(self._token_stride) if self.token_layer != "head" else None
-        with self._autocast():
-            x = net._swish(net._bn0(net._conv_stem(x)))
-            for i, block in enumerate(net._blocks):
-                x = block(x)  # eval mode: drop-connect is off
-                if i == want:
-                    tok = x
-            x = net._swish(net._bn1(net._conv_head(x)))
+        x = net._swish(net._bn0(net._conv_stem(x)))
+        for i, block in enumerate(net._blocks):
+            x = block(x)  # eval mode: drop-connect is off
+            if i == want:
+                tok = x
+        x = net._swish(net._bn1(net._conv_head(x)))
         if tok is None:
             tok = x
         global_ = F.normalize(x.float().mean(dim=(2, 3)), dim=-1)
@@ -268,10 +291,13 @@ class EmbeddedBackbone(Backbone):
         return ImageFeatures(global_=global_, tokens=tokens)
 
     def encode_text(self, texts: list[str]) -> TextFeatures:
-        return self.text.encode(texts, self._autocast())
+        return self.text.encode(texts)
 
 
 @register_backbone("embedded", options=EmbeddedBackbone)
 def create_embedded(**kw: Any) -> EmbeddedBackbone:
     """``embedded`` backbone; ``kw`` are :class:`EmbeddedBackbone`'s options (create_backbone checks them)."""
+    if "precision" not in kw and reading_stored_id():
+        # Ids name the precision since it defaults to "auto"; a stored id without one predates that: fp32 features.
+        kw["precision"] = "fp32"
     return EmbeddedBackbone(**kw)

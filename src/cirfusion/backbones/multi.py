@@ -15,7 +15,7 @@ Layout, parts in the order of the id:
 - ``preprocess`` returns the parts' pixel tensors flattened and concatenated (they may differ in resolution); the
   feature cache stacks them like any other; ``encode_image`` splits them back.
 
-The id lists the parts' canonical ids joined by ``|`` (``multi:embedded|embedded:resolution=192``); identity,
+The id lists the parts' canonical ids joined by ``|`` (``multi:colour|embedded:precision=bf16``); identity,
 weights hash and preprocessing ids combine the parts', so the feature cache keys a composite like any backbone.
 """
 

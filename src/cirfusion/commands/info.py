@@ -37,6 +37,8 @@ def format_info(info: dict[str, Any]) -> str:
         f"cpu: {info['cpu']} ({info['cores']} cores usable, torch capability {info['cpu_capability']}, "
         f"{info['num_threads']} torch threads)",
         "native reduced precision: " + (", ".join(info["native_reduced_precision"]) or "none"),
+        f"embedded backbone's precision=auto here: {'bf16' if info['bf16_autocast_native'] else 'fp32'} (bf16 image "
+        "features only where bf16 kernels are native)",
         f"fused models' score_dtype=auto here: {fs['auto_choice']} (the fastest path whose top-10 overlap with float32 "
         f"is >= {fs['min_overlap']} on the probe)",
     ]
