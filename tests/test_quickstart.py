@@ -181,3 +181,14 @@ def test_pool_on_two_backbones(tmp_path, capsys):
     assert main(["quickstart", "--out", str(out), "--backbone", "tiny", "--pool-backbone", "sprc=tiny:seed=1",
                  "--methods", METHODS]) == 2
     assert "not in --methods" in capsys.readouterr().err
+
+
+def test_the_default_pool_applies_to_every_embedded_variant():
+    from cirfusion.quickstart import DEFAULT_POOL_BACKBONES, QuickstartConfig
+
+    for name in ("embedded", "embedded:precision=fp32", "embedded:resolution=192"):
+        cfg = QuickstartConfig(backbone=name)
+        assert {m: cfg.backbone_for(m) for m in DEFAULT_POOL_BACKBONES} == DEFAULT_POOL_BACKBONES
+        assert cfg.backbone_for("blip4cir-bi") == name
+    assert QuickstartConfig(backbone="tiny").backbone_for("clip4cir") == "tiny"
+    assert QuickstartConfig(backbone="embedded", pool_backbones={}).backbone_for("clip4cir") == "embedded"

@@ -93,13 +93,14 @@ class QuickstartConfig:
     backbone: str = "embedded"
     # Per-method backbones (method -> backbone name; the rest use ``backbone``): base models on different backbones
     # make the pool diverse, as DAFM's is (CLIP, BLIP, BLIP-2); the fused model then reads their multi: composite.
-    # None: DEFAULT_POOL_BACKBONES on the embedded default, else every method on ``backbone``; {}: all on ``backbone``.
+    # None: DEFAULT_POOL_BACKBONES on any embedded backbone (``embedded:precision=fp32`` too: the options change the
+    # features, not which methods the colour view serves), else every method on ``backbone``; {}: all on ``backbone``.
     pool_backbones: dict[str, str] | None = None
 
     def backbone_for(self, method: str) -> str:
         table = self.pool_backbones
         if table is None:
-            table = DEFAULT_POOL_BACKBONES if self.backbone == "embedded" else {}
+            table = DEFAULT_POOL_BACKBONES if self.backbone.split(":", 1)[0] == "embedded" else {}
         return table.get(method, self.backbone)
     cache_dir: str | Path | None = None  # default: OUT/cache
     catalog_limit: int | None = None  # keep at most this many photos (seeded sample); None = all
