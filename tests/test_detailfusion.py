@@ -183,3 +183,18 @@ def test_quickstart_detailfusion_on_a_small_synthetic_benchmark(tmp_path):
     assert "fused" in json.dumps(rep)
     fused = cirfusion.load(out / "best")
     assert [b.method_name for b in fused.method.bases] == ["detailfusion", "clip4cir"]
+
+
+def test_the_service_explanation_gives_the_branch_weights(tmp_path):
+    import json
+
+    m = new().eval()
+    batch, _, _ = toy_batch(tmp_path, m, n=4)
+    with torch.no_grad():
+        q = m.encode_query(batch.ref, batch.text)
+    ex = m.explain_query(q[:1], "same but red")
+    w = ex["branch_weights"]
+    assert ex["kind"] == "branches" and set(w) == {"global (GM)", "detail (DI)"}
+    assert abs(sum(w.values()) - 1) < 1e-3 and all(0 <= v <= 1 for v in w.values())
+    assert abs(w["global (GM)"] - float(m.explain(q[:1])[0, 0])) < 1e-4
+    json.dumps(ex)  # what the service sends

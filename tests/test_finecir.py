@@ -200,3 +200,16 @@ def test_run_finecir_for_the_quickstart(custom: Path, tmp_path: Path) -> None:
     assert (fr.checkpoint / "config.json").exists() and fr.val_metric == "R@10" and "R@10" in fr.metrics
     assert [g["qid"] for g in fr.graphs] == [q.qid for q in va.dataset.queries[:2]]
     assert fr.graphs[0]["node_sets"] == [["square", fr.graphs[0]["text"].split()[-1]]]
+
+
+def test_the_service_explanation_gives_the_parsed_graph() -> None:
+    m = create_method("finecir", create_backbone("tiny"), parser="test-fake", width=32, embed_dim=16, heads=2,
+                      gat_heads=2)
+    assert isinstance(m, FineCIR)
+    text = "make it blue and white"
+    ex = m.explain_query(None, text)
+    assert ex["kind"] == "branches" and ex["method"] == "finecir" and "scene graph" in ex["label"]
+    assert ex["parsed"] == ParseCache(get_parser("test-fake"), None).graphs([text])[0]
+    assert ex["entities_used"] == entity_node_sets(ex["parsed"], m.params.max_entities, m.params.max_attributes)
+    assert ex["entities_used"]  # the fake parser finds an entity in it
+    json.dumps(ex)  # what the service sends

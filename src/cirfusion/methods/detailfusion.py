@@ -310,6 +310,16 @@ class DetailFusion(CIRMethod):
         a = torch.stack([q[:, :d].norm(dim=1) / self.gm.scale(), q[:, d:].norm(dim=1) / self.di.scale()], dim=1)
         return a / a.sum(dim=1, keepdim=True).clamp_min(1e-12)
 
+    def explain_query(self, q: torch.Tensor, text: str) -> dict[str, Any]:
+        """The service's explanation of one query (``cirfusion.serve``): its branch weights alpha, as :meth:`explain`
+        reads them back from the fused query embedding."""
+        a = self.explain(q)[0]
+        return {"kind": "branches", "method": self.method_name or "detailfusion",
+                "label": "the adaptive compositor's weight of each branch for this query (global features vs the "
+                         "detail branch's token maps); the score is the alpha-weighted sum of the two branches' "
+                         "similarities",
+                "branch_weights": {"global (GM)": round(float(a[0]), 4), "detail (DI)": round(float(a[1]), 4)}}
+
     # ---- training -------------------------------------------------------------------------------------------------
     def stages(self) -> list[Stage]:
         h, out = self.params, []

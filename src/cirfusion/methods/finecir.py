@@ -181,6 +181,18 @@ class FineCIR(CIRMethod):
         graphs = self._parses.graphs(texts)
         return [entity_node_sets(g, self.params.max_entities, self.params.max_attributes) for g in graphs]
 
+    def explain_query(self, q: Any, text: str) -> dict[str, Any]:
+        """The service's explanation of one query (``cirfusion.serve``): the scene graph parsed from its text and
+        the entity node sets that guided the composition."""
+        if self._parses is None:
+            self._parses = ParseCache(get_parser(self.params.parser), None)
+        graph = self._parses.graphs([text])[0]
+        return {"kind": "branches", "method": self.method_name or "finecir",
+                "label": "the modification parsed into a scene graph; its entities (with their attributes) guide how "
+                         "the reference image is composed with the text",
+                "parsed": graph,
+                "entities_used": entity_node_sets(graph, self.params.max_entities, self.params.max_attributes)}
+
     def _node_vectors(self, words: list[str], encoder: Any) -> dict[str, torch.Tensor]:
         todo = [w for w in dict.fromkeys(words) if w not in self._node_memo]
         if todo:
