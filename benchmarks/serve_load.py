@@ -234,6 +234,16 @@ def multipart(fields: dict[str, str], file: bytes, name: str) -> tuple[bytes, st
     return b"".join(parts), f"multipart/form-data; boundary={boundary}"
 
 
+def upload_search(conn: http.client.HTTPConnection, data: bytes, text: str, name: str) -> tuple[int, float]:
+    """One search with an uploaded image (k = 10): the status, and milliseconds from sending to the whole answer."""
+    body, ctype = multipart({"text": text, "k": "10"}, data, name)
+    t0 = time.perf_counter()
+    conn.request("POST", "/api/search", body=body, headers={"Content-Type": ctype})
+    r = conn.getresponse()
+    r.read()
+    return r.status, (time.perf_counter() - t0) * 1000
+
+
 def main() -> None:
     args = parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -273,9 +283,7 @@ def main() -> None:
         warm = level(port, max(int(x) for x in args.levels.split(",")), args.warmup, ids, args.seed + 99)
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
         for i, data in enumerate(upload_jpegs(3, args.seed + 99)):  # and an upload's decoding buffers
-            body, ctype = multipart({"text": TEXTS[i], "k": "10"}, data, f"warm{i}.jpg")
-            conn.request("POST", "/api/search", body=body, headers={"Content-Type": ctype})
-            conn.getresponse().read()
+            upload_search(conn, data, TEXTS[i], f"warm{i}.jpg")
         conn.close()
         rss_after_warmup = rss.now()
         print(f"[serve_load] warm-up: {warm['requests']} requests, RSS {rss_after_warmup:.0f} MB", flush=True)
@@ -296,13 +304,9 @@ def main() -> None:
         up_lat, up_err = [], 0
         cpu0 = rss.cpu_seconds()
         for i, data in enumerate(jpegs):
-            body, ctype = multipart({"text": TEXTS[i % len(TEXTS)], "k": "10"}, data, f"upload{i}.jpg")
-            t1 = time.perf_counter()
-            conn.request("POST", "/api/search", body=body, headers={"Content-Type": ctype})
-            r = conn.getresponse()
-            r.read()
-            if r.status == 200:
-                up_lat.append((time.perf_counter() - t1) * 1000)
+            status, ms = upload_search(conn, data, TEXTS[i % len(TEXTS)], f"upload{i}.jpg")
+            if status == 200:
+                up_lat.append(ms)
             else:
                 up_err += 1
         conn.close()

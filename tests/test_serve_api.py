@@ -419,7 +419,7 @@ def test_a_batch_of_searches_answers_each_as_if_asked_alone(world, name):
             assert ea["id"] == eb["id"]
             assert list(ea["contributions"].values()) == pytest.approx(list(eb["contributions"].values()), abs=3e-4)
     # a query that fails (an upload the server no longer holds) fails alone; the others are answered as before
-    lost = replace(qs[0], row=None, exclude=False, upload_key="0" * 64, image=None)
+    lost = replace(qs[0], row=None, upload_key="0" * 64, image=None)
     mixed = cat.search_batch([qs[1], lost, qs[2]])
     assert isinstance(mixed[1], ServeError) and "send it again" in str(mixed[1])
     assert [h.id for h in mixed[0].hits] == [h.id for h in alone[1].hits]

@@ -42,15 +42,16 @@ from ..embeddings import Embedding, cat_embeddings, rows_of
 from ..errors import CirfusionError
 from ..exact_search import as_vectors, exact_scores, topk_rows
 from ..features import ImageFeatureTable
+from ..fusion.kernels import SMALL_BATCH
 from ..index import META_FILE, CIRIndex
 from .explain import explain, fused_rank_batch, is_fused
 
 log = logging.getLogger("cirfusion.serve")
 
 _HASH_BLOCK = 1 << 20
-# Queries encoded and scored together at most: up to 16 query vectors, float16/bfloat16 gallery products are computed
-# row by row exactly as for a lone query (fusion.kernels.SMALL_BATCH).
-SCORE_BATCH = 16
+# Queries encoded and scored together at most: up to SMALL_BATCH query vectors, float16/bfloat16 gallery products are
+# computed row by row exactly as for a lone query.
+SCORE_BATCH = SMALL_BATCH
 
 
 class ServeError(CirfusionError):
@@ -102,12 +103,16 @@ class CheckedQuery:
     text: str
     k: int
     row: int | None
-    exclude: bool
     upload_key: str | None
     image: Image.Image | None
     with_explanation: bool
     keep_reference: bool = False
     features: ImageFeatures | None = None  # an upload's features, when they were cached at check time
+
+    @property
+    def exclude(self) -> bool:
+        """Whether the reference's own gallery row is left out of the results."""
+        return self.row is not None and not self.keep_reference
 
 
 @dataclass
@@ -316,8 +321,7 @@ class Catalog:
         k = min(k, len(g) - int(exclude))
         if k < 1:
             raise ServeError("nothing to return: the gallery holds only the reference image (set keep_reference)")
-        return CheckedQuery(text, k, ref, exclude, key, image, with_explanation, keep_reference,
-                            feats if reference is None else None)
+        return CheckedQuery(text, k, ref, key, image, with_explanation, keep_reference, feats)
 
     def _reference_features(self, g: _Gallery, c: CheckedQuery) -> ImageFeatures:
         if c.upload_key is None:
@@ -337,9 +341,8 @@ class Catalog:
         checked (a ``POST /api/images`` queued before it) is that gallery image, and left out unless kept."""
         if c.upload_key is None or c.row is not None or c.upload_key not in g.row_of_hash:
             return c
-        row = g.row_of_hash[c.upload_key]
-        exclude = not c.keep_reference
-        return replace(c, row=row, exclude=exclude, k=max(1, min(c.k, len(g) - int(exclude))))
+        now = replace(c, row=g.row_of_hash[c.upload_key])
+        return replace(now, k=max(1, min(c.k, len(g) - int(now.exclude))))
 
     def search_batch(self, queries: Sequence[CheckedQuery]) -> list[SearchResult | BaseException]:
         """Answer several checked queries together (what the service's model thread does with the requests that

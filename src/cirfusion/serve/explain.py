@@ -2,7 +2,7 @@
 
 - **DAFM (fused) checkpoints**: each base model's *exact* Shapley contribution to each shown result's fused score
   (the computation of :meth:`cirfusion.methods.dafm.DAFM.contributions`: 2^K fused evaluations per result, no
-  sampling; :func:`fused_rank` ranks and explains from one pass of base scores), the
+  sampling; :func:`fused_rank_batch` ranks and explains from one pass of base scores), the
   no-information baseline they add up from (``v(empty)``: the fused score of a pool that tells no candidates apart,
   the same for every candidate of the query) and the gate's weight of each model for this query. For every result,
   ``baseline + sum(contributions) == score`` up to float rounding.
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..embeddings import Embedding, rows_of
+from ..embeddings import Embedding, rows_of, tree_map
 from ..exact_search import topk_rows
 from ..fusion.kernels import SMALL_BATCH, Normalised
 from ..fusion.shapley import absent_stats, shapley_values
@@ -28,7 +28,7 @@ from ..fusion.shapley import absent_stats, shapley_values
 
 def explain(method: Any, q: Embedding, text: str) -> dict[str, Any]:
     """The explanation of one query ``q`` (a batch of one) of a single (not fused) model; fused models are
-    explained by :func:`fused_rank`."""
+    explained by :func:`fused_rank_batch`."""
     name = str(getattr(method, "method_name", "") or type(method).__name__)
     hook = getattr(method, "explain_query", None)
     if callable(hook):
@@ -46,25 +46,16 @@ def is_fused(method: Any) -> bool:
     return hasattr(method, "contributions") and hasattr(method, "base_names") and hasattr(method, "normalised_tiles")
 
 
-def fused_rank(method: Any, q: Embedding, g: Embedding, k: int, exclude: int | None, explain_top: int,
-               with_explanation: bool = True) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Rank and explain one query of a fused model: :func:`fused_rank_batch` for a batch of one."""
-    return fused_rank_batch(method, q, g, [k], [exclude], explain_top, [with_explanation])[0]
-
-
 def _query_vectors(q: Embedding) -> int:
     """The most vectors any part of a (bundled) query embedding gives one query (1 for single-vector models)."""
-    leaves: list[torch.Tensor] = []
-    stack: list[Any] = [q]
-    while stack:
-        x = stack.pop()
-        if isinstance(x, torch.Tensor):
-            leaves.append(x)
-        elif isinstance(x, dict):
-            stack.extend(x.values())
-        elif isinstance(x, (tuple, list)):
-            stack.extend(x)
-    return max([int(t.shape[1]) if t.dim() == 3 else 1 for t in leaves] or [1])
+    counts: list[int] = []
+
+    def count(t: torch.Tensor) -> torch.Tensor:
+        counts.append(int(t.shape[1]) if t.dim() == 3 else 1)  # [B, M, D]: M vectors per query
+        return t
+
+    tree_map(count, q)
+    return max(counts or [1])
 
 
 @torch.no_grad()
@@ -104,17 +95,18 @@ def _rank_one(method: Any, norm: Normalised, j: int, fused: np.ndarray, k: int, 
                            "label": "exact Shapley contribution of each base model to the fused score (all 2^K "
                                     "coalitions; an absent model scores every candidate alike)"}
     one = slice(j, j + 1)
-    weights = method.fusion.weights(norm.stats[one])[0]
+    alone = Normalised(z=norm.z[one], mean=norm.mean[one], std=norm.std[one], stats=norm.stats[one],
+                       valid=None if norm.valid is None else norm.valid[one])
+    weights = method.fusion.weights(alone.stats)[0]
     out["gate_weights"] = {n: round(float(w), 6) for n, w in zip(names, weights, strict=True)}
     top = rows[:explain_top]
     if top.size:
         b = int(top.size)
-        rep = Normalised(z=norm.z[one].expand(b, -1, -1), mean=norm.mean[one].expand(b, -1),
-                         std=norm.std[one].expand(b, -1), stats=norm.stats[one].expand(b, -1, -1),
-                         valid=None if norm.valid is None else norm.valid[one].expand(b, -1))
+        # the query's tile repeated once per explained column (views, no copies)
+        rep = Normalised(z=alone.z.expand(b, -1, -1), mean=alone.mean.expand(b, -1), std=alone.std.expand(b, -1),
+                         stats=alone.stats.expand(b, -1, -1),
+                         valid=None if alone.valid is None else alone.valid.expand(b, -1))
         h = method.params
-        alone = Normalised(z=norm.z[one], mean=norm.mean[one], std=norm.std[one], stats=norm.stats[one],
-                           valid=None if norm.valid is None else norm.valid[one])
         absent = absent_stats(alone, h.topk, h.beta).expand(b, -1, -1)  # the same for every column of the query
         phi, values = shapley_values(method.fusion, rep, torch.from_numpy(top), h.topk, h.beta, absent)
         out["baseline"] = round(float(values[0, 0]), 6)
