@@ -30,6 +30,7 @@ import re
 import shutil
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +79,36 @@ def row_metrics(m: dict[str, float]) -> dict[str, float]:
     return {"rsubset1": round(m["Rsubset@1"], 2), "rmean": round(m["Rmean"], 2), "r10": round(m["R@10"], 2)}
 
 
+def run_job(job: dict[str, Any]) -> dict[str, Any]:
+    """One training run (in a worker process, 1 torch thread): its best checkpoint and the loop's val choice."""
+    import torch
+
+    from cirfusion.backbones import create_backbone
+    from cirfusion.data import load_dataset
+    from cirfusion.features import FeatureCache
+    from cirfusion.methods import create_method
+    from cirfusion.parse_cache import register_parser
+    from cirfusion.seeding import seed_everything
+    from cirfusion.train import TrainConfig, train
+    from cirfusion.views import load_split_data
+
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    register_parser("synthetic-lexicon", lexicon_parse, job["lexicon_version"])
+    bb = create_backbone("embedded")
+    cache = FeatureCache(bb, job["cache"])
+    data = {s: load_split_data(cache, load_dataset(job["bench"], job["root"], s, **job["options"]), training=(s == "train"))
+            for s in ("train", "val")}
+    seed_everything(job["seed"])
+    method = create_method(job["method"], bb, **job["hparams"])
+    run_dir = Path(job["run_dir"])
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    r = train(method, data["train"], data["val"], run_dir, TrainConfig(**job["config"]))
+    return {"name": job["name"], "bench": job["bench"], "best_dir": str(r.best_dir), "val_metric": r.val_metric,
+            "best_metric": r.best_metric, "best_epoch": r.best_epoch, "seconds": round(time.perf_counter() - t0, 1)}
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--synthetic", type=Path, default=None, help="an existing synthetic benchmark (default: generate one in OUT)")
@@ -86,11 +117,18 @@ def main() -> int:
     p.add_argument("--cache-dir", type=Path, default=None, help="feature cache (default: OUT/cache)")
     p.add_argument("--out", type=Path, default=Path("bench-finecir"))
     p.add_argument("--n-images", type=int, default=2500, help="images of a generated synthetic benchmark")
+    p.add_argument("--eval-queries-per-image", type=float, default=3.0)
+    p.add_argument("--train-scenes", type=int, default=1000,
+                   help="distinct base scenes of a generated benchmark's train split, 12 images each (0: the natural "
+                        "split); the DetailFusion ablation's diversity curve chose 1000 on val")
     p.add_argument("--epochs", type=int, default=4)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--hard-negatives", type=int, default=4, help="mined negatives per query (0: in-batch only)")
+    p.add_argument("--hard-negative-source", choices=("subset", "neighbours"), default="subset")
     p.add_argument("--parser", default="cirfusion", help="the parser FineCIR reads: cirfusion | synthetic-lexicon")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
+    p.add_argument("--jobs", type=int, default=2, help="training runs side by side (1 torch thread each)")
     args = p.parse_args()
 
     import torch
@@ -101,10 +139,7 @@ def main() -> int:
     from cirfusion.data.synthetic import generate
     from cirfusion.evaluation import evaluate
     from cirfusion.features import FeatureCache
-    from cirfusion.methods import create_method
     from cirfusion.parse_cache import ParseCache, get_parser, register_parser
-    from cirfusion.seeding import seed_everything
-    from cirfusion.train import TrainConfig, train
     from cirfusion.views import load_split_data
 
     torch.set_num_threads(1)
@@ -117,9 +152,12 @@ def main() -> int:
     if root is None:
         root = out / "data" / "synthetic"
         if not (root / "manifest.json").exists():
-            generate(root, seed=args.seed, n_images=args.n_images)
+            generate(root, seed=args.seed, n_images=args.n_images, eval_queries_per_image=args.eval_queries_per_image,
+                     train_scenes=args.train_scenes or None, train_scene_images=12 if args.train_scenes else None,
+                     workers=2)
     bb = create_backbone("embedded")
-    cache = FeatureCache(bb, args.cache_dir or out / "cache")
+    cache_dir = args.cache_dir or out / "cache"
+    cache = FeatureCache(bb, cache_dir)
     rows = [r for r in args.rows.split(",") if r]
 
     def splits(bench: str, bench_root: Path, **kw: Any) -> dict[str, Any]:
@@ -135,31 +173,51 @@ def main() -> int:
         ("clip4cir_fine", "clip4cir", {}, "fine", [("clip4cir_fine", "fine")]),
         ("sprc_fine", "sprc", {}, "fine", [("sprc_fine", "fine")]),
     ]
+    config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "progress": False,
+              "hard_negatives": args.hard_negatives, "hard_negative_source": args.hard_negative_source}
 
-    def run_bench(bench: str, data: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    def jobs_of(bench: str, roots: dict[str, tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+        return [{"name": name, "bench": bench, "method": m, "hparams": hp, "seed": args.seed, "config": config,
+                 "root": str(roots[text][0]), "options": roots[text][1], "cache": str(cache_dir),
+                 "run_dir": str(out / "runs" / bench / name), "lexicon_version": version}
+                for name, m, hp, text, tests in plan if any(r in rows for r, _ in tests)]
+
+    def test_rows(bench: str, runs: dict[str, dict[str, Any]], data: dict[str, dict[str, Any]]) -> dict[str, Any]:
         res: dict[str, Any] = {}
-        for name, method_name, hp, train_text, tests in plan:
-            if not any(r in rows for r, _ in tests):
+        for name, _, _, _, tests in plan:
+            if name not in runs:
                 continue
-            t0 = time.perf_counter()
-            seed_everything(args.seed)
-            method = create_method(method_name, bb, **hp)
-            run_dir = out / "runs" / bench / name
-            if run_dir.exists():
-                shutil.rmtree(run_dir)
-            tc = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, progress=False)
-            r = train(method, data[train_text]["train"], data[train_text]["val"], run_dir, tc)
-            best = load_checkpoint(r.best_dir)
+            r = runs[name]
+            best = load_checkpoint(r["best_dir"])
             for row, test_text in tests:
-                res[row] = {**row_metrics(evaluate(best, data[test_text]["test"])),
-                            "val_" + str(r.val_metric): round(float(r.best_metric or 0.0), 2), "best_epoch": r.best_epoch}
-            print(f"[finecir-ablation] {bench}/{name}: {time.perf_counter() - t0:.0f} s, "
+                res[row] = {**row_metrics(evaluate(best, data[test_text]["test"], progress=False)),
+                            "val_" + str(r["val_metric"]): round(float(r["best_metric"] or 0.0), 2),
+                            "best_epoch": r["best_epoch"], "train_s": r["seconds"]}
+            print(f"[finecir-ablation] {bench}/{name}: {r['seconds']:.0f} s, "
                   + "; ".join(f"{row} {res[row]}" for row, _ in tests), flush=True)
         return res
 
     results: dict[str, Any] = {"selection_split": "val", "epochs": args.epochs, "parser_used": args.parser}
-    syn = {t: splits("synthetic", root, text=t) for t in ("fine", "coarse")}
-    results["synthetic"] = run_bench("synthetic", syn)
+    syn = {t: splits("synthetic", root, text=t) for t in ("fine", "coarse")}  # features (and parses) once, here
+    for t in ("fine", "coarse"):
+        ParseCache(get_parser(args.parser), cache_dir).graphs(list(syn[t]["train"].texts.texts))
+    all_jobs = jobs_of("synthetic", {t: (root, {"text": t}) for t in ("fine", "coarse")})
+    cat: dict[str, Any] | None = None
+    if args.catalog is not None and args.catalog_fine is not None:
+        # fine: the make-fine output (one target per query, target_hard = the first); coarse: the catalog's own
+        cat_roots = {"fine": (args.catalog_fine, {"image_dir": str(args.catalog.resolve())}), "coarse": (args.catalog, {})}
+        cat = {"fine": splits("finecir", args.catalog_fine, image_dir=str(args.catalog.resolve())),
+               "coarse": splits("catalog", args.catalog)}
+        cat_jobs = jobs_of("catalog", cat_roots)
+        for j in cat_jobs:
+            j["bench"] = "finecir" if j["root"] == str(args.catalog_fine) else "catalog"
+            j["run_dir"] = str(out / "runs" / "catalog" / j["name"])
+        all_jobs += cat_jobs
+    print(f"[finecir-ablation] {len(all_jobs)} training runs on {args.jobs} processes "
+          f"({time.perf_counter() - t_start:.0f} s of data so far)", flush=True)
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        done = list(pool.map(run_job, all_jobs))
+    results["synthetic"] = test_rows("synthetic", {r["name"]: r for r in done if "/runs/synthetic/" in r["best_dir"]}, syn)
 
     # The parser: cirfusion.parsing's own scores against the generator's graphs (fine + coarse texts of test) and
     # its speed; the parser FineCIR used here (if another one) is timed as well.
@@ -175,11 +233,8 @@ def main() -> int:
         ParseCache(get_parser(args.parser)).graphs(list(dict.fromkeys(texts)))
         results["parser"]["used_by_finecir"] = {"name": args.parser,
                                                 "texts_per_s": round(len(texts) / (time.perf_counter() - t0), 1)}
-    if args.catalog is not None and args.catalog_fine is not None:
-        # fine: the make-fine output (one target per query, target_hard = the first); coarse: the catalog's own
-        cat = {"fine": splits("finecir", args.catalog_fine, image_dir=str(args.catalog.resolve())),
-               "coarse": splits("catalog", args.catalog)}
-        results["catalog"] = run_bench("catalog", cat)
+    if cat is not None:
+        results["catalog"] = test_rows("catalog", {r["name"]: r for r in done if "/runs/catalog/" in r["best_dir"]}, cat)
     else:
         results["catalog"] = {"skipped": "no --catalog and --catalog-fine given"}
     s = results["synthetic"]

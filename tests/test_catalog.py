@@ -217,6 +217,10 @@ def test_edits_are_what_they_say(built):
     pairs = load_edit_pairs(out, "train")
     assert [(p.source, p.edited, p.instruction) for p in pairs] == [(q["reference"], q["targets"][0], q["text"]) for q in qs]
     assert all(p.source_path.is_file() and p.edited_path.is_file() for p in pairs)
+    # The loader's split "edit_pairs" (DetailFusion's stage 1, e.g. through `cirfusion train`) is the same pairs.
+    ds = load_dataset("catalog", out, "edit_pairs")
+    assert [(q.reference, q.targets[0], q.text) for q in ds.queries] == [(p.source, p.edited, p.instruction) for p in pairs]
+    assert ds.split == "edit_pairs" and all(q.meta["edit_pair"] for q in ds.queries)
 
 
 def test_deterministic_and_seed_dependent(built, tmp_path):

@@ -24,8 +24,6 @@ import numpy as np
 import torch
 
 from ..checkpoint import load_checkpoint
-from ..data.catalog import load_edit_pairs as load_catalog_edit_pairs
-from ..data.ip2p import edit_pairs_dataset
 from ..data.registry import load_dataset
 from ..data.schema import CIRDataset
 from ..evaluation import evaluate
@@ -41,10 +39,6 @@ QUICKSTART_STAGE_EPOCHS = {"di-pretrain": 2, "joint": 3, "compositor": 1}
 
 def edit_pair_dataset(benchmark: str, root: str | Path, **options: Any) -> CIRDataset:
     """The stage-1 image-editing pairs that go with ``benchmark`` (see the module docstring)."""
-    root = Path(root)
-    if benchmark == "catalog":
-        pairs = load_catalog_edit_pairs(root, "train")
-        return edit_pairs_dataset(pairs, name="catalog", split="edit_pairs", root=root)
     return load_dataset(benchmark, root, "edit_pairs", **options)
 
 

@@ -11,6 +11,7 @@ from typing import Any
 from ...options import OptionError
 from .._jsonio import read_jsonl, require_file
 from ..generated import EditPair, read_edit_pairs, read_manifest
+from ..ip2p import edit_pairs_dataset
 from ..registry import register_dataset
 from ..schema import CIRDataset, DataError, Gallery, Query, sha256_file
 from .config import EDIT_KINDS, FORMAT_VERSION, QUERY_KINDS, SPLIT_ALIASES
@@ -45,10 +46,13 @@ def _parse_kinds(kinds: str | Sequence[str] | None) -> tuple[str, ...] | None:
     return ks
 
 
+EDIT_PAIRS_SPLIT = "edit_pairs"
+
+
 def _split_name(split: str) -> str:
     s = SPLIT_ALIASES.get(split.strip().lower())
     if s is None:
-        raise OptionError(f"unknown catalog split {split!r}; expected train, val or test")
+        raise OptionError(f"unknown catalog split {split!r}; expected train, val or test (or edit_pairs, to load_catalog)")
     return s
 
 
@@ -60,8 +64,15 @@ def load_catalog(
 
     ``kinds``: keep only these query kinds (``"category,colour"`` or a list); the gallery is unchanged.
     ``text_policy="random"`` gives a random wording variant of each query at training time.
+    Split ``edit_pairs``: the train split's photo edits as one query per pair (DetailFusion's stage-1 data; never
+    val's or test's), as the synthetic benchmark's split of that name.
     """
     root = Path(root)
+    if split.strip().lower() == EDIT_PAIRS_SPLIT:
+        _parse_kinds(kinds)  # a bad option is still an error
+        ann = root / "annotations"
+        return edit_pairs_dataset(load_edit_pairs(root, "train"), name="catalog", split=EDIT_PAIRS_SPLIT, root=root,
+                                  files=[ann / "edit_pairs.train.jsonl", ann / "manifest.json"])
     split = _split_name(split)
     m = _read_manifest(root)
     ann = root / "annotations"
