@@ -109,6 +109,32 @@ def test_reference_hard_negative_changes_the_loss(tmp_path):
         assert float(without.loss_di(mined)[0]) > b + 1e-4
 
 
+def test_without_the_reference_negative_a_mined_reference_is_no_negative(tmp_path):
+    """Negatives mined from a subset include the query's own reference; ``ref_negative=False`` masks it there too,
+    so that the ablation removes the reference negative and nothing else (other queries' references stay)."""
+    m = new(ref_negative=False)
+    m.eval()
+    batch, _, _ = toy_batch(tmp_path, m)
+    own = replace(batch, negatives=batch.ref, negative_rows=batch.ref_rows)  # each query's own reference, mined
+    with torch.no_grad():
+        di = m.di
+        q, g, h = di.encode_query(batch.ref, batch.text), di.encode_gallery(batch.target), di.encode_gallery(batch.ref)
+        logits = di.batch_logits(q, g, own, h, batch.ref_rows)
+        n = len(batch.target_rows)
+        unmasked = torch.nn.functional.cross_entropy(logits, torch.arange(n))
+        same = batch.ref_rows[None, :] == batch.ref_rows[:, None]  # queries may share a reference
+        logits[:, n:] = logits[:, n:].masked_fill(same, float("-inf"))
+        is_ref = (batch.target_rows[None, :] == batch.ref_rows[:, None]) & ~torch.eye(n, dtype=torch.bool)
+        logits[:, :n] = logits[:, :n].masked_fill(is_ref, float("-inf"))  # another query's target = this reference
+        masked = torch.nn.functional.cross_entropy(logits, torch.arange(n))
+        assert float(m.loss_di(own)[0]) == pytest.approx(float(masked), abs=1e-5)
+        assert float(masked) < float(unmasked) - 1e-4
+        with_ref = new(ref_negative=True)
+        with_ref.load_state_dict(m.state_dict())
+        with_ref.eval()
+        assert float(with_ref.loss_di(own)[0]) > float(m.loss_di(own)[0]) + 1e-4
+
+
 def test_three_stages_train_and_resume_across_stages(tmp_path):
     tr, va = make_toy(tmp_path, files=False, n_train=128)
     extra = {"edit_pairs": tr}  # any split of (reference, one edit, target) examples serves as stage-1 data

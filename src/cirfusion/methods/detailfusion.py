@@ -19,7 +19,8 @@ The paper, point by point, and what this implementation does:
   the branch stays a single-vector (faiss-indexable) model.
 - **L_DI** (the paper names the reference as hard negative but gives no formula; ours): InfoNCE of the predicted map
   over the in-batch targets plus one extra column per query: its *own reference image* (``ref_negative``; off = the
-  "no reference negative" ablation). Negatives mined by the training loop (``--hard-negatives k``, from the
+  "no reference negative" ablation, in which a query's own reference is masked out of every column, mined ones
+  included, since negatives mined from a subset would otherwise bring it back). Negatives mined by the training loop (``--hard-negatives k``, from the
   reference's neighbours or, with ``--hard-negative-source subset``, from the annotated subset) are further columns:
   that is the "mined negatives" option.
 - **Three stages** (the paper's), on the shared loop's stage mechanism (``--stage-epochs STAGE=N``; resume works
@@ -57,6 +58,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..backbones.base import ImageFeatures, TextFeatures
@@ -342,12 +344,25 @@ class DetailFusion(CIRMethod):
         ref = (batch.ref, batch.ref_rows) if self.params.ref_negative else None
         return join_negatives(self.hard_negatives(batch), ref)
 
+    def _nce(self, logits: torch.Tensor, batch: Batch, hard_rows: torch.Tensor | None) -> torch.Tensor:
+        """Cross-entropy of in-batch logits (+ extra columns). Without ``ref_negative`` a query's own reference is no
+        negative in any column: mined negatives drawn from a subset include it, and the ablation must measure the
+        reference negative itself."""
+        if not self.params.ref_negative:
+            cols = batch.target_rows if hard_rows is None else torch.cat([batch.target_rows, hard_rows])
+            own = cols.to(logits.device)[None, :] == batch.ref_rows.to(logits.device)[:, None]
+            own[:, : len(batch.target_rows)].fill_diagonal_(False)  # a query's target is never masked
+            logits = logits.masked_fill(own, float("-inf"))
+        return F.cross_entropy(logits, torch.arange(logits.shape[0], device=logits.device))
+
     def loss_di(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
         """L_DI: InfoNCE of the predicted map over in-batch targets + the reference (+ mined negatives)."""
         di = self.di
         q, g = di.encode_query(batch.ref, batch.text), di.encode_gallery(batch.target)
         hn = self.negatives(batch)
-        loss = di.info_nce(q, g, batch) if hn is None else di.info_nce(q, g, batch, di.encode_gallery(hn[0]), hn[1])
+        hard = None if hn is None else di.encode_gallery(hn[0])
+        loss = self._nce(di.batch_logits(q, g, batch, hard, None if hn is None else hn[1]), batch,
+                         None if hn is None else hn[1])
         return loss, {"loss": float(loss.detach()), "loss_di": float(loss.detach()), "scale_di": float(di.scale().detach())}
 
     def loss_gm(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -371,7 +386,8 @@ class DetailFusion(CIRMethod):
             hard = None if hn is None else self.encode_gallery(hn[0])
         alpha, temp = self.alphas(q_gm, di_map, batch.text)
         q = temp[:, None] * self._fused(q_gm, di_map, alpha)
-        loss = self.info_nce(q, g, batch, hard, None if hn is None else hn[1])
+        rows = None if hn is None else hn[1]
+        loss = self._nce(self.batch_logits(q, g, batch, hard, rows), batch, rows)
         return loss, {"loss": float(loss.detach()), "alpha_gm": float(alpha[:, 0].mean().detach()),
                       "alpha_gm_std": float(alpha[:, 0].std().detach()) if len(alpha) > 1 else 0.0,
                       "temperature": float(temp.mean().detach())}
