@@ -52,7 +52,7 @@ EDIT_PAIRS_SPLIT = "edit_pairs"
 def _split_name(split: str) -> str:
     s = SPLIT_ALIASES.get(split.strip().lower())
     if s is None:
-        raise OptionError(f"unknown catalog split {split!r}; expected train, val or test (or edit_pairs, to load_catalog)")
+        raise OptionError(f"unknown catalog split {split!r}; expected train, val or test (the dataset also has edit_pairs)")
     return s
 
 
