@@ -97,7 +97,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     register_parser("synthetic-lexicon", lexicon_parse, job["lexicon_version"])
     bb = create_backbone("embedded")
     cache = FeatureCache(bb, job["cache"])
-    data = {s: load_split_data(cache, load_dataset(job["bench"], job["root"], s, **job["options"]), training=(s == "train"))
+    data = {s: load_split_data(cache, load_dataset(job["dataset"], job["root"], s, **job["options"]), training=(s == "train"))
             for s in ("train", "val")}
     seed_everything(job["seed"])
     method = create_method(job["method"], bb, **job["hparams"])
@@ -176,9 +176,12 @@ def main() -> int:
     config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "progress": False,
               "hard_negatives": args.hard_negatives, "hard_negative_source": args.hard_negative_source}
 
-    def jobs_of(bench: str, roots: dict[str, tuple[Path, dict[str, Any]]]) -> list[dict[str, Any]]:
+    # Per benchmark, per text: (dataset loader, root, loader options).
+    Roots = dict[str, tuple[str, Path, dict[str, Any]]]
+
+    def jobs_of(bench: str, roots: Roots) -> list[dict[str, Any]]:
         return [{"name": name, "bench": bench, "method": m, "hparams": hp, "seed": args.seed, "config": config,
-                 "root": str(roots[text][0]), "options": roots[text][1], "cache": str(cache_dir),
+                 "dataset": roots[text][0], "root": str(roots[text][1]), "options": roots[text][2], "cache": str(cache_dir),
                  "run_dir": str(out / "runs" / bench / name), "lexicon_version": version}
                 for name, m, hp, text, tests in plan if any(r in rows for r, _ in tests)]
 
@@ -198,26 +201,23 @@ def main() -> int:
         return res
 
     results: dict[str, Any] = {"selection_split": "val", "epochs": args.epochs, "parser_used": args.parser}
-    syn = {t: splits("synthetic", root, text=t) for t in ("fine", "coarse")}  # features (and parses) once, here
+    syn_roots: Roots = {t: ("synthetic", root, {"text": t}) for t in ("fine", "coarse")}
+    syn = {t: splits(d, r, **o) for t, (d, r, o) in syn_roots.items()}  # features (and parses) once, here
     for t in ("fine", "coarse"):
         ParseCache(get_parser(args.parser), cache_dir).graphs(list(syn[t]["train"].texts.texts))
-    all_jobs = jobs_of("synthetic", {t: (root, {"text": t}) for t in ("fine", "coarse")})
+    all_jobs = jobs_of("synthetic", syn_roots)
     cat: dict[str, Any] | None = None
     if args.catalog is not None and args.catalog_fine is not None:
         # fine: the make-fine output (one target per query, target_hard = the first); coarse: the catalog's own
-        cat_roots = {"fine": (args.catalog_fine, {"image_dir": str(args.catalog.resolve())}), "coarse": (args.catalog, {})}
-        cat = {"fine": splits("finecir", args.catalog_fine, image_dir=str(args.catalog.resolve())),
-               "coarse": splits("catalog", args.catalog)}
-        cat_jobs = jobs_of("catalog", cat_roots)
-        for j in cat_jobs:
-            j["bench"] = "finecir" if j["root"] == str(args.catalog_fine) else "catalog"
-            j["run_dir"] = str(out / "runs" / "catalog" / j["name"])
-        all_jobs += cat_jobs
+        cat_roots: Roots = {"fine": ("finecir", args.catalog_fine, {"image_dir": str(args.catalog.resolve())}),
+                            "coarse": ("catalog", args.catalog, {})}
+        cat = {t: splits(d, r, **o) for t, (d, r, o) in cat_roots.items()}
+        all_jobs += jobs_of("catalog", cat_roots)
     print(f"[finecir-ablation] {len(all_jobs)} training runs on {args.jobs} processes "
           f"({time.perf_counter() - t_start:.0f} s of data so far)", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         done = list(pool.map(run_job, all_jobs))
-    results["synthetic"] = test_rows("synthetic", {r["name"]: r for r in done if "/runs/synthetic/" in r["best_dir"]}, syn)
+    results["synthetic"] = test_rows("synthetic", {r["name"]: r for r in done if r["bench"] == "synthetic"}, syn)
 
     # The parser: cirfusion.parsing's own scores against the generator's graphs (fine + coarse texts of test) and
     # its speed; the parser FineCIR used here (if another one) is timed as well.
@@ -234,7 +234,7 @@ def main() -> int:
         results["parser"]["used_by_finecir"] = {"name": args.parser,
                                                 "texts_per_s": round(len(texts) / (time.perf_counter() - t0), 1)}
     if cat is not None:
-        results["catalog"] = test_rows("catalog", {r["name"]: r for r in done if "/runs/catalog/" in r["best_dir"]}, cat)
+        results["catalog"] = test_rows("catalog", {r["name"]: r for r in done if r["bench"] == "catalog"}, cat)
     else:
         results["catalog"] = {"skipped": "no --catalog and --catalog-fine given"}
     s = results["synthetic"]
