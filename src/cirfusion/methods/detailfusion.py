@@ -360,9 +360,8 @@ class DetailFusion(CIRMethod):
         di = self.di
         q, g = di.encode_query(batch.ref, batch.text), di.encode_gallery(batch.target)
         hn = self.negatives(batch)
-        hard = None if hn is None else di.encode_gallery(hn[0])
-        loss = self._nce(di.batch_logits(q, g, batch, hard, None if hn is None else hn[1]), batch,
-                         None if hn is None else hn[1])
+        hard, rows = (None, None) if hn is None else (di.encode_gallery(hn[0]), hn[1])
+        loss = self._nce(di.batch_logits(q, g, batch, hard, rows), batch, rows)
         return loss, {"loss": float(loss.detach()), "loss_di": float(loss.detach()), "scale_di": float(di.scale().detach())}
 
     def loss_gm(self, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
