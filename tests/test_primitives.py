@@ -383,3 +383,40 @@ def test_recover_directory_removes_only_dead_writers_temporary_directories(tmp_p
     recover_directory(target)
     assert not orphan.exists() and live.exists() and other.exists()
     assert (target / "a").read_text() == "1"
+
+
+def test_positive_mask_equals_isin_per_query():
+    """Batch.positive_mask (vectorised) against np.isin row by row: duplicated columns, several or no positives."""
+    from cirfusion.backbones.base import ImageFeatures, TextFeatures
+    from cirfusion.methods.base import Batch
+
+    rng = np.random.default_rng(0)
+    for trial in range(20):
+        b, n = int(rng.integers(1, 9)), int(rng.integers(0, 30))
+        cols = torch.from_numpy(rng.integers(0, 12, size=n))  # duplicates of a row among the columns
+        positives = [np.sort(rng.choice(12, size=int(rng.integers(0, 4)), replace=False)) for _ in range(b)]
+        img = ImageFeatures(torch.zeros(b, 1), torch.zeros(b, 1, 1))
+        rows = torch.arange(b)
+        batch = Batch(img, TextFeatures(torch.zeros(b, 1), torch.zeros(b, 0, 1), torch.zeros(b, 0, dtype=torch.bool)),
+                      img, rows, rows, positives, [""] * b)
+        want = np.stack([np.isin(cols.numpy(), p) for p in positives]) if n else np.zeros((b, 0), dtype=bool)
+        got = batch.positive_mask(cols)
+        assert got.dtype == torch.bool and got.shape == (b, n)
+        assert np.array_equal(got.numpy(), want), trial
+
+
+def test_keep_freed_memory_sets_glibc_thresholds_once_or_says_it_did_not(monkeypatch):
+    import platform
+
+    from cirfusion import allocator
+
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.setenv(allocator.ENV, "0")
+    assert allocator.keep_freed_memory() is False  # turned off: nothing set, and it stays off in this process
+    assert allocator.keep_freed_memory() is False
+    monkeypatch.setattr(allocator, "_done", None)
+    monkeypatch.delenv(allocator.ENV)
+    got = allocator.keep_freed_memory()
+    if platform.system() == "Linux" and platform.libc_ver()[0] == "glibc":
+        assert got is True
+    assert allocator.keep_freed_memory() is got

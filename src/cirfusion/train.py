@@ -41,6 +41,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from .allocator import keep_freed_memory
 from .checkpoint import (
     CheckpointError,
     load_state_strict,
@@ -187,6 +188,7 @@ def train(
     cfg = config or TrainConfig()
     run_dir = Path(run_dir)
     check_trainable(method, cfg)
+    keep_freed_memory()  # every step allocates the same large blocks: reuse them (see cirfusion.allocator)
     rank, world, own_group = distributed_context()
     if resume:
         load_state(run_dir / "last")  # nothing to resume: say so before creating anything

@@ -147,7 +147,16 @@ class Batch:
     def positive_mask(self, rows: torch.Tensor) -> torch.Tensor:
         """``[B, len(rows)]`` bool: True where image ``rows[j]`` is a positive of query i."""
         r = rows.cpu().numpy()
-        m = np.stack([np.isin(r, p, assume_unique=False) for p in self.positives])
+        m = np.zeros((len(self.positives), len(r)), dtype=bool)
+        if len(r) and self.positives:
+            # Every (query, positive) pair against the sorted columns at once: a row may fill several columns.
+            pos = np.concatenate([np.asarray(p, dtype=r.dtype).ravel() for p in self.positives])
+            query = np.repeat(np.arange(len(self.positives)), [np.asarray(p).size for p in self.positives])
+            order = np.argsort(r, kind="stable")
+            lo = np.searchsorted(r[order], pos, "left")
+            n = np.searchsorted(r[order], pos, "right") - lo
+            k = np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+            m[np.repeat(query, n), order[np.repeat(lo, n) + k]] = True
         return torch.from_numpy(m).to(rows.device)
 
 
