@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import statistics
 import sys
 import time
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from cirfusion.io import atomic_write_json
 
 METRICS = {"rsubset1": "Rsubset@1", "rmean": "Rmean", "r10": "R@10", "map10": "mAP@10"}
 ROWS = ("gm", "di", "di_no_ref_negative", "di_no_pretrain", "static", "detailfusion", "best_pool")
@@ -60,8 +63,47 @@ def first_scenes(dataset: Any, n: int) -> Any:
                                meta={**dataset.meta, "train_scenes": n})
 
 
+# Split data loaded once by the main process before the workers fork (they share it copy-on-write): loading a
+# synthetic train split and its edit pairs took ~40 s per job when every job loaded its own.
+PRELOADED: dict[tuple[str, str, str, str], Any] = {}
+
+
+def split_key(name: str, root: Path | str, split: str, opts: dict[str, Any]) -> tuple[str, str, str, str]:
+    return name, str(root), split, json.dumps(opts, sort_keys=True)
+
+
+RESULT_FILE = "ablation-job.json"  # in a job's run dir: the job and what it returned
+
+
+def reused(job: dict[str, Any]) -> dict[str, Any] | None:
+    """The saved result of exactly this job (same benchmark, data, hyper-parameters and schedule), if its run dir
+    holds one whose checkpoint still exists."""
+    path = Path(job["run_dir"]) / RESULT_FILE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if saved.get("job") != job or not Path(saved["result"]["checkpoint"]).is_dir():
+        return None
+    return {**saved["result"], "reused": True}
+
+
+def job_cost(job: dict[str, Any]) -> float:
+    """A job's relative training time, for scheduling (measured: on synthetic a full model ~730 s, DI with stage 1
+    ~450 s, a pool model ~270 s, DI alone ~200 s; a catalog run ~1/4 of that)."""
+    hp = job["hparams"]
+    if job["method"] != "detailfusion":
+        cost = 270.0
+    elif hp.get("branches", "both") == "both":
+        cost = 730.0
+    else:
+        cost = 200.0 + (250.0 if hp.get("pretrain_split") != "none" else 0.0)
+    return cost * (0.25 if job["benchmark"] == "catalog" else 1.0)
+
+
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """One training run (in a worker process): returns its best checkpoint and its val metrics per output."""
+    """One training run (in a worker process): returns its best checkpoint and its val metrics per output, and
+    writes both, with the job, to ``RESULT_FILE`` in its run dir (``--reuse`` skips a job that has one)."""
     torch.set_num_threads(1)  # 2 shared cores: 1 thread per process measured far faster than 2
     from cirfusion.backbones import create_backbone
     from cirfusion.checkpoint import load_checkpoint
@@ -77,11 +119,14 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     cache = FeatureCache(create_backbone(job["backbone"]), job["cache"])
     name, root, opts = job["benchmark"], Path(job["root"]), job["options"]
-    train_ds = load_dataset(name, root, "train", **opts)
-    if job.get("scenes"):
-        train_ds = first_scenes(train_ds, job["scenes"])
-    data = {"train": load_split_data(cache, train_ds, training=True),
-            "val": load_split_data(cache, load_dataset(name, root, "val", **opts))}
+    data = {s: d for s in ("train", "val", "edit_pairs") if (d := PRELOADED.get(split_key(name, root, s, opts)))}
+    if job.get("scenes") or "train" not in data:
+        train_ds = load_dataset(name, root, "train", **opts)
+        if job.get("scenes"):
+            train_ds = first_scenes(train_ds, job["scenes"])
+        data["train"] = load_split_data(cache, train_ds, training=True)
+    if "val" not in data:
+        data["val"] = load_split_data(cache, load_dataset(name, root, "val", **opts))
     cfg = TrainConfig(**job["config"])
     if job["method"] == "detailfusion":
         r = train_detailfusion(name, root, cache, job["run_dir"], hparams=job["hparams"], config=cfg,
@@ -94,7 +139,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
         best = load_checkpoint(res.best_dir)
         out = {"checkpoint": str(res.best_dir), "val": {"model": pick(evaluate(best, data["val"], progress=False))},
                "best_epoch": res.best_epoch}
-    return {**out, "tag": job["tag"], "seconds": round(time.perf_counter() - t0, 1)}
+    result = {**out, "tag": job["tag"], "seconds": round(time.perf_counter() - t0, 1)}
+    atomic_write_json(Path(job["run_dir"]) / RESULT_FILE, {"job": job, "result": result})
+    return result
 
 
 def main() -> int:
@@ -132,6 +179,9 @@ def main() -> int:
                    help="rows to train: full (gm, static, detailfusion), di, noref, nopre, pool")
     p.add_argument("--skip", default="", help="comma-separated parts to skip: synthetic, catalog")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side (1 torch thread each)")
+    p.add_argument("--reuse", action="store_true",
+                   help="do not retrain a run whose run dir holds the result of the identical job (e.g. after an "
+                        "interruption); its recorded training seconds are reported, 'seconds' is this invocation's")
     args = p.parse_args()
     torch.set_num_threads(1)
 
@@ -153,11 +203,13 @@ def main() -> int:
     skip = {s for s in args.skip.split(",") if s}
     gammas = [float(g) for g in args.gammas.split(",") if g]
     parts = set(args.parts.split(","))
-    seeds = list(range(args.seeds))
     result: dict[str, Any] = {}
 
     def say(msg: str) -> None:
         print(f"[detailfusion-ablation {time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    def bench_seeds(name: str) -> list[int]:
+        return list(range(args.catalog_seeds if name == "catalog" else args.seeds))
 
     benchmarks: list[tuple[str, Path, dict[str, Any]]] = []
     if "synthetic" not in skip:
@@ -171,12 +223,14 @@ def main() -> int:
     if args.catalog is not None and "catalog" not in skip:
         benchmarks.append(("catalog", args.catalog, {}))
 
-    # Features first (in this process: the cache is then read by every job).
+    # Features first, in this process: the workers, forked afterwards, share these splits (PRELOADED).
     for name, root, opts in benchmarks:
         for s in ("train", "val", "test"):
-            load_split_data(cache, load_dataset(name, root, s, **opts), training=(s == "train"))
-        n_pairs = len(load_split_data(cache, edit_pair_dataset(name, root), training=True).dataset)
-        say(f"{name}: features ready ({n_pairs} stage-1 edit pairs)")
+            PRELOADED[split_key(name, root, s, opts)] = load_split_data(cache, load_dataset(name, root, s, **opts),
+                                                                        training=(s == "train"))
+        pairs = PRELOADED[split_key(name, root, "edit_pairs", opts)] = load_split_data(
+            cache, edit_pair_dataset(name, root), training=True)
+        say(f"{name}: features ready ({len(pairs.dataset)} stage-1 edit pairs)")
 
     # Every training run, as independent jobs.
     jobs: list[dict[str, Any]] = []
@@ -185,7 +239,6 @@ def main() -> int:
         e = args.catalog_epochs if cat else args.epochs
         pre = args.catalog_epochs if cat else args.pretrain_epochs
         comp = args.catalog_epochs if cat else args.compositor_epochs
-        bench_seeds = list(range(args.catalog_seeds if cat else args.seeds))
 
         def job(tag: str, method: str, seed: int, stage_epochs: dict[str, int], scenes: int = 0,
                 name: str = name, root: Path = root, opts: dict[str, Any] = opts, e: int = e, **hp: Any) -> None:
@@ -197,10 +250,10 @@ def main() -> int:
 
         for g in gammas if "full" in parts else []:
             job(f"full-gamma{g}", "detailfusion", 0, {"di-pretrain": pre, "joint": e, "compositor": comp}, gamma=g)
-        for s in bench_seeds if "di" in parts else []:
-            job(f"di-seed{s}", "detailfusion", s, {"di-pretrain": pre, "di": e}, branches="di")
-        for s in bench_seeds if "noref" in parts else []:
-            job(f"di-no-ref-negative-seed{s}", "detailfusion", s, {"di-pretrain": pre, "di": e}, branches="di",
+        for seed in bench_seeds(name) if "di" in parts else []:
+            job(f"di-seed{seed}", "detailfusion", seed, {"di-pretrain": pre, "di": e}, branches="di")
+        for seed in bench_seeds(name) if "noref" in parts else []:
+            job(f"di-no-ref-negative-seed{seed}", "detailfusion", seed, {"di-pretrain": pre, "di": e}, branches="di",
                 ref_negative=False)
         if "nopre" in parts:
             job("di-no-pretrain", "detailfusion", 0, {"di": e}, branches="di", pretrain_split="none")
@@ -212,19 +265,24 @@ def main() -> int:
                 if args.diversity_pretrain:
                     job(f"diversity-{n}-pretrained", "detailfusion", 0, {"di-pretrain": pre, "di": e}, scenes=n,
                         branches="di")
-    # Longest first (the full models, then DI with stage 1), so that the two workers finish together.
-    jobs.sort(key=lambda j: (0 if "full" in j["tag"] else 1 if j["hparams"].get("pretrain_split") != "none" else 2))
+    # Longest first, so that the workers finish together (the short catalog runs fill the gaps at the end).
+    jobs.sort(key=lambda j: -job_cost(j))
     say(f"{len(jobs)} training runs on {args.jobs} processes")
     done: dict[str, dict[str, Any]] = {}
-    with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for r in pool.map(run_job, jobs):
+    if args.reuse:
+        for j in jobs:
+            if (r := reused(j)) is not None:
+                done[r["tag"]] = r
+                say(f"{r['tag']}: reused ({r['seconds']:.0f} s when trained), val {json.dumps(r['val'])}")
+    with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
+        for r in pool.map(run_job, [j for j in jobs if j["tag"] not in done]):
             done[r["tag"]] = r
             say(f"{r['tag']}: {r['seconds']:.0f} s, best epoch {r['best_epoch']}, val {json.dumps(r['val'])}")
 
     # Choices on val; test read once per reported row.
     for name, root, opts in benchmarks:
         metric = "rmean" if name == "synthetic" else "map10"  # the benchmark's headline metric (as the quickstart's)
-        test_data = load_split_data(cache, load_dataset(name, root, "test", **opts))
+        test_data = PRELOADED[split_key(name, root, "test", opts)]
 
         def run(tag: str, name: str = name) -> dict[str, Any] | None:
             return done.get(f"{name}/{tag}")
@@ -237,7 +295,7 @@ def main() -> int:
             return pick(evaluate(model, test_data, progress=False))
 
         test: dict[str, dict[str, Any]] = {}
-        full = {g: run(f"full-gamma{g}") for g in gammas if run(f"full-gamma{g}")}
+        full = {g: r for g in gammas if (r := run(f"full-gamma{g}")) is not None}
         best_g = max(full, key=lambda g: full[g]["val"]["fused"][metric]) if full else None
         alpha: dict[str, float] = {}
         if best_g is not None:
@@ -249,7 +307,7 @@ def main() -> int:
             alpha = {k: round(v, 4) for k, v in describe_alpha(query_alphas(fm, test_data)).items()}
         spread: dict[str, Any] = {}
         for row, tag in (("di", "di"), ("di_no_ref_negative", "di-no-ref-negative")):
-            runs = [r for s in seeds if (r := run(f"{tag}-seed{s}"))]
+            runs = [r for s in bench_seeds(name) if (r := run(f"{tag}-seed{s}"))]
             if not runs:
                 continue
             per_seed = [score(r) for r in runs]
@@ -268,11 +326,12 @@ def main() -> int:
                  if (r := run(f"diversity-{n}"))}
         curve_pre = {n: r["val"]["di"] for n in [int(x) for x in args.diversity.split(",") if x]
                      if (r := run(f"diversity-{n}-pretrained"))}
-        scenes = len({q.meta["cluster"] for q in load_dataset(name, root, "train", **opts).queries})
-        if curve and nopre is not None:  # the whole train split is the curve's last point
-            curve[scenes] = nopre["val"]["di"]
-        if curve_pre and (di0 := run("di-seed0")) is not None:
-            curve_pre[scenes] = di0["val"]["di"]
+        if curve or curve_pre:  # the whole train split is the curve's last point (a synthetic split: clusters)
+            scenes = len({q.meta["cluster"] for q in load_dataset(name, root, "train", **opts).queries})
+            if curve and nopre is not None:
+                curve[scenes] = nopre["val"]["di"]
+            if curve_pre and (di0 := run("di-seed0")) is not None:
+                curve_pre[scenes] = di0["val"]["di"]
 
         print(f"\n{name} (test split; every choice on val: gamma={best_g}, best pool={best_pool})")
         keys = [k for k in METRICS if any(k in v for v in test.values())]
@@ -280,7 +339,7 @@ def main() -> int:
         for row in ROWS:
             if row in test:
                 print("  " + row.ljust(22) + "".join(f"{test[row].get(k, float('nan')):>11.2f}" for k in keys))
-        print(f"  seeds {seeds}: " + json.dumps({r: {k: v for k, v in s.items() if k in ('rsubset1', 'rmean')}
+        print(f"  seeds {bench_seeds(name)}: " + json.dumps({r: {k: v for k, v in s.items() if k in ('rsubset1', 'rmean')}
                                                  for r, s in spread.items()}))
         print(f"  alpha on test: {alpha}")
         if curve:
@@ -294,6 +353,7 @@ def main() -> int:
                         "train_seconds": {tag.split("/", 1)[1]: r["seconds"] for tag, r in done.items()
                                           if tag.startswith(name + "/")}}
     result["selection_split"] = "val"
+    result["reused_runs"] = sorted(t for t, r in done.items() if r.get("reused"))
     result["seconds"] = round(time.perf_counter() - t_start, 1)
     print(json.dumps(result))
     return 0

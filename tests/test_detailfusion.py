@@ -224,3 +224,26 @@ def test_the_service_explanation_gives_the_branch_weights(tmp_path):
     assert abs(sum(w.values()) - 1) < 1e-3 and all(0 <= v <= 1 for v in w.values())
     assert abs(w["global (GM)"] - float(m.explain(q[:1])[0, 0])) < 1e-4
     json.dumps(ex)  # what the service sends
+
+
+def test_train_detailfusion_is_seeded_by_its_config_not_by_the_process(tmp_path):
+    """The benchmark's workers run several jobs per process: the initial weights must come from the config's seed,
+    whatever the process's RNG held before the call."""
+    from cirfusion.backbones import create_backbone
+    from cirfusion.data.synthetic import generate
+    from cirfusion.features import FeatureCache
+    from cirfusion.methods.detailfusion_run import train_detailfusion
+
+    root = tmp_path / "syn"
+    generate(root, seed=1, n_images=120, image_size=48, workers=1)
+    cache = FeatureCache(create_backbone("tiny"), tmp_path / "cache")
+    cfg = TrainConfig(**{**FAST, "epochs": 1, "seed": 3, "progress": False})
+    weights = []
+    for i, before in enumerate((0, 12345)):
+        torch.manual_seed(before)  # a different process state before each call
+        torch.rand(7)
+        run = train_detailfusion("synthetic", root, cache, tmp_path / f"run{i}", config=cfg, test=False,
+                                 hparams={**SMALL, "branches": "di", "pretrain_split": "none"})
+        weights.append({k: v.clone() for k, v in run.model.state_dict().items()})
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

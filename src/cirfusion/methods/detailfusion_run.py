@@ -27,6 +27,7 @@ from ..checkpoint import load_checkpoint
 from ..data.registry import load_dataset
 from ..data.schema import CIRDataset
 from ..evaluation import evaluate
+from ..seeding import seed_everything
 from ..train import TrainConfig, train
 from ..views import FeatureView, SplitData, load_split_data
 from .detailfusion import OUTPUTS, DetailFusion, describe_alpha
@@ -132,6 +133,9 @@ def train_detailfusion(
     for s in ("train", "val", *(("test",) if test else ())):
         if s not in data:
             data[s] = load_split_data(cache, load_dataset(benchmark, root, s, **opts), training=(s == "train"), progress=progress)
+    # The initial weights come from the config's seed, not from whatever the process's RNG holds (the loop seeds
+    # itself only after the model is built): the same call gives the same model in any process, after any job.
+    seed_everything(cfg.seed)
     method = create_method("detailfusion", cache.backbone, **dict(hparams or {}))
     assert isinstance(method, DetailFusion)
     extra = {}
