@@ -20,8 +20,10 @@ Rows: GM only, DI only, DI without the reference negative, DI without stage-1 pr
 - Diversity curve (``--diversity 71,146,...``, off by default): DI alone, no pre-training, trained on the queries of the first N base
   scenes of that train split only (same val), val Rsubset@1 per N.
 - Catalog: ``--catalog`` (a ``make-catalog`` output); stage 1 on its train split's photo edits.
-- The training runs are independent: ``--jobs`` processes (1 torch thread each) run them side by side; the test
-  split is scored here, once, after every choice is made.
+- The training runs are independent: ``--jobs`` processes (1 torch thread each) run them side by side, longest
+  first, sharing the split data this process loaded before they forked; the test split is scored here, once, after
+  every choice is made. Each run leaves ``ablation-job.json`` (the job and its result) in its run dir, and
+  ``--reuse`` takes a finished run's result instead of retraining it (an interrupted ablation resumes).
 
     OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/detailfusion_ablation.py --out bench-df --catalog CATALOG
 
@@ -119,7 +121,8 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     t0 = time.perf_counter()
     cache = FeatureCache(create_backbone(job["backbone"]), job["cache"])
     name, root, opts = job["benchmark"], Path(job["root"]), job["options"]
-    data = {s: d for s in ("train", "val", "edit_pairs") if (d := PRELOADED.get(split_key(name, root, s, opts)))}
+    data = {s: d for s in ("train", "val", "edit_pairs")
+            if (d := PRELOADED.get(split_key(name, root, s, opts))) is not None}
     if job.get("scenes") or "train" not in data:
         train_ds = load_dataset(name, root, "train", **opts)
         if job.get("scenes"):
