@@ -129,6 +129,10 @@ def main() -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side (1 torch thread each)")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
+                   help="training precision (TrainConfig.precision): bf16 autocast; validation is fp32 either way")
+    p.add_argument("--val-only", action="store_true",
+                   help="train and report the val choices only; test is not read (for design experiments)")
     args = p.parse_args()
 
     import torch
@@ -174,6 +178,7 @@ def main() -> int:
         ("sprc_fine", "sprc", {}, "fine", [("sprc_fine", "fine")]),
     ]
     config = {"epochs": args.epochs, "batch_size": args.batch_size, "seed": args.seed, "progress": False,
+              "precision": args.precision,
               "hard_negatives": args.hard_negatives, "hard_negative_source": args.hard_negative_source}
 
     # Per benchmark, per text: (dataset loader, root, loader options).
@@ -200,7 +205,8 @@ def main() -> int:
                   + "; ".join(f"{row} {res[row]}" for row, _ in tests), flush=True)
         return res
 
-    results: dict[str, Any] = {"selection_split": "val", "epochs": args.epochs, "parser_used": args.parser}
+    results: dict[str, Any] = {"selection_split": "val", "epochs": args.epochs, "parser_used": args.parser,
+                               "precision": args.precision}
     syn_roots: Roots = {t: ("synthetic", root, {"text": t}) for t in ("fine", "coarse")}
     syn = {t: splits(d, r, **o) for t, (d, r, o) in syn_roots.items()}  # features (and parses) once, here
     for t in ("fine", "coarse"):
@@ -209,7 +215,9 @@ def main() -> int:
     cat: dict[str, Any] | None = None
     if args.catalog is not None and args.catalog_fine is not None:
         # fine: the make-fine output (one target per query, target_hard = the first); coarse: the catalog's own
-        cat_roots: Roots = {"fine": ("finecir", args.catalog_fine, {"image_dir": str(args.catalog.resolve())}),
+        made = args.catalog_fine / "fine.json"  # where make-fine wrote the gallery paths against
+        image_dir = json.loads(made.read_text()).get("image_dir") if made.exists() else None
+        cat_roots: Roots = {"fine": ("finecir", args.catalog_fine, {"image_dir": image_dir or str(args.catalog.resolve())}),
                             "coarse": ("catalog", args.catalog, {})}
         cat = {t: splits(d, r, **o) for t, (d, r, o) in cat_roots.items()}
         all_jobs += jobs_of("catalog", cat_roots)
@@ -217,6 +225,13 @@ def main() -> int:
           f"({time.perf_counter() - t_start:.0f} s of data so far)", flush=True)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         done = list(pool.map(run_job, all_jobs))
+    if args.val_only:
+        results["val_only"] = {f"{r['bench']}/{r['name']}": {"val_" + str(r["val_metric"]): round(float(r["best_metric"] or 0), 2),
+                                                            "best_epoch": r["best_epoch"], "train_s": r["seconds"]}
+                               for r in done}
+        results["wall_s"] = round(time.perf_counter() - t_start, 1)
+        print(json.dumps(results))
+        return 0
     results["synthetic"] = test_rows("synthetic", {r["name"]: r for r in done if r["bench"] == "synthetic"}, syn)
 
     # The parser: cirfusion.parsing's own scores against the generator's graphs (fine + coarse texts of test) and

@@ -114,7 +114,13 @@ def test_entities_change_the_query_and_the_switch_keeps_everything_else(custom: 
         assert not torch.allclose(ent[0], on.empty_entity[0])
         assert torch.allclose(off.entity_tokens(text)[0], on.empty_entity.expand(6, 1, -1))
         q_on, q_off = on.encode_query(ref, text), off.encode_query(ref, text)
+        # At init an entity token is the empty token plus a term at the learned tokens' scale, not the GAT's
+        # unit-scale output, which would swamp the read-out slot of this pre-norm Q-Former.
+        assert float((ent - on.empty_entity).pow(2).mean().sqrt()) < 0.15
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # TrainConfig(precision="bf16") trains like this
+            q_bf16 = on.encode_query(ref, text)
     assert not torch.allclose(q_on, q_off)
+    torch.testing.assert_close(q_bf16.float(), q_on, atol=0.05, rtol=0)
     # Word vectors are the cached text encoder's, each word encoded once.
     words = {w for q in qs for w in ["square", *[c for c in q.text.split() if c in COLOUR_SET]]}
     assert set(on._node_memo) == words

@@ -5,7 +5,9 @@ own models, compression to the encoder's length)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -20,6 +22,7 @@ from cirfusion.data.fine import (
     FineDataError,
     catalog_edits,
     compress,
+    gallery_base,
     known_finemt,
     make_fine_generated,
     numbered,
@@ -28,7 +31,7 @@ from cirfusion.data.fine import (
     write_fine,
 )
 from cirfusion.data.finecir import parse_finemt
-from cirfusion.data.schema import Query
+from cirfusion.data.schema import Gallery, Query
 from cirfusion.features import FeatureCache
 from cirfusion.methods import create_method
 
@@ -78,6 +81,29 @@ def test_make_fine_synthetic_round_trip_through_the_cli(synth: Path, tmp_path: P
             assert (b.reference, b.targets, set(b.subset or ())) == (a.reference, a.targets[:1], set(a.subset or ()))
             assert [s.rstrip(".").lower() for s in b.finemt or ()] == [s.lower() for s in a.finemt or ()]
     assert json.loads((out / "fine.json").read_text())["read_back"].endswith(str(synth.resolve()))
+
+
+def test_gallery_paths_of_images_kept_outside_the_root(synth: Path, tmp_path: Path) -> None:
+    """A generated benchmark whose images lie outside its root (make-catalog over a photo cache) is written against
+    the images' common directory, and reads back from it; images inside the root are written against the root."""
+    ds = load_dataset("synthetic", synth, "val")
+    assert gallery_base([ds]) == synth.resolve()
+    photos = tmp_path / "cache" / "photos"
+    moved = []
+    for i, (image_id, p) in enumerate(zip(ds.gallery.ids, ds.gallery.paths, strict=True)):
+        dst = photos / f"{i % 3}" / f"{image_id}.png"
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, dst)
+        moved.append(dst)
+    elsewhere = dataclasses.replace(ds, gallery=Gallery(list(ds.gallery.ids), moved))
+    base = gallery_base([elsewhere])
+    assert base == photos.resolve()
+    fine = known_finemt(elsewhere)
+    with pytest.raises(FineDataError, match="outside"):
+        write_fine(tmp_path / "out", elsewhere, fine, "cirr", write_gallery=True)
+    write_fine(tmp_path / "out", elsewhere, fine, "cirr", write_gallery=True, base_dir=base)
+    back = load_dataset("finecir", tmp_path / "out", "val", image_dir=str(base))
+    assert back.gallery.ids == ds.gallery.ids and [p.resolve() for p in back.gallery.paths] == [p.resolve() for p in moved]
 
 
 def test_make_fine_refuses_a_real_dataset_without_a_generator(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

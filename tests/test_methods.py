@@ -154,6 +154,30 @@ def test_every_trainable_method_uses_mined_hard_negatives(name, tmp_path):
                 f"{name}/{stage.name}: loss {without:.6f} unchanged by hard negatives ({with_negatives:.6f})"
 
 
+@pytest.mark.parametrize("name", list_methods(trainable=True))
+def test_every_trainable_method_trains_under_bf16_autocast(name, tmp_path):
+    """TrainConfig(precision="bf16") runs each stage's loss under bfloat16 autocast: it must run, be finite and near
+    the fp32 loss, and give fp32 gradients to the (fp32) parameters."""
+    tr, _ = make_toy(tmp_path, files=False)
+    m = build(name, toy_dims())
+    ex = Examples(tr, FeatureView(tr.images, tr.texts))
+    order, targets, texts = ex.epoch_plan(0, 0, 0)
+    batch = ex.batch(order[:32], targets, texts, m)
+    m.eval()  # no dropout: the two precisions see the same network
+    for stage in m.stages():
+        loss_fn = getattr(m, stage.loss)
+        with torch.no_grad():
+            full = float(loss_fn(batch)[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = loss_fn(batch)
+        assert loss.dtype == torch.float32 and torch.isfinite(loss), f"{name}/{stage.name}: {loss}"
+        assert abs(float(loss.detach()) - full) <= 0.05 * max(1.0, abs(full)), f"{name}/{stage.name}: bf16 {loss} fp32 {full}"
+        m.zero_grad()
+        loss.backward()
+        grads = [p.grad for _, p in stage_parameters(m, stage) if p.grad is not None]
+        assert grads and all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads), f"{name}/{stage.name}"
+
+
 def test_a_method_that_cannot_use_hard_negatives_is_refused(tmp_path):
     """A method declaring supports_hard_negatives=False is refused before anything is written; the registry-wide
     test above picks such a method up (it is in list_methods(trainable=True) while registered)."""

@@ -31,6 +31,7 @@ from cirfusion.methods import MethodDims, Stage, create_method
 from cirfusion.methods.clip4cir import CLIP4CIR
 from cirfusion.metrics import evaluate_scores
 from cirfusion.optim import lr_at
+from cirfusion.options import OptionError
 from cirfusion.rundir import (
     LOCK_FILE,
     RunDirError,
@@ -394,6 +395,29 @@ def test_resume_refuses_a_changed_config(tmp_path):
         train(new_clip4cir(dropout=0.1), tr, va, tmp_path / "r", cfg, resume=True)
     with pytest.raises(CheckpointError, match="no training state"):
         train(new_clip4cir(), tr, va, tmp_path / "nothing", cfg, resume=True)
+
+
+def test_bf16_precision_is_deterministic_resumable_and_part_of_the_config(tmp_path):
+    """precision="bf16" runs the steps under bfloat16 autocast: other weights than fp32 (so it is applied), fp32
+    weights all the same, the same weights twice, bit-exact resume, and no resume under another precision."""
+    tr, va = make_toy(tmp_path)
+    cfg = TrainConfig(epochs=2, seed=1, precision="bf16", **FAST)
+    m_fp32, m_a, m_b = new_clip4cir(1), new_clip4cir(1), new_clip4cir(1)
+    train(m_fp32, tr, va, tmp_path / "fp32", replace(cfg, precision="fp32"))
+    r_a = train(m_a, tr, va, tmp_path / "a", cfg)
+    train(m_b, tr, va, tmp_path / "b", replace(cfg, stop_after_steps=7))
+    with pytest.raises(ValueError, match="precision"):
+        train(new_clip4cir(1), tr, va, tmp_path / "b", replace(cfg, precision="fp32"), resume=True)
+    m_b = new_clip4cir(5)
+    train(m_b, tr, va, tmp_path / "b", cfg, resume=True)
+    wf, wa, wb = weights(m_fp32), weights(m_a), weights(m_b)
+    assert all(v.dtype == torch.float32 for v in wa.values())
+    assert all(torch.equal(wa[k], wb[k]) for k in wa), "bf16 run not reproduced by its resumed twin"
+    assert not all(torch.equal(wa[k], wf[k]) for k in wa), "bf16 gave the fp32 weights: autocast was not applied"
+    assert r_a.best_metric is not None and r_a.best_metric > 0
+    assert json.loads((tmp_path / "a" / "last" / "state.json").read_text())["config"]["precision"] == "bf16"
+    with pytest.raises(OptionError, match="precision must be one of"):
+        train(new_clip4cir(1), tr, va, tmp_path / "bad", replace(cfg, precision="fp16"))
 
 
 def test_best_checkpoint_is_written_atomically(tmp_path, monkeypatch):

@@ -94,7 +94,13 @@ class TrainConfig:
     save_every_steps: int = 0  # also write last/ every N steps (0: only at epoch ends)
     stop_after_steps: int = 0  # stop (state saved) once this many global steps are done; 0 = run to the end
     stage_epochs: dict[str, int] = field(default_factory=dict)  # per-stage epoch overrides by stage name
+    # "bf16": the training steps' forward runs under bfloat16 autocast (matmuls in bf16, reductions and the loss in
+    # fp32; weights, gradients and the optimizer stay fp32). ~1.6x faster steps on CPUs with native bf16 (avx512_bf16,
+    # AMX) or on CUDA, slower elsewhere. Validation and the saved weights are fp32 either way.
+    precision: str = "fp32"
     progress: bool = True
+
+    PRECISIONS = ("fp32", "bf16")
 
     # Fields that may differ between an interrupted run and its resumption (they do not change the result).
     RESUME_FREE = ("save_every_steps", "stop_after_steps", "progress", "log_every", "eval_chunk")
@@ -207,6 +213,13 @@ def _train(method: CIRMethod, train_data: SplitData, val_data: SplitData | None,
     """The loop itself (``run_dir`` is locked and ready)."""
     is_main = rank == 0
     last_dir, best_dir, log_path = run_dir / "last", run_dir / "best", run_dir / METRICS_FILE
+    if cfg.precision not in TrainConfig.PRECISIONS:
+        raise OptionError(f"precision must be one of {', '.join(TrainConfig.PRECISIONS)}, got {cfg.precision!r}")
+    device_type = next((p.device.type for p in method.parameters()), "cpu")
+
+    def autocast() -> torch.autocast:
+        return torch.autocast(device_type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+
     seed_everything(cfg.seed)
     prev_deterministic = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if torch.cuda.is_available():
@@ -328,7 +341,8 @@ def _train(method: CIRMethod, train_data: SplitData, val_data: SplitData | None,
                 torch.manual_seed(step_seed(cfg.seed, rank, state["global_step"]))  # dropout masks, resumable
 
                 batch = examples.batch(batches[b], targets, texts, method, negatives)
-                loss, logs = loss_fn(batch)
+                with autocast():
+                    loss, logs = loss_fn(batch)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 if world > 1:

@@ -10,7 +10,15 @@ from pathlib import Path
 from typing import Any
 
 from ..backbones import create_backbone
-from ..data.fine import KNOWN_EDITS, LAYOUTS, BackboneRetrieval, known_finemt, make_fine_generated, write_fine
+from ..data.fine import (
+    KNOWN_EDITS,
+    LAYOUTS,
+    BackboneRetrieval,
+    gallery_base,
+    known_finemt,
+    make_fine_generated,
+    write_fine,
+)
 from ..data.fine_hf import HFFineGenerator
 from ..data.registry import load_dataset
 from ..io import atomic_write_json
@@ -67,17 +75,19 @@ def run(args: argparse.Namespace) -> int:
         cache = make_cache(args, create_backbone(args.backbone))
     report: dict[str, Any] = {"source": {"dataset": args.dataset, "root": str(Path(args.root).resolve()), **kwargs},
                               "layout": layout, "pipeline": "known edits" if known else "generator", "splits": {}}
-    for split in splits:
-        ds = load_dataset(args.dataset, args.root, split, **kwargs)
+    datasets = {split: load_dataset(args.dataset, args.root, split, **kwargs) for split in splits}
+    base = gallery_base(list(datasets.values())) if known else None
+    for split, ds in datasets.items():
         if known:
             fine, info = known_finemt(ds), {"queries": len(ds.queries)}
         else:
             retrieval = BackboneRetrieval(cache, ds, create_method("image-only", cache.backbone))
             fine, info = make_fine_generated(ds, gen, retrieval, args.max_pairs, args.seed, args.solved_k)
-        files = write_fine(args.out, ds, fine, layout, write_gallery=known)
+        files = write_fine(args.out, ds, fine, layout, write_gallery=known, base_dir=base)
         report["splits"][split] = {**info, "written": len(fine), "files": [str(f) for f in files]}
-    if known:
-        report["read_back"] = f"--dataset finecir --root {args.out} --option image_dir={report['source']['root']}"
+    if base is not None:
+        report["image_dir"] = str(base)
+        report["read_back"] = f"--dataset finecir --root {args.out} --option image_dir={base}"
     atomic_write_json(args.out / "fine.json", report)
     if args.json:
         print(json.dumps(report))

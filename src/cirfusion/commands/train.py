@@ -82,6 +82,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     g.add_argument("--hard-negative-source", choices=("neighbours", "subset"),
                    help="neighbours: of the reference (default); subset: the query's annotated subset, e.g. CIRR's "
                         "img_set (neighbours for a query without one)")
+    g.add_argument("--precision", choices=("fp32", "bf16"),
+                   help="bf16: training steps under bfloat16 autocast (~1.6x faster on CPUs with native bf16, e.g. "
+                        "avx512_bf16; weights and validation stay fp32). Default fp32")
     g.add_argument("--seed", type=int)
     g.add_argument("--val-metric", help="metric that selects the best epoch (default: auto)")
     g.add_argument("--stage-epochs", action="append", default=[], metavar="STAGE=N", help="epochs of one stage")
@@ -110,7 +113,8 @@ def list_methods_text() -> str:
 def _config(args: argparse.Namespace, saved: dict[str, Any] | None) -> TrainConfig:
     cfg = TrainConfig.from_dict(saved) if saved else TrainConfig()
     for name in ("epochs", "batch_size", "lr", "weight_decay", "warmup", "min_lr_ratio", "grad_clip", "hard_negatives",
-                 "hard_negative_pool", "hard_negative_source", "seed", "val_metric", "save_every_steps", "stop_after_steps"):
+                 "hard_negative_pool", "hard_negative_source", "precision", "seed", "val_metric", "save_every_steps",
+                 "stop_after_steps"):
         v = getattr(args, name)
         if v is not None:
             setattr(cfg, name, v)

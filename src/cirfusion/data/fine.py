@@ -6,7 +6,8 @@ Output layout (under ``out``)::
     captions/cirr.fine.{split}.jsonl            {"pairid", "reference", "target_hard", "finemt", "img_set"} per line
     captions/fiq.fine.{category}.{split}.jsonl  {"target", "candidate", "finemt"} per line
     image_splits/split.rc2.{split}.json         only for generated benchmarks: {image id: path relative to the
-                                                source root} (read with ``image_dir=<source root>``)
+                                                source root, or to the images' common directory when they lie
+                                                outside it} (read with ``image_dir=<fine.json's image_dir>``)
     fine.json                                   what was made: source, layout, counts, dropped queries and why
 
 ``finemt`` is one string, a numbered list of atomic edits ("1. Add a red circle. 2. Remove the blue square."),
@@ -31,6 +32,7 @@ Two sources of fine text:
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
 from collections.abc import Callable, Sequence
@@ -123,8 +125,26 @@ def _pairid(q: Query, i: int) -> int:
     return int(v) if isinstance(v, int) and not isinstance(v, bool) else i
 
 
-def write_cirr(out: Path, ds: CIRDataset, finemt: dict[str, str], write_gallery: bool) -> list[Path]:
-    """``captions/cirr.fine.{split}.jsonl`` (+ the gallery split file for a generated benchmark)."""
+def gallery_base(datasets: list[CIRDataset]) -> Path:
+    """The directory a generated benchmark's gallery paths are written against: its root when every image of every
+    split lies inside it, else the images' deepest common directory (a catalog made from photos kept elsewhere)."""
+    if not datasets:
+        raise FineDataError("no split to take gallery paths from")
+    root = datasets[0].root
+    paths = [os.path.realpath(p) for ds in datasets for p in ds.gallery.paths]
+    if root is not None:
+        base = os.path.realpath(root)
+        if all(p.startswith(base + os.sep) for p in paths):
+            return Path(base)
+    if not paths:
+        raise FineDataError(f"{datasets[0].key}: no gallery image to write paths for")
+    return Path(os.path.commonpath([os.path.dirname(p) for p in paths]))
+
+
+def write_cirr(out: Path, ds: CIRDataset, finemt: dict[str, str], write_gallery: bool,
+               base_dir: Path | None = None) -> list[Path]:
+    """``captions/cirr.fine.{split}.jsonl`` (+ the gallery split file for a generated benchmark, its paths relative
+    to ``base_dir``: by default the dataset's root; read back with ``image_dir=<base_dir>``)."""
     lines = []
     for i, q in enumerate(ds.queries):
         if q.qid not in finemt:
@@ -141,14 +161,16 @@ def write_cirr(out: Path, ds: CIRDataset, finemt: dict[str, str], write_gallery:
     _write_jsonl(path, lines)
     written = [path]
     if write_gallery:
-        if ds.root is None:
+        against = base_dir if base_dir is not None else ds.root
+        if against is None:
             raise FineDataError(f"{ds.key}: the dataset has no root to write gallery paths against")
-        base = Path(ds.root).resolve()
+        base = Path(against).resolve()
         rel = {}
         for image_id, p in zip(ds.gallery.ids, ds.gallery.paths, strict=True):
             rp = Path(p).resolve()
             if not rp.is_relative_to(base):
-                raise FineDataError(f"gallery image {image_id} ({p}) is outside the dataset root {base}")
+                raise FineDataError(f"gallery image {image_id} ({p}) is outside {base}, which the gallery paths are "
+                                    "written against")
             rel[image_id] = rp.relative_to(base).as_posix()
         gpath = out / "image_splits" / f"split.rc2.{ds.split}.json"
         atomic_write_json(gpath, rel)
@@ -313,11 +335,12 @@ def make_fine_generated(ds: CIRDataset, gen: FineTextGenerator, retrieval: Backb
     return out, {"selected": len(pairs), "generated": len(made), "no_edit": len(pairs) - len(made), **rep.to_dict()}
 
 
-def write_fine(out: Path, ds: CIRDataset, finemt: dict[str, str], layout: str, write_gallery: bool) -> list[Path]:
-    """Write one split in ``layout`` (``cirr`` or ``fiq``)."""
+def write_fine(out: Path, ds: CIRDataset, finemt: dict[str, str], layout: str, write_gallery: bool,
+               base_dir: Path | None = None) -> list[Path]:
+    """Write one split in ``layout`` (``cirr`` or ``fiq``); ``base_dir``: see :func:`write_cirr`."""
     if layout not in LAYOUTS:
         raise FineDataError(f"layout must be one of {LAYOUTS}, got {layout!r}")
-    return write_cirr(out, ds, finemt, write_gallery) if layout == "cirr" else write_fiq(out, ds, finemt)
+    return write_cirr(out, ds, finemt, write_gallery, base_dir) if layout == "cirr" else write_fiq(out, ds, finemt)
 
 
 __all__ = [
@@ -329,6 +352,7 @@ __all__ = [
     "FineTextGenerator",
     "catalog_edits",
     "compress",
+    "gallery_base",
     "generate_edits",
     "known_finemt",
     "make_fine_generated",

@@ -10,7 +10,7 @@ modification text's tokens they form one sequence through a small Q-Former (self
 query and entity positions also cross-attend to the reference image's tokens)::
 
     nodes_e   = P_n(text_encoder([entity_e, attr_e1, ...]))          per entity e (cached, frozen)
-    ent_e     = GATv2(nodes_e, star adjacency)[0]                      the entity token
+    ent_e     = empty + W_o(GATv2(nodes_e, star adjacency)[0])         the entity token
     memory    = [W_g(ref global); W_i(ref tokens) + positions]
     o         = QFormer([Q_1..Q_M; ent_1..ent_E; text tokens], memory)
     q         = norm(head_t(LN(o[M])))                                 output at the first entity position, [B, D]
@@ -31,7 +31,10 @@ node sets [entity, attrs] + adjacency    same; star adjacency with self-loops   
                                                                                            node set with one entity implies
 GraphAttention (GATv2: a·LReLU(W1x_i     same formula, per-head affinity + bias, masked    -
 +W2x_j)), residual, LayerNorm, ReLU       softmax, values, residual, LN, ReLU; 1 layer
-entity token = node 0 after the GAT      same                                              -
+entity token = node 0 after the GAT      node 0 after the GAT, through a Linear W_o        this Q-Former is pre-norm: an
+                                         (init at the learned tokens' scale) plus the      unscaled GAT output (RMS ~0.7
+                                         empty-entity token                                against ~0.02) would dominate
+                                                                                           the read-out slot (see __init__)
 entity tokens appended to 32 queries,    appended to M (default 8) queries; the same       Q-Former is small here (CPU, cached
 text tokens in the same Q-Former         Q-Former blocks as SPRC's (BLIP-2 style)          features); BLIP-2's pretrained
                                                                                            Q-Former is not available
@@ -168,6 +171,14 @@ class FineCIR(CIRMethod):
         self.norm_query, self.norm_image = nn.LayerNorm(w), nn.LayerNorm(w)
         self.text_head, self.image_head = nn.Linear(w, h.embed_dim), nn.Linear(w, h.embed_dim)
         self.init_logit_scale(h.logit_scale_init)
+        # The GAT ends in ReLU(LN(.)): entity tokens of RMS ~0.7 against ~0.02 for the learned tokens and ~0.2 for the
+        # text's. In this pre-norm Q-Former (BLIP-2's is post-norm, which rescales every token after every sublayer)
+        # such a token stays dominated by its own words, and the read-out is the first entity slot. So an entity
+        # enters as ``empty_entity + entity_out(GAT output)``, entity_out initialised at the learned tokens' scale.
+        # Created last, so that every other initial weight is the same with or without it.
+        self.entity_out = nn.Linear(w, w)
+        nn.init.trunc_normal_(self.entity_out.weight, std=0.02)
+        nn.init.zeros_(self.entity_out.bias)
         # Not state: per-process caches of parses and of the frozen encoder's word vectors.
         self._parses: ParseCache | None = None
         self._node_memo: dict[str, torch.Tensor] = {}
@@ -237,10 +248,10 @@ class FineCIR(CIRMethod):
             star[0, :], star[:, 0] = True, True
             star |= torch.eye(n, dtype=torch.bool, device=dev)
             adj = (star[None] & real[:, :, None] & real[:, None, :]).float()
-            ent = self.gat(self.node_in(x), adj)[:, 0]
+            ent = self.empty_entity + self.entity_out(self.gat(self.node_in(x), adj)[:, 0])
             rows = torch.tensor([i for i, _, _ in flat], device=dev)
             cols = torch.tensor([j for _, j, _ in flat], device=dev)
-            slots = slots.index_put((rows, cols), ent)
+            slots = slots.index_put((rows, cols), ent.to(slots.dtype))
             pad = pad.index_put((rows, cols), torch.zeros(len(flat), dtype=torch.bool, device=dev))
         return slots, pad
 
