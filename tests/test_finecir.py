@@ -22,7 +22,14 @@ from cirfusion.evaluation import score_blocks
 from cirfusion.features import FeatureCache
 from cirfusion.methods import create_method
 from cirfusion.methods.finecir import FineCIR, FineCIRWarning, GraphAttention
-from cirfusion.parse_cache import ParseCache, ParseError, entity_node_sets, get_parser, register_parser
+from cirfusion.parse_cache import (
+    ParseCache,
+    ParseError,
+    edit_op_words,
+    entity_node_sets,
+    get_parser,
+    register_parser,
+)
 from cirfusion.views import FeatureView, load_split_data
 from test_train import make_custom_dataset
 
@@ -65,6 +72,21 @@ def test_entity_node_sets() -> None:
                       {"name": "table", "attributes": []}, {"name": "x", "attributes": []}]}
     assert entity_node_sets(g, 2, 1) == [["floor lamp", "red"], ["table"]]
     assert entity_node_sets(g, 5, 5)[0] == ["floor lamp", "red", "top left"]
+    assert entity_node_sets(g, 5, 5, edit_ops=True) == entity_node_sets(g, 5, 5)  # no edits: no op nodes
+
+
+def test_edit_op_nodes_go_to_the_entity_each_edit_names() -> None:
+    # "replace the red rhombus with a cross; add a green rhombus; keep the square": two rhombuses, told apart by
+    # the edit's attributes; the replaced one is marked as such.
+    g = {"entities": [{"name": "cross", "attributes": []}, {"name": "rhombus", "attributes": ["red"]},
+                      {"name": "rhombus", "attributes": ["green", "small"]}, {"name": "square", "attributes": []},
+                      {"name": "circle", "attributes": []}],
+         "edits": [{"op": "replace", "entity": "cross", "attributes": [], "from": "rhombus"},
+                   {"op": "add", "entity": "rhombus", "attributes": ["green"]},
+                   {"op": "keep", "entity": "square", "attributes": []}]}
+    assert edit_op_words(g) == ["replace", "replaced", "add", "keep", None]
+    assert entity_node_sets(g, 5, 1, edit_ops=True) == [["cross", "replace"], ["rhombus", "red", "replaced"],
+                                                        ["rhombus", "green", "add"], ["square", "keep"], ["circle"]]
 
 
 def test_parse_cache_parses_once_and_keys_on_version(tmp_path: Path) -> None:

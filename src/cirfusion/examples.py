@@ -55,8 +55,11 @@ class Examples:
         self.hard_negatives = int(hard_negatives)
         self.candidates: np.ndarray | None = None
         if self.hard_negatives > 0:
-            refs, inv = np.unique(self.ref_rows, return_inverse=True)
-            cand = reference_neighbours(view.img_global, refs, max(pool, self.hard_negatives))[inv]
+            if source == "subset" and all(q.subset for q in self.queries):
+                cand = np.zeros((len(self.queries), 0), dtype=np.int64)  # no fallback needed (~10 s saved on 24k queries)
+            else:
+                refs, inv = np.unique(self.ref_rows, return_inverse=True)
+                cand = reference_neighbours(view.img_global, refs, max(pool, self.hard_negatives))[inv]
             if source == "subset":
                 cand = self._subset_candidates(cand)
             for i, p in enumerate(self.positives):

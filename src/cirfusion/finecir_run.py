@@ -47,7 +47,7 @@ def parsed_graphs(method: FineCIR, data: SplitData, rows: Sequence[int]) -> list
     cache_dir = getattr(getattr(encoder, "__self__", None), "cache_dir", None)
     p = method.params
     graphs = ParseCache(get_parser(p.parser), cache_dir).graphs([q.text for q in qs])
-    return [{"qid": q.qid, "text": q.text, "graph": g, "node_sets": entity_node_sets(g, p.max_entities, p.max_attributes)}
+    return [{"qid": q.qid, "text": q.text, "graph": g, "node_sets": entity_node_sets(g, p.max_entities, p.max_attributes, p.edit_nodes)}
             for q, g in zip(qs, graphs, strict=True)]
 
 

@@ -154,19 +154,43 @@ def _words(s: str) -> str:
     return " ".join(str(s).replace("_", " ").replace("-", " ").split())
 
 
-def entity_node_sets(graph: Graph, max_entities: int, max_attributes: int) -> list[list[str]]:
+def edit_op_words(graph: Graph) -> list[str | None]:
+    """Per entity of ``graph``, the word of the edit it takes part in, or None: the edit's op (``add``, ``remove``,
+    ``replace``, ``change``, ``keep``) for its entity, ``replaced`` for the entity a replace starts ``from``. An edit
+    names its entity by name (and attributes): it goes to the first entity of that name, not yet given an edit,
+    whose attributes include the edit's."""
+    entities = graph.get("entities", [])
+    words: list[str | None] = [None] * len(entities)
+
+    def claim(name: str, attrs: list[str], word: str) -> None:
+        for i, e in enumerate(entities):
+            if words[i] is None and e.get("name") == name and set(attrs) <= set(e.get("attributes", [])):
+                words[i] = word
+                return
+
+    for ed in graph.get("edits", []):
+        claim(ed.get("entity", ""), list(ed.get("attributes", [])), str(ed.get("op", "")))
+        if ed.get("from"):
+            claim(ed["from"], [], "replaced")
+    return words
+
+
+def entity_node_sets(graph: Graph, max_entities: int, max_attributes: int, edit_ops: bool = False) -> list[list[str]]:
     """FineCIR's node sets ``[entity, attr1, attr2, ...]`` of a graph: the first ``max_entities`` entities, each
     with its first ``max_attributes`` distinct attributes (an attribute equal to the entity's name is dropped; words
-    joined by ``-``/``_`` are spaced: ``"top-left"`` -> ``"top left"``)."""
+    joined by ``-``/``_`` are spaced: ``"top-left"`` -> ``"top left"``). ``edit_ops``: each entity's edit word
+    (:func:`edit_op_words`), when it has one, is one more node after its attributes."""
     out: list[list[str]] = []
-    for e in graph.get("entities", [])[:max_entities]:
+    ops = edit_op_words(graph) if edit_ops else []
+    for i, e in enumerate(graph.get("entities", [])[:max_entities]):
         name = _words(e["name"])
         if not name:
             continue
         attrs = [a for a in dict.fromkeys(_words(a) for a in e.get("attributes", [])) if a and a != name]
-        out.append([name, *attrs[:max_attributes]])
+        op = ops[i] if edit_ops else None
+        out.append([name, *attrs[:max_attributes], *([op] if op else [])])
     return out
 
 
-__all__ = ["BUILTIN_PARSER", "Graph", "ParseCache", "ParseError", "Parser", "ParserFn", "entity_node_sets", "get_parser",
-           "graph_dict", "register_parser"]
+__all__ = ["BUILTIN_PARSER", "Graph", "ParseCache", "ParseError", "Parser", "ParserFn", "edit_op_words", "entity_node_sets",
+           "get_parser", "graph_dict", "register_parser"]

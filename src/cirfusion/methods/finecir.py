@@ -127,6 +127,10 @@ class FineCirParams:
     gat_heads: int = hparam(4, "graph-attention heads (the release: 16 at width 768)")
     dropout: float = hparam(0.1, "dropout")
     entity_guidance: bool = hparam(True, "entity tokens from the parsed graph; false: the empty-entity token only (ablation)")
+    readout: str = hparam("entity", "where the composed query is read: 'entity' (the first entity slot, as released) or "
+                          "'token' (a learned read-out token before the entity slots; not in the release)")
+    edit_nodes: bool = hparam(False, "each entity's edit (add/remove/replace/change/keep, or 'replaced' for a replace's "
+                              "old entity) is one more node of its set (not in the release)")
     parser: str = hparam("cirfusion", "registered parser that turns a text into its scene graph (parse_cache)")
     logit_scale_init: float = hparam(1 / 0.07, "initial InfoNCE logit scale = 1/temperature (learned; the release: 0.07)")
 
@@ -179,6 +183,11 @@ class FineCIR(CIRMethod):
         self.entity_out = nn.Linear(w, w)
         nn.init.trunc_normal_(self.entity_out.weight, std=0.02)
         nn.init.zeros_(self.entity_out.bias)
+        if h.readout not in ("entity", "token"):
+            raise HyperParameterError(f"{self.method_name}: readout must be 'entity' or 'token', got {h.readout!r}")
+        if h.readout == "token":
+            self.readout_token = nn.Parameter(torch.zeros(1, 1, w))
+            nn.init.trunc_normal_(self.readout_token, std=0.02)
         # Not state: per-process caches of parses and of the frozen encoder's word vectors.
         self._parses: ParseCache | None = None
         self._node_memo: dict[str, torch.Tensor] = {}
@@ -190,7 +199,7 @@ class FineCIR(CIRMethod):
         if self._parses is None or (cache_dir is not None and self._parses.dir is None):
             self._parses = ParseCache(get_parser(self.params.parser), cache_dir)
         graphs = self._parses.graphs(texts)
-        return [entity_node_sets(g, self.params.max_entities, self.params.max_attributes) for g in graphs]
+        return [entity_node_sets(g, self.params.max_entities, self.params.max_attributes, self.params.edit_nodes) for g in graphs]
 
     def explain_query(self, q: Any, text: str) -> dict[str, Any]:
         """The service's explanation of one query (``cirfusion.serve``): the scene graph parsed from its text and
@@ -202,7 +211,8 @@ class FineCIR(CIRMethod):
                 "label": "the modification parsed into a scene graph; its entities (with their attributes) guide how "
                          "the reference image is composed with the text",
                 "parsed": graph,
-                "entities_used": entity_node_sets(graph, self.params.max_entities, self.params.max_attributes)}
+                "entities_used": entity_node_sets(graph, self.params.max_entities, self.params.max_attributes,
+                                                  self.params.edit_nodes)}
 
     def _node_vectors(self, words: list[str], encoder: Any) -> dict[str, torch.Tensor]:
         todo = [w for w in dict.fromkeys(words) if w not in self._node_memo]
@@ -276,9 +286,13 @@ class FineCIR(CIRMethod):
             raise ValueError(f"{self.method_name}: {length} text tokens, the backbone gives at most {self.dims.max_text_tokens}")
         tok = self.text_in(t.tokens.float()) + self.text_pos[:, :length]
         b, m = tok.shape[0], self.num_queries
-        x = torch.cat([self.queries.expand(b, -1, -1), ent, tok], dim=1)
-        key_pad = torch.cat([torch.zeros(b, m, dtype=torch.bool, device=tok.device), ent_pad, ~t.mask.bool()], dim=1)
-        out = self._run(x, key_pad, self.memory(ref), m + ent.shape[1])
+        lead = self.queries.expand(b, -1, -1)
+        if self.params.readout == "token":  # read at position M, the entity slots after it
+            lead = torch.cat([lead, self.readout_token.expand(b, -1, -1)], dim=1)
+        x = torch.cat([lead, ent, tok], dim=1)
+        n_lead = lead.shape[1]
+        key_pad = torch.cat([torch.zeros(b, n_lead, dtype=torch.bool, device=tok.device), ent_pad, ~t.mask.bool()], dim=1)
+        out = self._run(x, key_pad, self.memory(ref), n_lead + ent.shape[1])
         return l2norm(self.text_head(self.norm_query(out[:, m])))
 
     def encode_gallery(self, img: ImageFeatures) -> torch.Tensor:
