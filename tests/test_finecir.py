@@ -20,7 +20,7 @@ from cirfusion.cli import main
 from cirfusion.data import load_dataset
 from cirfusion.evaluation import score_blocks
 from cirfusion.features import FeatureCache
-from cirfusion.methods import create_method
+from cirfusion.methods import HyperParameterError, create_method
 from cirfusion.methods.finecir import FineCIR, FineCIRWarning, GraphAttention
 from cirfusion.parse_cache import (
     ParseCache,
@@ -153,6 +153,44 @@ def test_entities_change_the_query_and_the_switch_keeps_everything_else(custom: 
     fresh.load_state_dict(on.state_dict())
     with pytest.warns(FineCIRWarning, match="no raw texts"):
         torch.testing.assert_close(fresh.encode_query(ref, bare), q_off)
+
+
+def edit_parse(texts: list[str]) -> list[dict]:
+    """fake_parse plus an 'add' edit of that square."""
+    return [{**g, "edits": [{"op": "add", "entity": "square", "attributes": []}] if g["entities"] else []}
+            for g in fake_parse(texts)]
+
+
+register_parser("test-edits", edit_parse, "v1")
+
+
+def test_readout_token_and_edit_node_variants(custom: Path, tmp_path: Path) -> None:
+    """The validation study's variants: ``edit_nodes`` adds the edit word to the node set (other entity tokens);
+    ``readout="token"`` reads the query at a learned token before the entity slots (one more parameter)."""
+    bb = create_backbone("tiny")
+    cache = FeatureCache(bb, tmp_path / "cache")
+    data = load_split_data(cache, load_dataset("custom", custom, "val"))
+    view = FeatureView(data.images, data.texts)
+    qs = [q for q in data.dataset.queries if any(c in COLOUR_SET for c in q.text.split())][:4]
+    assert qs
+    ref = view.image(np.array([view.image_row(q.reference) for q in qs]), True)
+    text = view.text(np.array([view.text_row(q.text) for q in qs]), True)
+    kw: dict = dict(parser="test-edits", width=32, embed_dim=16, heads=2, gat_heads=2)
+    torch.manual_seed(0)
+    base = create_method("finecir", bb, **kw).eval()
+    ops = create_method("finecir", bb, edit_nodes=True, **kw).eval()
+    ops.load_state_dict(base.state_dict())
+    assert all(s[0][-1] == "add" for s in ops.node_sets(list(text.texts or [])))
+    assert all("add" not in s[0] for s in base.node_sets(list(text.texts or [])))
+    tok = create_method("finecir", bb, readout="token", **kw).eval()
+    assert set(tok.state_dict()) == set(base.state_dict()) | {"readout_token"}
+    tok.load_state_dict({**base.state_dict(), "readout_token": tok.readout_token.detach()})
+    with torch.no_grad():
+        assert not torch.allclose(ops.entity_tokens(text)[0], base.entity_tokens(text)[0])
+        q_base, q_tok = base.encode_query(ref, text), tok.encode_query(ref, text)
+    assert q_tok.shape == q_base.shape and not torch.allclose(q_tok, q_base)
+    with pytest.raises(HyperParameterError, match="readout"):
+        create_method("finecir", bb, readout="cls", **kw)
 
 
 @pytest.fixture(scope="module")

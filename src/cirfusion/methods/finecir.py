@@ -42,7 +42,11 @@ node vectors from BLIP-2's text side     the frozen backbone's text encoder (glo
                                          vector of each word), projected by a Linear       the backbone is frozen
 padded entity slots = zero vectors,      a learned empty-entity token; padded slots        a zero token still attends and is
 attended                                 after the first are masked out                    attended: noise for 1-entity texts
-composed query = output at position 32   output at position M (the first entity slot)      same rule, other M
+composed query = output at position 32   output at position M (the first entity slot)      same rule, other M;
+                                         by default; ``readout="token"``: a learned        ``token`` is a variant for the
+                                         read-out token at M, the entity slots after it    validation study (docs/finecir.md)
+node sets carry no edit                  ``edit_nodes=True`` adds each entity's edit word  a variant for the validation
+                                         (add/remove/replace/change/keep, ``replaced``)     study; off by default
 target = max over vision_proj(queries)   same (``cosine_or_maxsim``)                      -
 InfoNCE, learnable temperature 0.07      same (learned logit scale, init 1/0.07), plus     the shared loop's hard negatives
                                          mined hard negatives when the run asks for them
