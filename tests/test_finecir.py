@@ -177,12 +177,12 @@ def test_readout_token_and_edit_node_variants(custom: Path, tmp_path: Path) -> N
     text = view.text(np.array([view.text_row(q.text) for q in qs]), True)
     kw: dict = dict(parser="test-edits", width=32, embed_dim=16, heads=2, gat_heads=2)
     torch.manual_seed(0)
-    base = create_method("finecir", bb, **kw).eval()
+    base = create_method("finecir", bb, edit_nodes=False, **kw).eval()
     ops = create_method("finecir", bb, edit_nodes=True, **kw).eval()
     ops.load_state_dict(base.state_dict())
     assert all(s[0][-1] == "add" for s in ops.node_sets(list(text.texts or [])))
     assert all("add" not in s[0] for s in base.node_sets(list(text.texts or [])))
-    tok = create_method("finecir", bb, readout="token", **kw).eval()
+    tok = create_method("finecir", bb, readout="token", edit_nodes=False, **kw).eval()
     assert set(tok.state_dict()) == set(base.state_dict()) | {"readout_token"}
     tok.load_state_dict({**base.state_dict(), "readout_token": tok.readout_token.detach()})
     with torch.no_grad():
