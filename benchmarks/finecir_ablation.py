@@ -15,6 +15,13 @@ lexicon matcher over the synthetic generator's own vocabulary (shape, colour and
 the nine cell phrases): it reads only what a text says, so coarse texts get coarse graphs.
 
     python benchmarks/finecir_ablation.py --synthetic /path/to/synthetic --cache-dir CACHE --out bench-finecir
+    cirfusion data make-fine catalog --root CATALOG --out CATALOG-FINE
+    python benchmarks/finecir_ablation.py --benchmarks catalog --catalog CATALOG --catalog-fine CATALOG-FINE ...
+
+Budget (2 cores, 30 min for the synthetic part): 3 epochs, 2 mined negatives per query (from the annotated subset),
+training steps in bf16 autocast (``TrainConfig.precision``), the split data loaded once here and shared with the
+forked workers (1 torch thread each), the longest runs first. ``--val-only`` trains and reports the val choices
+without reading test (the design study in docs/finecir.md used it).
 
 Ends with one JSON line: ``{"synthetic": {row: {"rsubset1", "rmean", "r10"}}, "catalog": ..., "parser": ...,
 "selection_split": "val"}``.
@@ -77,7 +84,9 @@ def lexicon_parse(texts: list[str]) -> list[dict[str, Any]]:
 
 
 def row_metrics(m: dict[str, float]) -> dict[str, float]:
-    return {"rsubset1": round(m["Rsubset@1"], 2), "rmean": round(m["Rmean"], 2), "r10": round(m["R@10"], 2)}
+    """The row's figures the split has (the catalog's fine text has one target per query, its own text several)."""
+    names = {"rsubset1": "Rsubset@1", "rmean": "Rmean", "r10": "R@10", "map10": "mAP@10"}
+    return {k: round(m[v], 2) for k, v in names.items() if v in m}
 
 
 # Split data loaded once by the main process before the workers fork (they share it copy-on-write): each run
@@ -150,6 +159,8 @@ def main() -> int:
     p.add_argument("--parser", default="cirfusion", help="the parser FineCIR reads: cirfusion | synthetic-lexicon")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--rows", default=",".join(ROWS), help="comma-separated subset of the rows")
+    p.add_argument("--benchmarks", default="synthetic,catalog",
+                   help="comma-separated: synthetic, catalog (the catalog only with --catalog and --catalog-fine)")
     p.add_argument("--jobs", type=int, default=2, help="training runs side by side (1 torch thread each)")
     p.add_argument("--precision", choices=("fp32", "bf16"), default="bf16",
                    help="training precision (TrainConfig.precision): bf16 autocast; validation is fp32 either way")
@@ -239,13 +250,17 @@ def main() -> int:
 
     results: dict[str, Any] = {"selection_split": "val", "epochs": args.epochs, "parser_used": args.parser,
                                "precision": args.precision, "finecir_hparams": fine_hp}
-    syn_roots: Roots = {t: ("synthetic", root, {"text": t}) for t in ("fine", "coarse")}
-    syn = {t: splits(d, r, **o) for t, (d, r, o) in syn_roots.items()}  # features (and parses) once, here
-    for t in ("fine", "coarse"):
-        ParseCache(get_parser(args.parser), cache_dir).graphs(list(syn[t]["train"].texts.texts))
-    all_jobs = jobs_of("synthetic", syn_roots)
+    benches = {b.strip() for b in args.benchmarks.split(",") if b.strip()}
+    if not benches <= {"synthetic", "catalog"}:
+        p.error(f"--benchmarks: unknown {sorted(benches - {'synthetic', 'catalog'})}")
+    syn: dict[str, Any] | None = None
+    all_jobs: list[dict[str, Any]] = []
+    if "synthetic" in benches:
+        syn_roots: Roots = {t: ("synthetic", root, {"text": t}) for t in ("fine", "coarse")}
+        syn = {t: splits(d, r, **o) for t, (d, r, o) in syn_roots.items()}  # features (and parses) once, here
+        all_jobs += jobs_of("synthetic", syn_roots)
     cat: dict[str, Any] | None = None
-    if args.catalog is not None and args.catalog_fine is not None:
+    if "catalog" in benches and args.catalog is not None and args.catalog_fine is not None:
         # fine: the make-fine output (one target per query, target_hard = the first); coarse: the catalog's own
         made = args.catalog_fine / "fine.json"  # where make-fine wrote the gallery paths against
         image_dir = json.loads(made.read_text()).get("image_dir") if made.exists() else None
@@ -253,6 +268,9 @@ def main() -> int:
                             "coarse": ("catalog", args.catalog, {})}
         cat = {t: splits(d, r, **o) for t, (d, r, o) in cat_roots.items()}
         all_jobs += jobs_of("catalog", cat_roots)
+    for data in (syn or {}, cat or {}):
+        for t in data:
+            ParseCache(get_parser(args.parser), cache_dir).graphs(list(data[t]["train"].texts.texts))
     all_jobs.sort(key=lambda j: -METHOD_COST.get(j["method"], 1.0) * (1.0 if j["bench"] == "synthetic" else 0.5))
     print(f"[finecir-ablation] {len(all_jobs)} training runs on {args.jobs} processes, longest first "
           f"({time.perf_counter() - t_start:.0f} s of data so far)", flush=True)
@@ -265,28 +283,32 @@ def main() -> int:
         results["wall_s"] = round(time.perf_counter() - t_start, 1)
         print(json.dumps(results))
         return 0
-    results["synthetic"] = test_rows("synthetic", {r["name"]: r for r in done if r["bench"] == "synthetic"}, syn)
+    if syn is None:
+        results["synthetic"] = {"skipped": f"--benchmarks {args.benchmarks}"}
+    else:
+        results["synthetic"] = test_rows("synthetic", {r["name"]: r for r in done if r["bench"] == "synthetic"}, syn)
 
-    # The parser: cirfusion.parsing's own scores against the generator's graphs (fine + coarse texts of test) and
-    # its speed; the parser FineCIR used here (if another one) is timed as well.
-    from cirfusion.parsing.evaluation import score_synthetic, throughput
+        # The parser: cirfusion.parsing's own scores against the generator's graphs (fine + coarse texts of test)
+        # and its speed; the parser FineCIR used here (if another one) is timed as well.
+        from cirfusion.parsing.evaluation import score_synthetic, throughput
 
-    test_q = syn["fine"]["test"].dataset.queries
-    sc = score_synthetic(test_q)
-    texts = [t for q in test_q for t in q.captions]
-    results["parser"] = {"name": "cirfusion", "entity_f1": sc["all"]["entity_f1"], "attribute_f1": sc["all"]["attribute_f1"],
-                         "edit_f1": sc["all"]["edit_f1"], **throughput(texts), "fine": sc["fine"], "coarse": sc["coarse"]}
-    if args.parser != "cirfusion":
-        t0 = time.perf_counter()
-        ParseCache(get_parser(args.parser)).graphs(list(dict.fromkeys(texts)))
-        results["parser"]["used_by_finecir"] = {"name": args.parser,
-                                                "texts_per_s": round(len(texts) / (time.perf_counter() - t0), 1)}
+        test_q = syn["fine"]["test"].dataset.queries
+        sc = score_synthetic(test_q)
+        texts = [t for q in test_q for t in q.captions]
+        results["parser"] = {"name": "cirfusion", "entity_f1": sc["all"]["entity_f1"],
+                             "attribute_f1": sc["all"]["attribute_f1"], "edit_f1": sc["all"]["edit_f1"],
+                             **throughput(texts), "fine": sc["fine"], "coarse": sc["coarse"]}
+        if args.parser != "cirfusion":
+            t0 = time.perf_counter()
+            ParseCache(get_parser(args.parser)).graphs(list(dict.fromkeys(texts)))
+            results["parser"]["used_by_finecir"] = {"name": args.parser,
+                                                    "texts_per_s": round(len(texts) / (time.perf_counter() - t0), 1)}
     if cat is not None:
         results["catalog"] = test_rows("catalog", {r["name"]: r for r in done if r["bench"] == "catalog"}, cat)
     else:
-        results["catalog"] = {"skipped": "no --catalog and --catalog-fine given"}
+        results["catalog"] = {"skipped": "not in --benchmarks, or no --catalog and --catalog-fine given"}
     s = results["synthetic"]
-    checks = {}
+    checks: dict[str, bool] = {}
     if {"finecir_fine", "no_entities"} <= s.keys():
         checks["entity_guidance_plus3_rsubset1"] = s["finecir_fine"]["rsubset1"] >= s["no_entities"]["rsubset1"] + 3
     if {"finecir_fine", "finecir_coarse_on_fine"} <= s.keys():
