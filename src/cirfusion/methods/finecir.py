@@ -9,7 +9,7 @@ entity node's output is the *entity token*. The entity tokens are appended to ``
 modification text's tokens they form one sequence through a small Q-Former (self-attention over the whole sequence;
 query and entity positions also cross-attend to the reference image's tokens)::
 
-    nodes_e   = P_n(text_encoder([entity_e, attr_e1, ...]))          per entity e (cached, frozen)
+    nodes_e   = P_n(text_encoder([entity_e, attr_e1, ..., edit_e]))  per entity e (cached, frozen)
     ent_e     = empty + W_o(GATv2(nodes_e, star adjacency)[0])         the entity token
     memory    = [W_g(ref global); W_i(ref tokens) + positions]
     o         = QFormer([Q_1..Q_M; ent_1..ent_E; text tokens], memory)
@@ -45,8 +45,8 @@ attended                                 after the first are masked out         
 composed query = output at position 32   output at position M (the first entity slot)      same rule, other M;
                                          by default; ``readout="token"``: a learned        ``token`` is a variant for the
                                          read-out token at M, the entity slots after it    validation study (docs/finecir.md)
-node sets [entity, attrs]: no edit      + the entity's edit word (add/remove/replace/        "add the red square" and "remove
-                                         change/keep, ``replaced``), ``edit_nodes=True``   the red square" are opposite
+node sets carry no edit                  + the entity's edit word (add/remove/replace/     "add the red square" and "remove
+                                         change/keep, ``replaced``): ``edit_nodes=True``   the red square" are opposite
                                          (the default)                                     targets; synthetic val Rmean
                                                                                            60.20 with, 56.93 without
 target = max over vision_proj(queries)   same (``cosine_or_maxsim``)                      -
@@ -55,6 +55,9 @@ InfoNCE, learnable temperature 0.07      same (learned logit scale, init 1/0.07)
 parser: not released                     :mod:`cirfusion.parsing` by default (any          -
                                          registered parser, ``parser=``)
 ======================================  ==============================================  ==================================
+
+Checkpoints written before ``entity_out`` existed (the rescaling) are refused on load, naming the missing weights;
+retrain them.
 
 Feature access: the entity words need the raw texts and an encoder; :class:`~cirfusion.backbones.base.TextFeatures`
 built from a feature table or by ``cirfusion.load`` carry both (``texts``, ``encoder``). Features built by hand carry
