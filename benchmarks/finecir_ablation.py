@@ -269,9 +269,10 @@ def main() -> int:
                             "coarse": ("catalog", args.catalog, {})}
         cat = {t: splits(d, r, **o) for t, (d, r, o) in cat_roots.items()}
         all_jobs += jobs_of("catalog", cat_roots)
+    parses = ParseCache(get_parser(args.parser), cache_dir)  # one cache: its disk shards are read once
     for data in (syn or {}, cat or {}):
         for t in data:
-            ParseCache(get_parser(args.parser), cache_dir).graphs(list(data[t]["train"].texts.texts))
+            parses.graphs(list(data[t]["train"].texts.texts))
     all_jobs.sort(key=lambda j: -METHOD_COST.get(j["method"], 1.0) * (1.0 if j["bench"] == "synthetic" else 0.5))
     print(f"[finecir-ablation] {len(all_jobs)} training runs on {args.jobs} processes, longest first "
           f"({time.perf_counter() - t_start:.0f} s of data so far)", flush=True)

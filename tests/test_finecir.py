@@ -6,7 +6,9 @@ fuse` with FineCIR in a DAFM pool on two backbones."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +20,7 @@ from cirfusion.backbones.hf_blip2 import save_tiny_blip2
 from cirfusion.backbones.hf_clip import save_tiny_clip
 from cirfusion.cli import main
 from cirfusion.data import load_dataset
+from cirfusion.data.schema import Query
 from cirfusion.evaluation import score_blocks
 from cirfusion.features import FeatureCache
 from cirfusion.methods import HyperParameterError, create_method
@@ -115,14 +118,21 @@ def custom(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def test_entities_change_the_query_and_the_switch_keeps_everything_else(custom: Path, tmp_path: Path) -> None:
+def val_query_features(custom: Path, tmp_path: Path, keep: Callable[[Query], bool], n: int) -> tuple[Any, ...]:
+    """(backbone, cache, the first ``n`` val queries that ``keep`` accepts, their reference and text features, the
+    latter with raw texts and an encoder, as training and evaluation see them)."""
     bb = create_backbone("tiny")
     cache = FeatureCache(bb, tmp_path / "cache")
     data = load_split_data(cache, load_dataset("custom", custom, "val"))
     view = FeatureView(data.images, data.texts)
-    qs = data.dataset.queries[:6]
+    qs = [q for q in data.dataset.queries if keep(q)][:n]
     ref = view.image(np.array([view.image_row(q.reference) for q in qs]), True)
     text = view.text(np.array([view.text_row(q.text) for q in qs]), True)
+    return bb, cache, qs, ref, text
+
+
+def test_entities_change_the_query_and_the_switch_keeps_everything_else(custom: Path, tmp_path: Path) -> None:
+    bb, cache, qs, ref, text = val_query_features(custom, tmp_path, lambda q: True, 6)
     assert text.texts == [q.text for q in qs] and text.encoder is not None
     torch.manual_seed(0)
     on = create_method("finecir", bb, parser="test-fake", width=32, embed_dim=16, heads=2, gat_heads=2).eval()
@@ -167,14 +177,8 @@ register_parser("test-edits", edit_parse, "v1")
 def test_readout_token_and_edit_node_variants(custom: Path, tmp_path: Path) -> None:
     """The validation study's variants: ``edit_nodes`` adds the edit word to the node set (other entity tokens);
     ``readout="token"`` reads the query at a learned token before the entity slots (one more parameter)."""
-    bb = create_backbone("tiny")
-    cache = FeatureCache(bb, tmp_path / "cache")
-    data = load_split_data(cache, load_dataset("custom", custom, "val"))
-    view = FeatureView(data.images, data.texts)
-    qs = [q for q in data.dataset.queries if any(c in COLOUR_SET for c in q.text.split())][:4]
+    bb, _, qs, ref, text = val_query_features(custom, tmp_path, lambda q: any(c in COLOUR_SET for c in q.text.split()), 4)
     assert qs
-    ref = view.image(np.array([view.image_row(q.reference) for q in qs]), True)
-    text = view.text(np.array([view.text_row(q.text) for q in qs]), True)
     kw: dict = dict(parser="test-edits", width=32, embed_dim=16, heads=2, gat_heads=2)
     torch.manual_seed(0)
     base = create_method("finecir", bb, edit_nodes=False, **kw).eval()
