@@ -92,6 +92,19 @@ def test_edit_op_nodes_go_to_the_entity_each_edit_names() -> None:
                                                         ["rhombus", "green", "add"], ["square", "keep"], ["circle"]]
 
 
+def test_place_and_new_attribute_nodes() -> None:
+    # "give the blue cross a red colour; relocate the big triangle in the bottom left corner to the left middle"
+    g = {"entities": [{"name": "cross", "attributes": ["blue", "red"]},
+                      {"name": "triangle", "attributes": ["big"], "places": ["in bottom left corner", "to left middle"]}],
+         "edits": [{"op": "change", "entity": "cross", "attributes": ["red"]},
+                   {"op": "change", "entity": "triangle", "attributes": []}]}
+    assert entity_node_sets(g, 5, 5, edit_ops=True) == [["cross", "blue", "red", "change"], ["triangle", "big", "change"]]
+    assert entity_node_sets(g, 5, 5, True, places=True, new_attributes=True) == [
+        ["cross", "blue", "change", "now red"], ["triangle", "big", "in bottom left corner", "to left middle", "change"]]
+    assert entity_node_sets(g, 5, 1, False, places=True, new_attributes=True) == [
+        ["cross", "blue", "now red"], ["triangle", "big", "in bottom left corner"]]
+
+
 def test_parse_cache_parses_once_and_keys_on_version(tmp_path: Path) -> None:
     p = get_parser("test-fake")
     CALLS.clear()

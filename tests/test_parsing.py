@@ -93,6 +93,25 @@ def test_place_and_property_nouns_are_not_entities():
     assert ents(g) == {"square": ["blue"]} and edits(g) == [("change", "square", ["blue"], None)]
 
 
+def test_places_go_to_the_entity_they_locate_or_move():
+    def places(text: str) -> dict[str, list[str]]:
+        return {e.name: e.places for e in parse(text).entities}
+
+    assert places("move the small circle to the top left corner") == {"circle": ["to top left corner"]}
+    assert places("relocate the big green triangle in the bottom left corner to the left middle") == {
+        "triangle": ["in bottom left corner", "to left middle"]}
+    assert places("turn the small cyan rhombus in the middle of the right side into a cross") == {
+        "cross": [], "rhombus": ["in middle of right side"]}
+    # a destination belongs to the thing moved, not to the landmark before it
+    g = parse("move the big triangle below the turquoise rhombus over to the bottom left")
+    assert {e.name: e.places for e in g.entities} == {"triangle": ["to bottom left"], "rhombus": []}
+    assert rels(g) == [("triangle", "below", "rhombus")]
+    # "to the left of the sofa" is a relation, not a place
+    g = parse("add a floor lamp to the left of the sofa")
+    assert all(not e.places for e in g.entities) and rels(g) == [("floor lamp", "left of", "sofa")]
+    assert places("put the green triangle at the bottom left instead") == {"triangle": ["at bottom left"]}
+
+
 def test_parse_many_is_parse_in_batches():
     texts = ["make the dress red", "is black with white buttons", "add a cat"] * 3
     assert [g.to_dict() for g in parse_many(texts, batch_size=2)] == [parse(t).to_dict() for t in texts]
@@ -108,6 +127,12 @@ def test_scene_graph_round_trip_and_schema():
     assert all(set(e) == {"name", "attributes", "implicit"} for e in d["entities"])
     assert [set(e) for e in d["edits"]] == [{"op", "entity", "attributes"}, {"op", "entity", "attributes", "from"}]
     assert SceneGraph.from_dict(json.loads(json.dumps(d))) == g
+    g = parse("move the small circle to the top left corner")  # places: an optional key, only when there are some
+    d = g.to_dict()
+    assert d["entities"] == [{"name": "circle", "attributes": ["small"], "implicit": False, "places": ["to top left corner"]}]
+    assert SceneGraph.from_dict(json.loads(json.dumps(d))) == g
+    with pytest.raises(ParseGraphError, match="expected a list of strings"):
+        SceneGraph.from_dict({"text": "x", "entities": [{"name": "a", "places": "top"}]})
     with pytest.raises(ParseGraphError, match=r"row 3: .*edit op 'move'"):
         SceneGraph.from_dict({"text": "x", "edits": [{"op": "move", "entity": "a"}]}, "row 3")
     with pytest.raises(ParseGraphError, match="only for replace"):

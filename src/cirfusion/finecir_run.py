@@ -23,7 +23,7 @@ from .checkpoint import load_checkpoint
 from .evaluation import evaluate
 from .methods.finecir import FineCIR
 from .methods.registry import create_method
-from .parse_cache import ParseCache, entity_node_sets, get_parser
+from .parse_cache import ParseCache, get_parser
 from .seeding import seed_everything
 from .train import TrainConfig, train
 from .views import SplitData
@@ -47,7 +47,7 @@ def parsed_graphs(method: FineCIR, data: SplitData, rows: Sequence[int]) -> list
     cache_dir = getattr(getattr(encoder, "__self__", None), "cache_dir", None)
     p = method.params
     graphs = ParseCache(get_parser(p.parser), cache_dir).graphs([q.text for q in qs])
-    return [{"qid": q.qid, "text": q.text, "graph": g, "node_sets": entity_node_sets(g, p.max_entities, p.max_attributes, p.edit_nodes)}
+    return [{"qid": q.qid, "text": q.text, "graph": g, "node_sets": method.node_sets_of(g)}
             for q, g in zip(qs, graphs, strict=True)]
 
 

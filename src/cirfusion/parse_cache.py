@@ -154,43 +154,63 @@ def _words(s: str) -> str:
     return " ".join(str(s).replace("_", " ").replace("-", " ").split())
 
 
-def edit_op_words(graph: Graph) -> list[str | None]:
-    """Per entity of ``graph``, the word of the edit it takes part in, or None: the edit's op (``add``, ``remove``,
-    ``replace``, ``change``, ``keep``) for its entity, ``replaced`` for the entity a replace starts ``from``. An edit
-    names its entity by name (and attributes): it goes to the first entity of that name, not yet given an edit,
-    whose attributes include the edit's."""
+def entity_edits(graph: Graph) -> list[tuple[str, Graph] | None]:
+    """Per entity of ``graph``, ``(word, edit)`` of the edit it takes part in, or None: the edit's op (``add``,
+    ``remove``, ``replace``, ``change``, ``keep``) for its entity, ``replaced`` for the entity a replace starts
+    ``from``. An edit names its entity by name (and attributes): it goes to the first entity of that name, not yet
+    given an edit, whose attributes include the edit's."""
     entities = graph.get("entities", [])
-    words: list[str | None] = [None] * len(entities)
+    got: list[tuple[str, Graph] | None] = [None] * len(entities)
 
-    def claim(name: str, attrs: list[str], word: str) -> None:
+    def claim(name: str, attrs: list[str], word: str, edit: Graph) -> None:
         for i, e in enumerate(entities):
-            if words[i] is None and e.get("name") == name and set(attrs) <= set(e.get("attributes", [])):
-                words[i] = word
+            if got[i] is None and e.get("name") == name and set(attrs) <= set(e.get("attributes", [])):
+                got[i] = (word, edit)
                 return
 
     for ed in graph.get("edits", []):
-        claim(ed.get("entity", ""), list(ed.get("attributes", [])), str(ed.get("op", "")))
+        claim(ed.get("entity", ""), list(ed.get("attributes", [])), str(ed.get("op", "")), ed)
         if ed.get("from"):
-            claim(ed["from"], [], "replaced")
-    return words
+            claim(ed["from"], [], "replaced", ed)
+    return got
 
 
-def entity_node_sets(graph: Graph, max_entities: int, max_attributes: int, edit_ops: bool = False) -> list[list[str]]:
+def edit_op_words(graph: Graph) -> list[str | None]:
+    """Per entity of ``graph``, the word of its edit (:func:`entity_edits`), or None."""
+    return [None if x is None else x[0] for x in entity_edits(graph)]
+
+
+def entity_node_sets(graph: Graph, max_entities: int, max_attributes: int, edit_ops: bool = False,
+                     places: bool = False, new_attributes: bool = False) -> list[list[str]]:
     """FineCIR's node sets ``[entity, attr1, attr2, ...]`` of a graph: the first ``max_entities`` entities, each
     with its first ``max_attributes`` distinct attributes (an attribute equal to the entity's name is dropped; words
-    joined by ``-``/``_`` are spaced: ``"top-left"`` -> ``"top left"``). ``edit_ops``: each entity's edit word
-    (:func:`edit_op_words`), when it has one, is one more node after its attributes."""
+    joined by ``-``/``_`` are spaced: ``"top-left"`` -> ``"top left"``).
+
+    - ``edit_ops``: each entity's edit word (:func:`entity_edits`), when it has one, is one more node after its
+      attributes.
+    - ``places``: the entity's place phrases (``"places"``: "in top left corner", "to centre left"), up to
+      ``max_attributes`` of them, are nodes after its attributes.
+    - ``new_attributes``: the values a ``change`` edit gives its entity ("make the blue cross red": red) are nodes
+      of their own, ``"now red"``, after the edit word, and no longer among the plain attributes (which then hold
+      what identifies the entity in the reference: blue). Without it the two are one list and "blue -> red" reads
+      like "red -> blue"."""
     out: list[list[str]] = []
-    ops = edit_op_words(graph) if edit_ops else []
+    edits = entity_edits(graph) if (edit_ops or new_attributes) else []
     for i, e in enumerate(graph.get("entities", [])[:max_entities]):
         name = _words(e["name"])
         if not name:
             continue
         attrs = [a for a in dict.fromkeys(_words(a) for a in e.get("attributes", [])) if a and a != name]
-        op = ops[i] if edit_ops else None
-        out.append([name, *attrs[:max_attributes], *([op] if op else [])])
+        edit = edits[i] if edits else None
+        new: list[str] = []
+        if new_attributes and edit is not None and edit[0] == "change":
+            new = [a for a in dict.fromkeys(_words(a) for a in edit[1].get("attributes", [])) if a and a != name]
+            attrs = [a for a in attrs if a not in new]
+        where = [p for p in dict.fromkeys(_words(p) for p in e.get("places", [])) if p][:max_attributes] if places else []
+        op = [edit[0]] if edit_ops and edit is not None else []
+        out.append([name, *attrs[:max_attributes], *where, *op, *[f"now {a}" for a in new[:max_attributes]]])
     return out
 
 
-__all__ = ["BUILTIN_PARSER", "Graph", "ParseCache", "ParseError", "Parser", "ParserFn", "edit_op_words", "entity_node_sets",
+__all__ = ["BUILTIN_PARSER", "Graph", "ParseCache", "ParseError", "Parser", "ParserFn", "edit_op_words", "entity_edits", "entity_node_sets",
            "get_parser", "graph_dict", "register_parser"]

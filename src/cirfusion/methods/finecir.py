@@ -135,11 +135,17 @@ class FineCirParams:
     max_attributes: int = hparam(4, "attribute nodes per entity at most")
     gat_heads: int = hparam(4, "graph-attention heads (the release: 16 at width 768)")
     dropout: float = hparam(0.1, "dropout")
+    text_token_dropout: float = hparam(0.0, "training only: the share of the modification's text tokens hidden from each "
+                                       "query (not in the release; a variant for the validation study)")
     entity_guidance: bool = hparam(True, "entity tokens from the parsed graph; false: the empty-entity token only (ablation)")
     readout: str = hparam("entity", "where the composed query is read: 'entity' (the first entity slot, as released) or "
                           "'token' (a learned read-out token before the entity slots; not in the release)")
     edit_nodes: bool = hparam(True, "each entity's edit (add/remove/replace/change/keep, or 'replaced' for a replace's "
                               "old entity) is one more node of its set (not in the release; chosen on val)")
+    place_nodes: bool = hparam(False, "each entity's place phrases ('in top left corner', 'to centre left') are nodes of "
+                               "its set (not in the release)")
+    new_attribute_nodes: bool = hparam(False, "the values a change edit gives an entity are nodes of their own ('now red'), "
+                                       "apart from the attributes that identify it (not in the release)")
     parser: str = hparam("cirfusion", "registered parser that turns a text into its scene graph (parse_cache)")
     logit_scale_init: float = hparam(1 / 0.07, "initial InfoNCE logit scale = 1/temperature (learned; the release: 0.07)")
 
@@ -207,8 +213,12 @@ class FineCIR(CIRMethod):
         """Per text, its node sets ``[[entity, attr, ...], ...]`` (parsed once per text, cached)."""
         if self._parses is None or (cache_dir is not None and self._parses.dir is None):
             self._parses = ParseCache(get_parser(self.params.parser), cache_dir)
-        graphs = self._parses.graphs(texts)
-        return [entity_node_sets(g, self.params.max_entities, self.params.max_attributes, self.params.edit_nodes) for g in graphs]
+        return [self.node_sets_of(g) for g in self._parses.graphs(texts)]
+
+    def node_sets_of(self, graph: dict[str, Any]) -> list[list[str]]:
+        """One parsed graph's node sets, as this model's hyper-parameters build them."""
+        h = self.params
+        return entity_node_sets(graph, h.max_entities, h.max_attributes, h.edit_nodes, h.place_nodes, h.new_attribute_nodes)
 
     def explain_query(self, q: Any, text: str) -> dict[str, Any]:
         """The service's explanation of one query (``cirfusion.serve``): the scene graph parsed from its text and
@@ -220,8 +230,7 @@ class FineCIR(CIRMethod):
                 "label": "the modification parsed into a scene graph; its entities (with their attributes) guide how "
                          "the reference image is composed with the text",
                 "parsed": graph,
-                "entities_used": entity_node_sets(graph, self.params.max_entities, self.params.max_attributes,
-                                                  self.params.edit_nodes)}
+                "entities_used": self.node_sets_of(graph)}
 
     def _node_vectors(self, words: list[str], encoder: Any) -> dict[str, torch.Tensor]:
         todo = [w for w in dict.fromkeys(words) if w not in self._node_memo]
@@ -300,7 +309,10 @@ class FineCIR(CIRMethod):
             lead = torch.cat([lead, self.readout_token.expand(b, -1, -1)], dim=1)
         x = torch.cat([lead, ent, tok], dim=1)
         n_lead = lead.shape[1]
-        key_pad = torch.cat([torch.zeros(b, n_lead, dtype=torch.bool, device=tok.device), ent_pad, ~t.mask.bool()], dim=1)
+        text_pad = ~t.mask.bool()
+        if self.training and self.params.text_token_dropout > 0:
+            text_pad = text_pad | (torch.rand(text_pad.shape, device=tok.device) < self.params.text_token_dropout)
+        key_pad = torch.cat([torch.zeros(b, n_lead, dtype=torch.bool, device=tok.device), ent_pad, text_pad], dim=1)
         out = self._run(x, key_pad, self.memory(ref), n_lead + ent.shape[1])
         return l2norm(self.text_head(self.norm_query(out[:, m])))
 

@@ -8,6 +8,11 @@ operations), one per text, and its JSON form::
 
 Entity names are head-noun lemmas with their compounds kept ("floor lamp"); relations and edits name entities by
 that name. ``from`` appears only on ``replace`` edits.
+
+An entity may also carry ``"places"``: where the text puts it, each a place phrase with its preposition ("in top
+left corner", "to centre left", "at middle of right side"). It is an extension of the schema above (the key is
+left out when there is none): places are not entities, so a scorer of the schema's fields never sees them, but a
+move ("shift the triangle to the centre left") says nothing without its destination.
 """
 
 from __future__ import annotations
@@ -29,9 +34,13 @@ class Entity:
     name: str
     attributes: list[str] = field(default_factory=list)
     implicit: bool = False  # a subject the text leaves out ("is shiny and silver": the garment)
+    places: list[str] = field(default_factory=list)  # "in top left corner", "to centre left" (see the module docstring)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "attributes": list(self.attributes), "implicit": self.implicit}
+        d: dict[str, Any] = {"name": self.name, "attributes": list(self.attributes), "implicit": self.implicit}
+        if self.places:
+            d["places"] = list(self.places)
+        return d
 
 
 @dataclass
@@ -77,8 +86,8 @@ class SceneGraph:
         try:
             if not isinstance(d, dict) or not isinstance(d.get("text"), str):
                 raise TypeError("expected an object with a string 'text'")
-            ents = [Entity(_s(e["name"]), _strs(e.get("attributes", [])), bool(e.get("implicit", False)))
-                    for e in d.get("entities", [])]
+            ents = [Entity(_s(e["name"]), _strs(e.get("attributes", [])), bool(e.get("implicit", False)),
+                           _strs(e.get("places", []))) for e in d.get("entities", [])]
             rels = [Relation(_s(r["subject"]), _s(r["predicate"]), _s(r["object"])) for r in d.get("relations", [])]
             edits = []
             for e in d.get("edits", []):
