@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _preload import preload, preloaded
 
 from cirfusion.io import atomic_write_json
 
@@ -67,13 +68,6 @@ def first_scenes(dataset: Any, n: int) -> Any:
 
 # Split data loaded once by the main process before the workers fork (they share it copy-on-write): loading a
 # synthetic train split and its edit pairs took ~40 s per job when every job loaded its own.
-PRELOADED: dict[tuple[str, str, str, str], Any] = {}
-
-
-def split_key(name: str, root: Path | str, split: str, opts: dict[str, Any]) -> tuple[str, str, str, str]:
-    return name, str(root), split, json.dumps(opts, sort_keys=True)
-
-
 RESULT_FILE = "ablation-job.json"  # in a job's run dir: the job and what it returned
 
 
@@ -122,7 +116,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     cache = FeatureCache(create_backbone(job["backbone"]), job["cache"])
     name, root, opts = job["benchmark"], Path(job["root"]), job["options"]
     data = {s: d for s in ("train", "val", "edit_pairs")
-            if (d := PRELOADED.get(split_key(name, root, s, opts))) is not None}
+            if (d := preloaded(name, root, s, opts)) is not None}
     if job.get("scenes") or "train" not in data:
         train_ds = load_dataset(name, root, "train", **opts)
         if job.get("scenes"):
@@ -226,13 +220,11 @@ def main() -> int:
     if args.catalog is not None and "catalog" not in skip:
         benchmarks.append(("catalog", args.catalog, {}))
 
-    # Features first, in this process: the workers, forked afterwards, share these splits (PRELOADED).
+    # Features first, in this process: the workers, forked afterwards, share these splits (_preload).
     for name, root, opts in benchmarks:
         for s in ("train", "val", "test"):
-            PRELOADED[split_key(name, root, s, opts)] = load_split_data(cache, load_dataset(name, root, s, **opts),
-                                                                        training=(s == "train"))
-        pairs = PRELOADED[split_key(name, root, "edit_pairs", opts)] = load_split_data(
-            cache, edit_pair_dataset(name, root), training=True)
+            preload(name, root, s, opts, load_split_data(cache, load_dataset(name, root, s, **opts), training=(s == "train")))
+        pairs = preload(name, root, "edit_pairs", opts, load_split_data(cache, edit_pair_dataset(name, root), training=True))
         say(f"{name}: features ready ({len(pairs.dataset)} stage-1 edit pairs)")
 
     # Every training run, as independent jobs.
@@ -285,7 +277,7 @@ def main() -> int:
     # Choices on val; test read once per reported row.
     for name, root, opts in benchmarks:
         metric = "rmean" if name == "synthetic" else "map10"  # the benchmark's headline metric (as the quickstart's)
-        test_data = PRELOADED[split_key(name, root, "test", opts)]
+        test_data = preloaded(name, root, "test", opts)
 
         def run(tag: str, name: str = name) -> dict[str, Any] | None:
             return done.get(f"{name}/{tag}")

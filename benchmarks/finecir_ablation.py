@@ -42,6 +42,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from _preload import preload, preloaded
+
 ROWS = ("finecir_fine", "no_entities", "finecir_coarse_on_fine", "finecir_coarse_on_coarse", "clip4cir_fine", "sprc_fine")
 
 
@@ -91,13 +93,6 @@ def row_metrics(m: dict[str, float]) -> dict[str, float]:
 
 # Split data loaded once by the main process before the workers fork (they share it copy-on-write): each run
 # loading its own train and val splits cost ~27 s.
-PRELOADED: dict[tuple[str, str, str, str], Any] = {}
-
-
-def split_key(dataset: str, root: Path | str, split: str, options: dict[str, Any]) -> tuple[str, str, str, str]:
-    return dataset, str(Path(root).resolve()), split, json.dumps(options, sort_keys=True)
-
-
 # Relative training time per step, for scheduling the longest runs first (measured: SPRC ~1.6x a FineCIR step,
 # CLIP4CIR ~0.25x).
 METHOD_COST = {"sprc": 1.6, "finecir": 1.0, "clip4cir": 0.25}
@@ -123,7 +118,7 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     cache = FeatureCache(bb, job["cache"])
     data = {}
     for s in ("train", "val"):
-        data[s] = PRELOADED.get(split_key(job["dataset"], job["root"], s, job["options"]))
+        data[s] = preloaded(job["dataset"], job["root"], s, job["options"])
         if data[s] is None:
             data[s] = load_split_data(cache, load_dataset(job["dataset"], job["root"], s, **job["options"]),
                                       training=(s == "train"))
@@ -206,8 +201,7 @@ def main() -> int:
     def splits(bench: str, bench_root: Path, **kw: Any) -> dict[str, Any]:
         out = {s: load_split_data(cache, load_dataset(bench, bench_root, s, **kw), training=(s == "train"))
                for s in ("train", "val", "test")}
-        PRELOADED.update({split_key(bench, bench_root, s, kw): d for s, d in out.items()})
-        return out
+        return {s: preload(bench, bench_root, s, kw, d) for s, d in out.items()}
 
     fine_hp: dict[str, Any] = {"parser": args.parser}
     for item in args.finecir_hparam:

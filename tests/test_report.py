@@ -62,7 +62,9 @@ def test_report_shows_detailfusion_alpha_and_finecir_graph(tmp_path):
     Image.new("RGB", (40, 30), (255, 0, 0)).save(tmp_path / "ref.png")
     res = [ResultItem("ref", tmp_path / "ref.png", 0.5, True)]
     graph = {"text": "t", "entities": [{"name": "floor lamp", "attributes": ["red", "tall"], "implicit": False},
-                                       {"name": "garment", "attributes": [], "implicit": True}],
+                                       {"name": "garment", "attributes": [], "implicit": True},
+                                       {"name": "cube", "attributes": [], "implicit": False,
+                                        "places": ["in top left corner", "to centre"]}],
              "relations": [{"subject": "lamp", "predicate": "left of", "object": "<table>"}],
              "edits": [{"op": "replace", "entity": "carpet", "attributes": ["gray"], "from": "red carpet"},
                        {"op": "remove", "entity": "cat", "attributes": []}]}
@@ -74,7 +76,8 @@ def test_report_shows_detailfusion_alpha_and_finecir_graph(tmp_path):
     html = write_report(tmp_path / "out", {"synthetic": {"finecir": {"R@1": 1.0}}}, samples).read_text()
     assert "DetailFusion branch weights α for this query: global (GM) 0.625 · detail (DI) 0.375" in html
     assert html.count("parsed scene graph") == 2
-    for line in ("<li>floor lamp: red, tall</li>", "<li>garment (implicit)</li>", "<li>lamp -left of-&gt; &lt;table&gt;</li>",
+    for line in ("<li>floor lamp: red, tall</li>", "<li>garment (implicit)</li>", "<li>cube @ in top left corner; to centre</li>",
+                 "<li>lamp -left of-&gt; &lt;table&gt;</li>",
                  "<li>replace carpet [gray] (from red carpet)</li>", "<li>remove cat</li>", "entities: none"):
         assert line in html, line
     # the graph sits in the results row, after the last result

@@ -68,10 +68,12 @@ def _thumb(src: Path, thumbs_dir: Path) -> str:
 
 def graph_lines(graph: dict[str, Any]) -> dict[str, list[str]]:
     """A parsed scene graph as short lines for the report: ``entity: attr, attr`` (``(implicit)`` for an entity the
-    text only implies), ``subject -predicate-> object`` and ``op entity [attrs] (from X)``."""
+    text only implies; its places after ``@``), ``subject -predicate-> object`` and ``op entity [attrs] (from X)``."""
     def entity(e: dict[str, Any]) -> str:
         attrs = ", ".join(str(a) for a in e.get("attributes", []))
-        return f"{e.get('name', '?')}{' (implicit)' if e.get('implicit') else ''}{': ' + attrs if attrs else ''}"
+        places = "; ".join(str(p) for p in e.get("places", []))
+        return (f"{e.get('name', '?')}{' (implicit)' if e.get('implicit') else ''}{': ' + attrs if attrs else ''}"
+                f"{' @ ' + places if places else ''}")
 
     def edit(e: dict[str, Any]) -> str:
         attrs = ", ".join(str(a) for a in e.get("attributes", []))
