@@ -187,9 +187,20 @@ def edit_parse(texts: list[str]) -> list[dict]:
 register_parser("test-edits", edit_parse, "v1")
 
 
+def place_parse(texts: list[str]) -> list[dict]:
+    """fake_parse, the square placed in the top left corner and changed to its last colour."""
+    return [{**g, "entities": [{**e, "places": ["in top left corner"]} for e in g["entities"]],
+             "edits": [{"op": "change", "entity": "square", "attributes": g["entities"][0]["attributes"][-1:]}]
+             if g["entities"] else []} for g in fake_parse(texts)]
+
+
+register_parser("test-places", place_parse, "v1")
+
+
 def test_readout_token_and_edit_node_variants(custom: Path, tmp_path: Path) -> None:
     """The validation study's variants: ``edit_nodes`` adds the edit word to the node set (other entity tokens);
-    ``readout="token"`` reads the query at a learned token before the entity slots (one more parameter)."""
+    ``readout="token"`` reads the query at a learned token before the entity slots (one more parameter);
+    ``place_nodes`` / ``new_attribute_nodes`` add the places and mark a change's new values."""
     bb, _, qs, ref, text = val_query_features(custom, tmp_path, lambda q: any(c in COLOUR_SET for c in q.text.split()), 4)
     assert qs
     kw: dict = dict(parser="test-edits", width=32, embed_dim=16, heads=2, gat_heads=2)
@@ -208,6 +219,18 @@ def test_readout_token_and_edit_node_variants(custom: Path, tmp_path: Path) -> N
     assert q_tok.shape == q_base.shape and not torch.allclose(q_tok, q_base)
     with pytest.raises(HyperParameterError, match="readout"):
         create_method("finecir", bb, readout="cls", **kw)
+    # place and new-attribute nodes: the same weights, other node sets, other entity tokens
+    kw["parser"] = "test-places"
+    plain = create_method("finecir", bb, **kw).eval()
+    rich = create_method("finecir", bb, place_nodes=True, new_attribute_nodes=True, **kw).eval()
+    plain.load_state_dict(base.state_dict())
+    rich.load_state_dict(base.state_dict())
+    for t, p, r in zip(text.texts or [], plain.node_sets(list(text.texts or [])), rich.node_sets(list(text.texts or [])), strict=True):
+        last = [w for w in t.lower().split() if w in COLOUR_SET][-1]
+        assert p[0][-1] == "change" and "in top left corner" not in p[0] and last in p[0]
+        assert r[0][-2:] == ["change", f"now {last}"] and "in top left corner" in r[0]
+    with torch.no_grad():
+        assert not torch.allclose(rich.entity_tokens(text)[0], plain.entity_tokens(text)[0])
 
 
 @pytest.fixture(scope="module")

@@ -49,10 +49,13 @@ node sets carry no edit                  + the entity's edit word (add/remove/re
                                          change/keep, ``replaced``): ``edit_nodes=True``   the red square" are opposite
                                          (the default)                                     targets; synthetic val Rmean
                                                                                            60.20 with, 56.93 without
+(no places, no old/new split)            ``place_nodes``: the entity's places ("to         variants for the val study,
+                                         centre left"); ``new_attribute_nodes``: a         off: no difference on val
+                                         change's new values as nodes "now red"            (docs/finecir.md)
 target = max over vision_proj(queries)   same (``cosine_or_maxsim``)                      -
 InfoNCE, learnable temperature 0.07      same (learned logit scale, init 1/0.07), plus     the shared loop's hard negatives
                                          mined hard negatives when the run asks for them
-dropout 0.1 (the Q-Former's BERT config)  0                                                 synthetic val Rmean, 3 epochs:
+dropout 0.1 (the Q-Former's BERT config) 0                                                 synthetic val Rmean, 3 epochs:
                                                                                            56.93 against 53.67 (58.33
                                                                                            against 53.33 without entities)
 parser: not released                     :mod:`cirfusion.parsing` by default (any          -
