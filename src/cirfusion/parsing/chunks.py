@@ -131,6 +131,14 @@ class _Chunk:
         self.entity: Entity | None = None
 
 
+class _Clause:
+    def __init__(self, start: int, end: int) -> None:
+        self.start, self.end = start, end
+        self.chunks: list[_Chunk] = []
+        self.verb: _Tok | None = None
+        self.inherited: _Tok | None = None  # the verb taken from the clause before
+
+
 class _Chunker:
     """Noun chunks over one text's tokens."""
 

@@ -26,11 +26,7 @@ imperatives ("make the tiny cyan cross a square" tags "cross" a verb) while the 
   a text has, shows or describes is changed when the text gives it attributes, else added. A change carries the
   new attributes, add / remove / keep the entity's own, replace the new entity's, with ``from`` the old name.
 
-- **Places** (``"places"``, an extension of the schema): a place chunk after an entity and a preposition, with
-  that preposition ("in the top left corner" -> "in top left corner"; "the middle of the right side" is one place). A
-  destination ("to", "into", "towards", or after "put" / "place") belongs to the clause's first entity after its
-  verb, the thing moved; any other place to the entity right before it. A place before "of" + an entity is a
-  relation's ("to the left of the table"), not a place.
+- **Places** (``"places"``, an extension of the schema): see :mod:`.places`.
 
 Mentions with the same name and the same modifiers are one entity ("make the red circle blue; move the red circle
 up": one circle).
@@ -55,23 +51,14 @@ from .chunks import (
     _attr_phrases,
     _Chunk,
     _Chunker,
-    _Tok,
+    _Clause,
     _units,
     prepare,
 )
 from .graph import Edit, Entity, Relation, SceneGraph
-
-_TO_PREPS = frozenset({"to", "into", "towards", "toward", "onto"})  # a place after these is where a thing goes
+from .places import clause_places
 
 __all__ = ["DEFAULT_MODEL", "ParserUnavailable", "RuleParser", "prepare"]
-
-
-class _Clause:
-    def __init__(self, start: int, end: int) -> None:
-        self.start, self.end = start, end
-        self.chunks: list[_Chunk] = []
-        self.verb: _Tok | None = None
-        self.inherited: _Tok | None = None  # the verb taken from the clause before
 
 
 class _Builder(_Chunker):
@@ -511,57 +498,14 @@ class _Builder(_Chunker):
         if r not in self.relations:
             self.relations.append(r)
 
-    def attach_places(self, c: _Clause) -> None:
-        """The places of a clause's entities (see the module docstring)."""
-        t = self.t
-        moved: Entity | None = None  # the verb's first object
-        last: Entity | None = None
-        phrase: list[str] | None = None  # the place being read, extended by "of the ..."
-        prev_end = -1
-        owner: Entity | None = None
-        for ch in c.chunks:
-            if ch.kind in ("entity", "pronoun"):
-                if phrase is not None and owner is not None:
-                    self.add_place(owner, phrase)
-                phrase, owner = None, None
-                last = self.implicit if ch.kind == "pronoun" else ch.entity  # never a new entity: only places
-                if moved is None and c.verb is not None and ch.start > c.verb.i:
-                    moved = last
-                continue
-            if ch.kind != "place":
-                continue
-            nxt = self.chunk_from(ch.end + 1) if ch.end + 1 < c.end and t[ch.end].lower == "of" else None
-            if nxt is not None and nxt.kind in ("entity", "pronoun"):
-                continue  # "to the left of the table": a relation's
-            words = [x.lower for x in t[ch.start:ch.end] if x.lower not in ("the", "a", "an")]
-            if phrase is not None and prev_end + 1 == ch.start and t[prev_end].lower == "of":
-                phrase += ["of", *words]  # "the middle of the right side"
-            else:
-                if phrase is not None and owner is not None:
-                    self.add_place(owner, phrase)
-                prep = t[ch.start - 1].lower if ch.start > c.start and t[ch.start - 1].pos == "ADP" else ""
-                if not prep:  # "its side", "curled sides": a part, not where the thing is
-                    phrase, owner = None, None
-                    continue
-                destination = prep in _TO_PREPS or (prep == "at" and c.verb is not None and c.verb.lemma in lx.PLACE_VERBS)
-                owner = moved if destination and moved is not None else last
-                phrase = [prep, *words]
-            prev_end = ch.end
-        if phrase is not None and owner is not None:
-            self.add_place(owner, phrase)
-
-    @staticmethod
-    def add_place(ent: Entity, words: list[str]) -> None:
-        place = " ".join(words)
-        if place and place not in ent.places:
-            ent.places.append(place)
-
     def build(self) -> SceneGraph:
         clauses = self.clauses()
         for c in clauses:
             self.process(c)
         for c in clauses:
-            self.attach_places(c)
+            for ent, place in clause_places(self, c, self.implicit):
+                if place not in ent.places:
+                    ent.places.append(place)
         for ent in self.pending_with:
             if self.implicit is not None:
                 self.add_relation(self.implicit, "with", ent)
