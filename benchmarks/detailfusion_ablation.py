@@ -180,7 +180,8 @@ def main() -> int:
                    help="do not retrain a run whose run dir holds the result of the identical job (e.g. after an "
                         "interruption); its recorded training seconds are reported, 'seconds' is this invocation's")
     args = p.parse_args()
-    torch.set_num_threads(1)
+    # the data phase (features, parses) and the test scoring run in this process alone: the cores the jobs share
+    torch.set_num_threads(max(1, args.jobs))
 
     from cirfusion.backbones import create_backbone
     from cirfusion.checkpoint import load_checkpoint
@@ -269,11 +270,13 @@ def main() -> int:
             if (r := reused(j)) is not None:
                 done[r["tag"]] = r
                 say(f"{r['tag']}: reused ({r['seconds']:.0f} s when trained), val {json.dumps(r['val'])}")
+    torch.set_num_threads(1)  # before forking: one thread per job (2 shared cores)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
         for r in pool.map(run_job, [j for j in jobs if j["tag"] not in done]):
             done[r["tag"]] = r
             say(f"{r['tag']}: {r['seconds']:.0f} s, best epoch {r['best_epoch']}, val {json.dumps(r['val'])}")
 
+    torch.set_num_threads(max(1, args.jobs))
     # Choices on val; test read once per reported row.
     for name, root, opts in benchmarks:
         metric = "rmean" if name == "synthetic" else "map10"  # the benchmark's headline metric (as the quickstart's)

@@ -177,7 +177,8 @@ def main() -> int:
     from cirfusion.parse_cache import ParseCache, get_parser, register_parser
     from cirfusion.views import load_split_data
 
-    torch.set_num_threads(1)
+    # the data phase (features, parses) and the test scoring run in this process alone: the cores the jobs share
+    torch.set_num_threads(max(1, args.jobs))
     t_start = time.perf_counter()
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
@@ -270,8 +271,10 @@ def main() -> int:
     all_jobs.sort(key=lambda j: -METHOD_COST.get(j["method"], 1.0) * (1.0 if j["bench"] == "synthetic" else 0.5))
     print(f"[finecir-ablation] {len(all_jobs)} training runs on {args.jobs} processes, longest first "
           f"({time.perf_counter() - t_start:.0f} s of data so far)", flush=True)
+    torch.set_num_threads(1)  # before forking: one thread per job (2 shared cores)
     with ProcessPoolExecutor(max_workers=max(1, args.jobs), mp_context=multiprocessing.get_context("fork")) as pool:
         done = list(pool.map(run_job, all_jobs))
+    torch.set_num_threads(max(1, args.jobs))
     if args.val_only:
         results["val_only"] = {f"{r['bench']}/{r['name']}": {"val_" + str(r["val_metric"]): round(float(r["best_metric"] or 0), 2),
                                                             "best_epoch": r["best_epoch"], "train_s": r["seconds"]}
