@@ -154,6 +154,11 @@ def _words(s: str) -> str:
     return " ".join(str(s).replace("_", " ").replace("-", " ").split())
 
 
+def _distinct_words(items: list[Any], drop: str = "") -> list[str]:
+    """``items`` as spaced words (:func:`_words`), first occurrences only, without empty ones and ``drop``."""
+    return [w for w in dict.fromkeys(_words(x) for x in items) if w and w != drop]
+
+
 def entity_edits(graph: Graph) -> list[tuple[str, Graph] | None]:
     """Per entity of ``graph``, ``(word, edit)`` of the edit it takes part in, or None: the edit's op (``add``,
     ``remove``, ``replace``, ``change``, ``keep``) for its entity, ``replaced`` for the entity a replace starts
@@ -200,13 +205,13 @@ def entity_node_sets(graph: Graph, max_entities: int, max_attributes: int, edit_
         name = _words(e["name"])
         if not name:
             continue
-        attrs = [a for a in dict.fromkeys(_words(a) for a in e.get("attributes", [])) if a and a != name]
+        attrs = _distinct_words(e.get("attributes", []), name)
         edit = edits[i] if edits else None
         new: list[str] = []
         if new_attributes and edit is not None and edit[0] == "change":
-            new = [a for a in dict.fromkeys(_words(a) for a in edit[1].get("attributes", [])) if a and a != name]
+            new = _distinct_words(edit[1].get("attributes", []), name)
             attrs = [a for a in attrs if a not in new]
-        where = [p for p in dict.fromkeys(_words(p) for p in e.get("places", [])) if p][:max_attributes] if places else []
+        where = _distinct_words(e.get("places", []))[:max_attributes] if places else []
         op = [edit[0]] if edit_ops and edit is not None else []
         out.append([name, *attrs[:max_attributes], *where, *op, *[f"now {a}" for a in new[:max_attributes]]])
     return out
