@@ -28,7 +28,7 @@ from cirfusion.methods.finecir import FineCIR, FineCIRWarning, GraphAttention
 from cirfusion.parse_cache import (
     ParseCache,
     ParseError,
-    edit_op_words,
+    entity_edits,
     entity_node_sets,
     get_parser,
     register_parser,
@@ -87,7 +87,8 @@ def test_edit_op_nodes_go_to_the_entity_each_edit_names() -> None:
          "edits": [{"op": "replace", "entity": "cross", "attributes": [], "from": "rhombus"},
                    {"op": "add", "entity": "rhombus", "attributes": ["green"]},
                    {"op": "keep", "entity": "square", "attributes": []}]}
-    assert edit_op_words(g) == ["replace", "replaced", "add", "keep", None]
+    assert [x and x[0] for x in entity_edits(g)] == ["replace", "replaced", "add", "keep", None]
+    assert entity_edits(g)[1] == ("replaced", g["edits"][0])  # with the edit itself
     assert entity_node_sets(g, 5, 1, edit_ops=True) == [["cross", "replace"], ["rhombus", "red", "replaced"],
                                                         ["rhombus", "green", "add"], ["square", "keep"], ["circle"]]
 

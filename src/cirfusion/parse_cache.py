@@ -180,11 +180,6 @@ def entity_edits(graph: Graph) -> list[tuple[str, Graph] | None]:
     return got
 
 
-def edit_op_words(graph: Graph) -> list[str | None]:
-    """Per entity of ``graph``, the word of its edit (:func:`entity_edits`), or None."""
-    return [None if x is None else x[0] for x in entity_edits(graph)]
-
-
 def entity_node_sets(graph: Graph, max_entities: int, max_attributes: int, edit_ops: bool = False,
                      places: bool = False, new_attributes: bool = False) -> list[list[str]]:
     """FineCIR's node sets ``[entity, attr1, attr2, ...]`` of a graph: the first ``max_entities`` entities, each
@@ -217,5 +212,5 @@ def entity_node_sets(graph: Graph, max_entities: int, max_attributes: int, edit_
     return out
 
 
-__all__ = ["BUILTIN_PARSER", "Graph", "ParseCache", "ParseError", "Parser", "ParserFn", "edit_op_words", "entity_edits", "entity_node_sets",
+__all__ = ["BUILTIN_PARSER", "Graph", "ParseCache", "ParseError", "Parser", "ParserFn", "entity_edits", "entity_node_sets",
            "get_parser", "graph_dict", "register_parser"]
